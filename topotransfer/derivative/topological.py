@@ -1,0 +1,275 @@
+"""The topological derivative at every site of a model (METHOD.md section 3).
+
+For a site t with layer input z (D = d_in + 1 with the bias) and adjoint p = -dJ/dh_t (R = d_out):
+
+    Q_{t,r} = sum_n p_{n,r} zh_n zh_n^T,     TD_t = lambda_max(blockdiag_r Q_{t,r})
+    J(eps)  = J(0) - eps^2/2 theta^T Q_t theta + O(eps^3)  for W = eps Phi, b = eps beta
+
+One forward + backward pass per probe batch captures z and p at all sites (:mod:`.probes`); the
+statistics are streamed (:mod:`.statistics`) and solved per site (:mod:`..eigen`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..eigen import EigenResult, dense_top_eigenpairs, lanczos_top_eigenpairs, select_direction
+from ..surgery import get_family
+from ..surgery.base import ChainFamily, Site
+from .probes import capture_states, default_forward, probe_batch
+from .statistics import DenseStatistic, MatrixFreeStatistic, SiteStatistic
+
+__all__ = ["SiteResult", "compute_site_statistics", "solve_site", "split_batch", "topological_derivative"]
+
+SOLVERS = ("auto", "dense", "matrix_free")
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ForwardFn = Callable[[nn.Module, object], torch.Tensor]
+
+
+@dataclass
+class SiteResult:
+    """The derivative at one site and the initial direction of a layer inserted there.
+
+    Attributes:
+        site: site name (dotted path of the module producing the state).
+        index: depth order t of the site.
+        score: TD_t = lambda_max(Q_t) (a sum over the probe samples: it doubles with the data).
+        eigenvalues: (m,) top eigenvalues over all blocks, descending.
+        weight: (d_out, d_in) rows of Phi; unit Frobenius norm together with ``bias`` for rule "top1".
+        bias: (d_out,) beta, or ``None`` when the layer has no bias.
+        k: number of eigenvectors summed into the direction (neurons that start active).
+        quadratic: theta^T Q theta of the returned direction; J(eps) ~ J(0) - eps^2/2 * quadratic.
+        num_samples: samples (tokens / pixels) behind the statistics.
+        solver: "dense" or "matrix_free".
+        converged: whether the eigen-solver met its tolerance.
+        layer_config: constructor arguments of the layer that fits the site.
+    """
+
+    site: str
+    index: int
+    score: float
+    eigenvalues: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    k: int
+    quadratic: float
+    num_samples: int
+    solver: str
+    converged: bool = True
+    layer_config: dict = field(default_factory=dict)
+
+
+def split_batch(batch: object) -> tuple[object, torch.Tensor]:
+    """A batch as ``(inputs, targets)``: a 2-sequence, or a dict with a ``"labels"`` key."""
+    if isinstance(batch, dict):
+        if "labels" not in batch:
+            raise ValueError(f"A dict batch needs a 'labels' key; got keys {sorted(batch)}")
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return inputs, batch["labels"]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(f"A batch must be (inputs, targets) or a dict with 'labels'; got {type(batch).__name__}")
+
+
+def _to_device(x: object, device: torch.device) -> object:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def check_loss_fn(loss_fn: LossFn) -> None:
+    """Refuse mean-reduced torch losses: they make Q depend on the batch size."""
+    if getattr(loss_fn, "reduction", None) == "mean":
+        raise ValueError(
+            f"{type(loss_fn).__name__}(reduction='mean') makes the statistics depend on the batch size; "
+            "use reduction='sum' (J is the loss summed over the probe data)"
+        )
+
+
+def _resolve_sites(model: nn.Module, family: ChainFamily, sites: Sequence[str | Site] | None) -> list[Site]:
+    if sites is None:
+        return family.sites(model)
+    resolved = [family.site(model, s) for s in sites]
+    return sorted(resolved, key=lambda s: s.index)
+
+
+def compute_site_statistics(
+    model: nn.Module,
+    data: Iterable,
+    loss_fn: LossFn,
+    sites: Sequence[str | Site] | None = None,
+    max_batches: int | None = None,
+    accelerator: object | None = None,
+    forward_fn: ForwardFn | None = None,
+    solver: str = "auto",
+    dense_max_dim: int = 257,
+    cache_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> tuple[list[Site], dict[str, SiteStatistic], dict[str, nn.Module], float]:
+    """Stream the probe data once and accumulate every site's statistic.
+
+    Args:
+        model: a model of a registered family (its function is not changed; ``model.training`` is
+            restored, parameters' ``requires_grad`` and ``.grad`` are not touched).
+        data: iterable of ``(inputs, targets)`` batches (or dicts with ``labels``).
+        loss_fn: ``loss_fn(predictions, targets)`` summed over the batch.
+        sites: site names to probe (default: all).
+        max_batches: stop after this many batches.
+        accelerator: an ``accelerate.Accelerator`` whose processes each hold a shard of ``data``;
+            statistics are summed over processes.
+        forward_fn: ``forward_fn(model, inputs) -> predictions`` (default: call the model, take logits).
+        solver: "dense", "matrix_free" or "auto" (dense when D <= ``dense_max_dim``).
+        cache_dtype: dtype of matrix-free caches (float32 default, float64 when the model is float64).
+
+    Returns:
+        ``(sites, statistics by site name, zero layer that fits each site, total loss J)``.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"Unknown solver {solver!r}; choose one of {SOLVERS}")
+    check_loss_fn(loss_fn)
+    forward_fn = forward_fn or default_forward
+    family = get_family(model)
+    site_list = _resolve_sites(model, family, sites)
+    layers = {s.name: family.new_layer(model, s) for s in site_list}
+    ref = next(model.parameters())
+    device = ref.device
+    if cache_dtype is None:
+        cache_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    stats: dict[str, SiteStatistic] = {}
+    for s in site_list:
+        layer = layers[s.name].to(device=device, dtype=ref.dtype)
+        layers[s.name] = layer
+        has_bias = getattr(layer, "bias", None) is not None
+        D = layer.in_features + int(has_bias)
+        use_dense = solver == "dense" or (solver == "auto" and D <= dense_max_dim)
+        stats[s.name] = (
+            DenseStatistic(layer.out_features, layer.in_features, has_bias, device=device)
+            if use_dense
+            else MatrixFreeStatistic(layer.out_features, layer.in_features, has_bias, cache_dtype=cache_dtype)
+        )
+
+    was_training = model.training
+    model.eval()  # the derivative is of the deterministic network: no dropout
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    n_batches = 0
+    try:
+        with capture_states(model, site_list, family) as store:
+            iterator = data
+            if progress:
+                from tqdm.auto import tqdm
+
+                iterator = tqdm(data, desc="topological derivative", total=max_batches, leave=False)
+            for batch in iterator:
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                inputs, targets = split_batch(batch)
+                inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+                loss, captured = probe_batch(model, site_list, family, store, inputs, targets, loss_fn, forward_fn)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"Non-finite probe loss {loss.item()} in batch {n_batches}")
+                total_loss += loss.to(torch.float64)
+                for s in site_list:
+                    h, p = captured[s.name]
+                    z, pr = layers[s.name].samples(h, p)
+                    stats[s.name].update(z, pr)
+                n_batches += 1
+    finally:
+        model.train(was_training)
+    if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+        n_batches = int(accelerator.reduce(torch.tensor([n_batches], device=device), reduction="sum").item())
+        total_loss = accelerator.reduce(total_loss.reshape(1), reduction="sum").reshape(())
+    if n_batches == 0:
+        raise ValueError("The probe data is empty: the topological derivative needs at least one batch")
+    for st in stats.values():
+        st.all_reduce(accelerator)
+    return site_list, stats, layers, float(total_loss)
+
+
+def solve_site(
+    stat: SiteStatistic,
+    num_eigenvalues: int = 32,
+    tol: float = 1e-6,
+    steps: int = 48,
+    max_restarts: int = 20,
+) -> EigenResult:
+    """Top eigenpairs of one site's Q: dense ``eigh`` or matrix-free Lanczos, by the statistic's kind."""
+    if isinstance(stat, DenseStatistic):
+        return dense_top_eigenpairs(stat.Q, num_eigenvalues)
+    return lanczos_top_eigenpairs(
+        stat.matvec, stat.R, stat.D, num=num_eigenvalues, steps=steps, tol=tol, max_restarts=max_restarts
+    )
+
+
+def topological_derivative(
+    model: nn.Module,
+    data: Iterable,
+    loss_fn: LossFn,
+    sites: Sequence[str | Site] | None = None,
+    rule: str = "cluster",
+    max_batches: int | None = None,
+    accelerator: object | None = None,
+    *,
+    c: float = 0.5,
+    k: int | None = None,
+    solver: str = "auto",
+    forward_fn: ForwardFn | None = None,
+    num_eigenvalues: int = 32,
+    tol: float = 1e-6,
+    lanczos_steps: int = 48,
+    dense_max_dim: int = 257,
+    cache_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> list[SiteResult]:
+    """Topological derivative and initial layer direction at every site, in depth order.
+
+    Args:
+        model: ResidualMLP, ResidualCNN, or a transformers ViT / DeiT (see :data:`surgery.FAMILIES`).
+        data: iterable of ``(inputs, targets)`` batches (or dicts with ``"labels"``).
+        loss_fn: loss *summed* over the batch, ``loss_fn(predictions, targets) -> scalar``.
+        sites: site names (default: every site).
+        rule: "top1", "cluster" (sum eigenvectors with lambda >= (1-c) lambda_1) or "topk".
+        max_batches: use at most this many batches.
+        accelerator: sum statistics over the processes of an ``accelerate.Accelerator``.
+        c: cluster constant of rule "cluster".
+        k: number of directions of rule "topk".
+        solver: "auto", "dense" or "matrix_free".
+        forward_fn: ``forward_fn(model, inputs) -> predictions``.
+        num_eigenvalues: eigenpairs computed per site (bounds the cluster size).
+        tol: relative residual tolerance of the matrix-free solver.
+
+    Returns:
+        One :class:`SiteResult` per site, in depth order. Weights are float64 on the model's device.
+    """
+    site_list, stats, layers, _ = compute_site_statistics(
+        model, data, loss_fn, sites, max_batches, accelerator, forward_fn, solver, dense_max_dim, cache_dtype, progress
+    )
+    results = []
+    for s in site_list:
+        st, layer = stats[s.name], layers[s.name]
+        eig = solve_site(st, num_eigenvalues, tol, lanczos_steps)
+        theta, n, quad = select_direction(eig, st.R, rule, c, k)
+        weight = theta[:, : layer.in_features].contiguous()
+        bias = theta[:, layer.in_features].contiguous() if st.bias else None
+        results.append(
+            SiteResult(
+                site=s.name,
+                index=s.index,
+                score=float(eig.values[0]),
+                eigenvalues=eig.values,
+                weight=weight,
+                bias=bias,
+                k=n,
+                quadratic=quad,
+                num_samples=st.count,
+                solver="dense" if isinstance(st, DenseStatistic) else "matrix_free",
+                converged=eig.converged,
+                layer_config=layer.config(),
+            )
+        )
+    return results

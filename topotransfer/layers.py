@@ -1,0 +1,183 @@
+"""The inserted layer of the method (``../shared/METHOD.md`` section 2).
+
+Notation::
+
+    u      state entering the new layer, shape (..., d) (MLP state or transformer token) or (B, C, H, W)
+    z      norm(u): identity, LayerNorm without affine, or the k x k im2col patch for convolutions
+    W, b   weight (d_out, d_in) and bias (d_out) of the layer
+    g      = u + sigma(W z + b)
+    sigma  = 2 * silu - tanh, so sigma(0) = 0, sigma'(0) = 0, sigma''(0) = 1
+
+With W = 0 and b = 0 the layer returns ``u + 0``, which is bit-identical to ``u``: inserting a zero
+layer leaves the network's function unchanged. Because sigma'(0) = 0 the first-order change of the
+loss vanishes and the loss change is second order in the weights (the topological derivative).
+
+Each layer also knows how to turn a captured state and its adjoint into the sample matrices used by
+the derivative (:meth:`TopoLayer.samples`): rows are samples (batch x tokens, or batch x pixels).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["TopoConv2d", "TopoLayer", "topo_activation"]
+
+_NORMS = (None, "layernorm")
+
+
+def topo_activation(x: torch.Tensor) -> torch.Tensor:
+    """sigma(x) = 2 silu(x) - tanh(x) = x^2/2 + x^3/3 + O(x^5); sigma(0) = sigma'(0) = 0, sigma''(0) = 1.
+
+    Args:
+        x: any shape.
+
+    Returns:
+        Tensor of the same shape.
+    """
+    return 2.0 * F.silu(x) - torch.tanh(x)
+
+
+class TopoLayer(nn.Module):
+    """Residual layer ``g = u + sigma(W norm(u) + b)`` acting on the last dimension.
+
+    Zero-initialised it is an exact identity. It works on any ``(..., dim)`` tensor: MLP states
+    ``(B, d)`` and transformer tokens ``(B, L, d)`` alike (tokens act as extra samples).
+
+    Args:
+        dim: feature dimension d (input and output).
+        bias: whether the layer has a bias b.
+        norm: ``None`` (z = u, as in the method's MLPs) or ``"layernorm"`` (LayerNorm without affine
+            parameters, for transformer residual streams).
+        eps: LayerNorm epsilon.
+    """
+
+    def __init__(self, dim: int, bias: bool = True, norm: str | None = None, eps: float = 1e-6) -> None:
+        super().__init__()
+        if dim <= 0:
+            raise ValueError(f"TopoLayer dim must be positive, got {dim}")
+        if norm not in _NORMS:
+            raise ValueError(f"TopoLayer norm must be one of {_NORMS}, got {norm!r}")
+        self.dim = dim
+        self.norm = norm
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim, dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    # -- the layer ------------------------------------------------------------------------------
+    def normalize(self, u: torch.Tensor) -> torch.Tensor:
+        """z = norm(u), shape (..., dim)."""
+        if self.norm == "layernorm":
+            return F.layer_norm(u, (self.dim,), eps=self.eps)
+        return u
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """Args: u (..., dim). Returns: g (..., dim) = u + sigma(W z + b)."""
+        return u + topo_activation(F.linear(self.normalize(u), self.weight, self.bias))
+
+    @property
+    def in_features(self) -> int:
+        """d_in: the length of z (without the bias coordinate)."""
+        return self.dim
+
+    @property
+    def out_features(self) -> int:
+        """d_out: number of rows of W (one block of Q per row)."""
+        return self.dim
+
+    def config(self) -> dict:
+        """Constructor arguments, for manifests and re-building the layer."""
+        return {"type": "linear", "dim": self.dim, "bias": self.bias is not None, "norm": self.norm, "eps": self.eps}
+
+    @torch.no_grad()
+    def set_direction(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Set W = weight (d_out, d_in) and b = bias (d_out)."""
+        self.weight.copy_(weight.reshape(self.weight.shape))
+        if self.bias is not None:
+            self.bias.copy_(torch.zeros_like(self.bias) if bias is None else bias.reshape(self.bias.shape))
+
+    # -- what the derivative needs ----------------------------------------------------------------
+    def samples(self, u: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flatten a captured state and its adjoint into per-sample rows.
+
+        Args:
+            u: state at the site, shape (..., dim).
+            p: adjoint -dJ/du, same shape.
+
+        Returns:
+            Z of shape (N, d_in) with z_n = norm(u_n), and P of shape (N, d_out), N = prod(leading dims).
+        """
+        z = self.normalize(u)
+        return z.reshape(-1, self.dim), p.reshape(-1, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, bias={self.bias is not None}, norm={self.norm}"
+
+
+class TopoConv2d(nn.Module):
+    """Residual convolution ``g = u + sigma(conv(u, W) + b)`` on (B, C, H, W) states.
+
+    W has shape (C, C, k, k) and acts on the k x k patch of all channels ("same" zero padding), so
+    z_n is the im2col patch of pixel n (length C*k*k) and every pixel is a sample. The flattened
+    weight (C, C*k*k) uses the channel-major ordering of :func:`torch.nn.functional.unfold`.
+
+    Args:
+        channels: C (input and output channels).
+        kernel_size: k, odd.
+        bias: whether the layer has a bias.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True) -> None:
+        super().__init__()
+        if channels <= 0:
+            raise ValueError(f"TopoConv2d channels must be positive, got {channels}")
+        if kernel_size <= 0 or kernel_size % 2 == 0:
+            raise ValueError(f"TopoConv2d kernel_size must be a positive odd number, got {kernel_size}")
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.zeros(channels, channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """Args: u (B, C, H, W). Returns: g (B, C, H, W)."""
+        return u + topo_activation(F.conv2d(u, self.weight, self.bias, padding=self.kernel_size // 2))
+
+    @property
+    def in_features(self) -> int:
+        return self.channels * self.kernel_size**2
+
+    @property
+    def out_features(self) -> int:
+        return self.channels
+
+    def config(self) -> dict:
+        return {"type": "conv2d", "channels": self.channels, "kernel_size": self.kernel_size, "bias": self.bias is not None}
+
+    @torch.no_grad()
+    def set_direction(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Set W from a (C, C*k*k) or (C, C, k, k) tensor and b from (C,)."""
+        self.weight.copy_(weight.reshape(self.weight.shape))
+        if self.bias is not None:
+            self.bias.copy_(torch.zeros_like(self.bias) if bias is None else bias.reshape(self.bias.shape))
+
+    def samples(self, u: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel rows: Z (B*H*W, C*k*k) im2col patches, P (B*H*W, C) adjoints."""
+        k = self.kernel_size
+        patches = F.unfold(u, k, padding=k // 2)  # (B, C*k*k, H*W), channel-major like weight.reshape(C, -1)
+        z = patches.transpose(1, 2).reshape(-1, self.in_features)
+        return z, p.permute(0, 2, 3, 1).reshape(-1, self.channels)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
+
+
+def build_topo_layer(config: dict) -> nn.Module:
+    """Re-build a zero layer from :meth:`TopoLayer.config` / :meth:`TopoConv2d.config`."""
+    cfg = dict(config)
+    kind = cfg.pop("type", "linear")
+    if kind == "linear":
+        return TopoLayer(**cfg)
+    if kind == "conv2d":
+        return TopoConv2d(**cfg)
+    raise ValueError(f"Unknown TopoLayer type {kind!r}; expected 'linear' or 'conv2d'")

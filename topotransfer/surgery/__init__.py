@@ -1,0 +1,37 @@
+"""Model-family registry: which adapter knows how to find sites in and insert layers into a model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .base import ChainFamily, Site, first_tensor
+from .hf import HFEncoderFamily, TopoBlock, ViTFamily
+from .residual import ResidualCNNFamily, ResidualMLPFamily
+
+__all__ = ["FAMILIES", "ChainFamily", "HFEncoderFamily", "Site", "TopoBlock", "first_tensor", "get_family"]
+
+#: Registered families in lookup order (name -> adapter).
+FAMILIES: dict[str, ChainFamily] = {
+    f.name: f for f in (ResidualMLPFamily(), ResidualCNNFamily(), ViTFamily())
+}
+
+
+def get_family(model: nn.Module) -> ChainFamily:
+    """The adapter of ``model``'s family.
+
+    Raises:
+        UnsupportedModelError: no registered family matches; the message lists the supported ones.
+    """
+    for family in FAMILIES.values():
+        if family.matches(model):
+            return family
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    detail = f" (config.model_type={model_type!r})" if model_type else ""
+    supported = "; ".join(
+        f"{name}" + (f" (model_type in {list(f.model_types)})" if isinstance(f, HFEncoderFamily) else "")
+        for name, f in FAMILIES.items()
+    )
+    raise UnsupportedModelError(
+        f"{type(model).__name__}{detail} is not a supported model. Supported families: {supported}."
+    )

@@ -1,0 +1,122 @@
+"""Hugging Face transformer encoders: blocks found by class, not by one hard-coded path.
+
+transformers 5.x keeps ViT blocks at ``vit.layers`` and a block returns a tensor; 4.x keeps them at
+``vit.encoder.layer`` and a block returns a tuple. The adapter finds the ``nn.ModuleList`` whose
+children are the family's block class, takes the stem from the nearest ancestor with an
+``embeddings`` attribute, and asks a real block what it returns so that an inserted
+:class:`TopoBlock` answers the encoder loop in the same form.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import NoSitesFoundError
+from ..layers import TopoLayer
+from .base import ChainFamily, Site, first_tensor
+
+__all__ = ["HFEncoderFamily", "TopoBlock"]
+
+
+class TopoBlock(nn.Module):
+    """A :class:`TopoLayer` dressed as a transformer encoder block.
+
+    The encoder loop calls ``block(hidden_states, *extra)`` (attention mask, head mask, flags...);
+    the extra arguments are ignored because the layer is token-wise.
+
+    Args:
+        layer: the token-wise TopoLayer (usually with ``norm="layernorm"``).
+        return_tuple: return ``(hidden_states,)`` like transformers 4.x blocks, instead of a tensor.
+    """
+
+    def __init__(self, layer: TopoLayer, return_tuple: bool = False) -> None:
+        super().__init__()
+        self.layer = layer
+        self.return_tuple = return_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor | tuple:
+        """Args: hidden_states (B, L, d). Returns: (B, L, d), or a 1-tuple of it."""
+        out = self.layer(hidden_states)
+        return (out,) if self.return_tuple else out
+
+    def extra_repr(self) -> str:
+        return f"return_tuple={self.return_tuple}"
+
+
+class HFEncoderFamily(ChainFamily):
+    """Adapter for transformers encoders with an ``embeddings`` stem and a list of blocks.
+
+    Subclasses set :attr:`model_types` (``config.model_type`` values) and :attr:`block_classes`
+    (class names of the original blocks).
+    """
+
+    model_types: tuple[str, ...] = ()
+    block_classes: tuple[str, ...] = ()
+
+    def matches(self, model: nn.Module) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) in self.model_types
+
+    def _is_block(self, module: nn.Module) -> bool:
+        return type(module).__name__ in self.block_classes
+
+    def chain(self, model: nn.Module) -> tuple[str, str]:
+        for path, module in model.named_modules():
+            if not isinstance(module, nn.ModuleList) or len(module) == 0:
+                continue
+            kids = list(module)
+            if any(self._is_block(k) for k in kids) and all(self._is_block(k) or isinstance(k, TopoBlock) for k in kids):
+                return self._stem_for(model, path), path
+        raise NoSitesFoundError(
+            f"{type(model).__name__} (model_type={model.config.model_type!r}) has no nn.ModuleList of "
+            f"{'/'.join(self.block_classes)} blocks"
+        )
+
+    @staticmethod
+    def _stem_for(model: nn.Module, container: str) -> str:
+        parts = container.split(".")[:-1]
+        while True:  # nearest ancestor of the block list that owns the embeddings
+            prefix = ".".join(parts)
+            owner = model.get_submodule(prefix)
+            if hasattr(owner, "embeddings") and isinstance(owner.embeddings, nn.Module):
+                return f"{prefix}.embeddings" if prefix else "embeddings"
+            if not parts:
+                raise NoSitesFoundError(f"No 'embeddings' module above {container!r} in {type(model).__name__}")
+            parts.pop()
+
+    def hidden_size(self, model: nn.Module) -> int:
+        return int(model.config.hidden_size)
+
+    def new_layer(self, model: nn.Module, site: Site) -> nn.Module:
+        eps = float(getattr(model.config, "layer_norm_eps", 1e-12))
+        return TopoLayer(self.hidden_size(model), norm="layernorm", eps=eps)
+
+    @torch.no_grad()
+    def _blocks_return_tuple(self, model: nn.Module) -> bool:
+        _, container = self.chain(model)
+        for block in model.get_submodule(container):
+            if self._is_block(block):
+                ref = next(block.parameters())
+                out = block(torch.zeros(1, 2, self.hidden_size(model), dtype=ref.dtype, device=ref.device))
+                first_tensor(out)  # raises if the contract changed beyond tensor / tuple
+                return not isinstance(out, torch.Tensor)
+        return False
+
+    def wrap(self, model: nn.Module, layer: nn.Module) -> nn.Module:
+        return TopoBlock(layer, return_tuple=self._blocks_return_tuple(model))
+
+    def unwrap(self, block: nn.Module) -> nn.Module | None:
+        return block.layer if isinstance(block, TopoBlock) else None
+
+    def sync_config(self, model: nn.Module) -> None:
+        # transformers sizes head masks by num_hidden_layers (4.x) and drops extra blocks on load (5.x).
+        _, container = self.chain(model)
+        model.config.num_hidden_layers = len(model.get_submodule(container))
+
+
+class ViTFamily(HFEncoderFamily):
+    """transformers ViT and DeiT (``ViTModel``, ``ViTForImageClassification``, DeiT equivalents)."""
+
+    name = "vit"
+    model_types = ("vit", "deit")
+    block_classes = ("ViTLayer", "DeiTLayer")
