@@ -28,7 +28,7 @@ _NORMS = (None, "layernorm")
 
 
 def topo_activation(x: torch.Tensor) -> torch.Tensor:
-    """sigma(x) = 2 silu(x) - tanh(x) = x^2/2 + x^3/3 + O(x^5); sigma(0) = sigma'(0) = 0, sigma''(0) = 1.
+    """sigma(x) = 2 silu(x) - tanh(x) = x^2/2 + x^3/3 - x^4/24 + O(x^5); sigma(0) = sigma'(0) = 0, sigma''(0) = 1.
 
     Args:
         x: any shape.
