@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TopoConv2d", "TopoLayer", "topo_activation"]
+__all__ = ["ACTIVATIONS", "TopoConv2d", "TopoLayer", "build_topo_layer", "topo_activation"]
 
 _NORMS = (None, "layernorm")
 
@@ -39,6 +39,12 @@ def topo_activation(x: torch.Tensor) -> torch.Tensor:
     return 2.0 * F.silu(x) - torch.tanh(x)
 
 
+#: Activations a TopoLayer may use. Only "topo" (sigma'(0) = 0) has the topological derivative; "tanh"
+#: gives the trainable identity insertion of the Net2DeeperNet baseline (tanh'(0) = 1, so a zero layer
+#: still receives gradients, whereas a zero "topo" layer does not).
+ACTIVATIONS = {"topo": topo_activation, "tanh": torch.tanh}
+
+
 class TopoLayer(nn.Module):
     """Residual layer ``g = u + sigma(W norm(u) + b)`` acting on the last dimension.
 
@@ -51,14 +57,21 @@ class TopoLayer(nn.Module):
         norm: ``None`` (z = u, as in the method's MLPs) or ``"layernorm"`` (LayerNorm without affine
             parameters, for transformer residual streams).
         eps: LayerNorm epsilon.
+        activation: key of :data:`ACTIVATIONS` ("topo" for every layer the derivative reasons about).
     """
 
-    def __init__(self, dim: int, bias: bool = True, norm: str | None = None, eps: float = 1e-6) -> None:
+    def __init__(
+        self, dim: int, bias: bool = True, norm: str | None = None, eps: float = 1e-6, activation: str = "topo"
+    ) -> None:
         super().__init__()
         if dim <= 0:
             raise ValueError(f"TopoLayer dim must be positive, got {dim}")
         if norm not in _NORMS:
             raise ValueError(f"TopoLayer norm must be one of {_NORMS}, got {norm!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"TopoLayer activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+        self._act = ACTIVATIONS[activation]
         self.dim = dim
         self.norm = norm
         self.eps = eps
@@ -74,7 +87,7 @@ class TopoLayer(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Args: u (..., dim). Returns: g (..., dim) = u + sigma(W z + b)."""
-        return u + topo_activation(F.linear(self.normalize(u), self.weight, self.bias))
+        return u + self._act(F.linear(self.normalize(u), self.weight, self.bias))
 
     @property
     def in_features(self) -> int:
@@ -88,7 +101,14 @@ class TopoLayer(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments, for manifests and re-building the layer."""
-        return {"type": "linear", "dim": self.dim, "bias": self.bias is not None, "norm": self.norm, "eps": self.eps}
+        return {
+            "type": "linear",
+            "dim": self.dim,
+            "bias": self.bias is not None,
+            "norm": self.norm,
+            "eps": self.eps,
+            "activation": self.activation,
+        }
 
     @torch.no_grad()
     def set_direction(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -112,7 +132,7 @@ class TopoLayer(nn.Module):
         return z.reshape(-1, self.dim), p.reshape(-1, self.dim)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, bias={self.bias is not None}, norm={self.norm}"
+        return f"dim={self.dim}, bias={self.bias is not None}, norm={self.norm}, activation={self.activation}"
 
 
 class TopoConv2d(nn.Module):
@@ -126,14 +146,19 @@ class TopoConv2d(nn.Module):
         channels: C (input and output channels).
         kernel_size: k, odd.
         bias: whether the layer has a bias.
+        activation: key of :data:`ACTIVATIONS`.
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True) -> None:
+    def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True, activation: str = "topo") -> None:
         super().__init__()
         if channels <= 0:
             raise ValueError(f"TopoConv2d channels must be positive, got {channels}")
         if kernel_size <= 0 or kernel_size % 2 == 0:
             raise ValueError(f"TopoConv2d kernel_size must be a positive odd number, got {kernel_size}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"TopoConv2d activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+        self._act = ACTIVATIONS[activation]
         self.channels = channels
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.zeros(channels, channels, kernel_size, kernel_size))
@@ -141,7 +166,7 @@ class TopoConv2d(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Args: u (B, C, H, W). Returns: g (B, C, H, W)."""
-        return u + topo_activation(F.conv2d(u, self.weight, self.bias, padding=self.kernel_size // 2))
+        return u + self._act(F.conv2d(u, self.weight, self.bias, padding=self.kernel_size // 2))
 
     @property
     def in_features(self) -> int:
@@ -152,7 +177,13 @@ class TopoConv2d(nn.Module):
         return self.channels
 
     def config(self) -> dict:
-        return {"type": "conv2d", "channels": self.channels, "kernel_size": self.kernel_size, "bias": self.bias is not None}
+        return {
+            "type": "conv2d",
+            "channels": self.channels,
+            "kernel_size": self.kernel_size,
+            "bias": self.bias is not None,
+            "activation": self.activation,
+        }
 
     @torch.no_grad()
     def set_direction(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

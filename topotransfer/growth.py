@@ -1,0 +1,216 @@
+"""Growth policy: *when* to grow (plateau), *where* (argmax of the topological derivative, or a
+baseline's rule) and *how* (eigenvector direction + line-searched eps). METHOD.md section 5.
+
+Methods (one switch, ``GrowthConfig.method``):
+
+- ``topo``: TD at every site; insert at argmax if TD > 0, eigen direction, eps by line search.
+- ``random_site``: a random site, eigen direction of that site, eps by line search.
+- ``random_init``: the argmax site, a random unit direction, eps by line search.
+- ``net2deeper``: a random site, an identity layer that can train (tanh activation, zero weights).
+- ``forward_thinking``: freeze everything but the head, add a randomly initialised layer on top.
+- ``fixed``: never grows (the network is built at its final depth).
+
+Randomness comes from generators seeded by (run seed, event number), never from global state, so a
+resumed run makes the same choices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .derivative.topological import LossFn, topological_derivative
+from .insertion import DEFAULT_EPSILONS, line_search_epsilon
+from .layers import build_topo_layer
+from .surgery import get_family
+
+__all__ = ["GrowthEvent", "PlateauDetector", "count_parameters", "grow_once"]
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (optionally only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+class PlateauDetector:
+    """True once the monitored loss has not improved by a relative ``min_delta`` for ``patience`` calls."""
+
+    def __init__(self, patience: int, min_delta: float = 1e-4) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best = math.inf
+        self.bad = 0
+
+    def update(self, value: float) -> bool:
+        improved = self.best == math.inf or value < self.best - self.min_delta * abs(self.best)
+        if improved:
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+        return self.bad >= self.patience
+
+    def reset(self) -> None:
+        self.best, self.bad = math.inf, 0
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad = float(state["best"]), int(state["bad"])
+
+
+@dataclass
+class GrowthEvent:
+    """What one growth event did (a row of the run's JSON history).
+
+    Attributes:
+        event: 0-based event number.
+        epoch: epochs completed before the event.
+        method: growth method.
+        site: where the layer went (site name before insertion); ``None`` if nothing was inserted.
+        scores: TD per site (``{}`` for methods that do not compute it).
+        k: directions summed into the initial layer.
+        epsilon: scale of the inserted layer.
+        eps_tried: ``[(eps, held-out loss), ...]`` from the line search.
+        loss_before: held-out (summed) loss before insertion.
+        loss_after: held-out loss right after insertion.
+        depth: number of blocks after the event.
+        params: parameter count after the event.
+        layer: config of the inserted layer (to replay the insertion on load).
+        stopped: why growth stopped at this event ("score<=0"), else ``None``.
+    """
+
+    event: int
+    epoch: int
+    method: str
+    site: str | None
+    scores: dict[str, float] = field(default_factory=dict)
+    k: int = 0
+    epsilon: float = 0.0
+    eps_tried: list[tuple[float, float]] = field(default_factory=list)
+    loss_before: float = math.nan
+    loss_after: float = math.nan
+    depth: int = 0
+    params: int = 0
+    layer: dict = field(default_factory=dict)
+    stopped: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _depth(model: nn.Module) -> int:
+    family = get_family(model)
+    _, container = family.chain(model)
+    return len(model.get_submodule(container))
+
+
+def _random_unit_direction(layer: nn.Module, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = torch.randn(layer.out_features, layer.in_features, generator=gen, dtype=torch.float64)
+    has_bias = getattr(layer, "bias", None) is not None
+    b = torch.randn(layer.out_features, generator=gen, dtype=torch.float64) if has_bias else None
+    norm = (w.square().sum() + (b.square().sum() if b is not None else 0)).sqrt()
+    return w / norm, (b / norm if b is not None else None)
+
+
+def grow_once(
+    model: nn.Module,
+    method: str,
+    probe_data: Iterable,
+    heldout_data: Iterable,
+    loss_fn: LossFn,
+    *,
+    event: int,
+    epoch: int,
+    seed: int = 0,
+    probe_cfg=None,
+    epsilons: tuple[float, ...] | list[float] | None = None,
+    random_init_std: float = 0.01,
+) -> GrowthEvent:
+    """Perform one growth event in place and describe it.
+
+    Args:
+        model: the network (unwrapped); changed in place.
+        method: see the module docstring.
+        probe_data: batches for the derivative (summed loss over them).
+        heldout_data: re-iterable batches for the eps line search.
+        loss_fn: *summed* loss.
+        event: event number (seeds the event's randomness with ``seed``).
+        probe_cfg: a :class:`~topotransfer.config.ProbeConfig` (solver, rule, c, k, tol).
+        epsilons: line-search grid.
+
+    Returns:
+        The :class:`GrowthEvent`; ``site is None`` and ``stopped`` set when nothing was inserted.
+    """
+    family = get_family(model)
+    gen = torch.Generator().manual_seed(10_007 * (seed + 1) + event)
+    sites = family.sites(model)
+    eps_grid = tuple(epsilons) if epsilons else DEFAULT_EPSILONS
+    rec = GrowthEvent(event=event, epoch=epoch, method=method, site=None)
+    kw = {}
+    if probe_cfg is not None:
+        kw = dict(rule=probe_cfg.rule, c=probe_cfg.c, k=probe_cfg.k, solver=probe_cfg.solver, tol=probe_cfg.tol)
+
+    if method in ("topo", "random_site", "random_init"):
+        if method == "random_site":
+            choice = sites[int(torch.randint(len(sites), (1,), generator=gen))]
+            results = topological_derivative(model, probe_data, loss_fn, sites=[choice.name], **kw)
+        else:
+            results = topological_derivative(model, probe_data, loss_fn, **kw)
+        rec.scores = {r.site: r.score for r in results}
+        best = max(results, key=lambda r: r.score)
+        if method != "random_site" and best.score <= 0:
+            rec.stopped = "score<=0"  # no insertion lowers the loss to second order: stop growing
+            return rec
+        weight, bias = best.weight, best.bias
+        if method == "random_init":
+            weight, bias = _random_unit_direction(family.new_layer(model, family.site(model, best.site)), gen)
+        rec.k = best.k if method != "random_init" else 1
+        ls = line_search_epsilon(model, best.site, heldout_data, loss_fn, weight, bias, epsilons=eps_grid)
+        rec.eps_tried, rec.loss_before = ls.tried, ls.baseline_loss
+        # eps = 0 would insert a layer that can never train (sigma'(0) = 0 gives it zero gradient), so
+        # when no eps lowers the held-out loss we seed with the smallest eps of the grid and record it.
+        rec.epsilon = ls.epsilon if ls.epsilon > 0 else min(eps_grid)
+        rec.loss_after = ls.loss if ls.epsilon > 0 else dict(ls.tried).get(rec.epsilon, math.nan)
+        site = family.site(model, best.site)
+        layer = family.new_layer(model, site)
+        ref = layer.weight
+        layer.set_direction(
+            (rec.epsilon * weight).to(ref), None if bias is None else (rec.epsilon * bias).to(ref)
+        )
+    elif method == "net2deeper":
+        site = sites[int(torch.randint(len(sites), (1,), generator=gen))]
+        layer = build_topo_layer({**family.new_layer(model, site).config(), "activation": "tanh"})
+    elif method == "forward_thinking":
+        for p in model.parameters():  # freeze what was trained; the head stays trainable
+            p.requires_grad_(False)
+        for p in _head(model).parameters():
+            p.requires_grad_(True)
+        site = sites[-1]
+        layer = family.new_layer(model, site)
+        with torch.no_grad():
+            layer.weight.normal_(0.0, 1.0, generator=gen).mul_(layer.in_features**-0.5)
+            if layer.bias is not None:
+                layer.bias.normal_(0.0, 1.0, generator=gen).mul_(layer.in_features**-0.5)
+    elif method == "fixed":
+        rec.stopped = "fixed"
+        return rec
+    else:
+        raise ValueError(f"Unknown growth method {method!r}")
+
+    rec.site = site.name
+    rec.layer = layer.config()
+    family.insert(model, site, layer)
+    rec.depth, rec.params = _depth(model), count_parameters(model)
+    return rec
+
+
+def _head(model: nn.Module) -> nn.Module:
+    """The output layer of a model (trained together with new layers in forward thinking)."""
+    for name in ("output_layer", "head", "classifier"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return getattr(model, name)
+    raise ValueError(f"Cannot find the output layer of {type(model).__name__} for forward thinking")

@@ -1,0 +1,1 @@
+"""Recipes: complete runs built from the library (growth from scratch, transfer adaptation)."""

@@ -1,0 +1,227 @@
+"""Grow a network from scratch (METHOD.md section 5), or run a baseline with the same loop.
+
+    train until the validation loss plateaus -> growth event (derivative, insert, line search)
+    -> new optimizer carrying the surviving parameters' state -> train again ... until the epoch
+    budget; growth stops at the insertion / depth / parameter budget or when the best TD <= 0.
+
+Every epoch and growth event goes into ``output_dir/history.json``; resumable checkpoints are
+written at every growth event and every ``train.checkpoint_every`` epochs. The model with the best
+validation loss is evaluated on the test set at the end (``results.json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from ..config import RunConfig, to_dict
+from ..data import load_task
+from ..growth import GrowthEvent, PlateauDetector, count_parameters, grow_once
+from ..models.build import build_model
+from ..training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    replay_insertions,
+    save_checkpoint,
+    write_json_atomic,
+)
+from ..training.loop import evaluate, make_loader, train_epoch
+from ..training.optim import build_optimizer, rebuild_after_growth
+
+__all__ = ["check_output_dir", "run_grow"]
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Create ``path`` and prove it is writable before any training starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{id(path)}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"Output directory {str(path)!r} is not writable: {e}") from e
+    return path
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _losses(kind: str) -> tuple[nn.Module, nn.Module]:
+    if kind == "classification":
+        return nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum")
+    return nn.MSELoss(), nn.MSELoss(reduction="sum")
+
+
+def _batches(dataset, batch_size: int, limit: int | None = None) -> list:
+    loader = make_loader(dataset, batch_size, shuffle=False)
+    out = []
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= limit:
+            break
+        out.append(tuple(batch))
+    return out
+
+
+def run_grow(cfg: RunConfig, resume: bool = False, stop_after_epoch: int | None = None) -> dict:
+    """Run growth (or a baseline) as configured; returns the results dict also written to disk.
+
+    Args:
+        cfg: the run configuration.
+        resume: continue from ``output_dir/latest`` if it exists.
+        stop_after_epoch: return right after this many epochs (simulates an interrupted run in tests).
+    """
+    out = check_output_dir(cfg.output_dir)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    d = cfg.data
+    task = load_task(
+        d.name, seed=cfg.seed, num_train=d.num_train, num_val=d.num_val, num_test=d.num_test,
+        grid=d.grid, noise=d.noise, image_size=d.image_size,
+    )
+    g = cfg.growth
+    base_depth = cfg.model.depth + (g.max_insertions if g.method == "fixed" else 0)
+    model = build_model(cfg.model, task.input_shape, task.num_outputs, depth=base_depth).to(device)
+    loss_mean, loss_sum = _losses(task.kind)
+    manifest = {
+        "format": 1,
+        "task": task.name,
+        "kind": task.kind,
+        "model": to_dict(cfg.model),
+        "base_depth": base_depth,
+        "input_shape": list(task.input_shape),
+        "num_outputs": task.num_outputs,
+        "insertions": [],
+    }
+    state = {"epoch": 0, "steps": 0, "history": [], "events": [], "growth_done": g.method == "fixed",
+             "last_event_epoch": 0, "plateau": None, "frozen": [], "best_val": None, "best_epoch": None,
+             "best_insertions": 0, "wall_time": 0.0}
+    optimizer = build_optimizer(model, cfg.train)
+    best_model = copy.deepcopy(model)
+
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        saved = load_checkpoint_manifest(ckpt)
+        replay_insertions(model, saved["insertions"])
+        manifest = saved
+        st = load_checkpoint(ckpt, model)["state"]
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in set(st["frozen"]))
+        optimizer = build_optimizer(model, cfg.train)
+        load_checkpoint(ckpt, model, optimizer)
+        state = st
+        best_dir = out / "best"
+        best_model = replay_insertions(
+            build_model(cfg.model, task.input_shape, task.num_outputs, depth=base_depth).to(device),
+            manifest["insertions"][: state["best_insertions"]],
+        )
+        if (best_dir / "model.safetensors").is_file():
+            load_checkpoint(best_dir, best_model)
+
+    detector = PlateauDetector(g.patience, g.min_delta)
+    if state["plateau"]:
+        detector.load_state_dict(state["plateau"])
+    val_batches = _batches(task.val, cfg.train.batch_size)
+    probe_batches = _batches(task.train, cfg.probe.batch_size, cfg.probe.batches)
+    test_loader = make_loader(task.test, cfg.train.batch_size)
+    started = time.perf_counter() - state["wall_time"]
+
+    def checkpoint(name: str = "last") -> None:
+        state["plateau"] = detector.state_dict()
+        state["frozen"] = [n for n, p in model.named_parameters() if not p.requires_grad]
+        state["wall_time"] = time.perf_counter() - started
+        save_checkpoint(out, name, model, manifest, optimizer, state)
+        write_json_atomic(out / "history.json", {"epochs": state["history"], "events": state["events"]})
+
+    epochs = range(state["epoch"], cfg.train.epochs)
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc=f"grow[{g.method}]", initial=state["epoch"], total=cfg.train.epochs)
+    for epoch in epochs:
+        steps_left = None if cfg.train.max_steps is None else cfg.train.max_steps - state["steps"]
+        if steps_left is not None and steps_left <= 0:
+            break
+        loader = make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
+        train_loss, steps = train_epoch(model, loader, optimizer, loss_mean, device, steps_left)
+        state["steps"] += steps
+        val = evaluate(model, val_batches, task.kind, device)
+        state["epoch"] = epoch + 1
+        depth = len(manifest["insertions"]) + base_depth
+        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+                                 "val_error": val["error"], "depth": depth, "params": count_parameters(model),
+                                 "time": time.perf_counter() - started})
+        if state["best_val"] is None or val["loss"] < state["best_val"]:
+            state["best_val"], state["best_epoch"] = val["loss"], epoch + 1
+            state["best_insertions"] = len(manifest["insertions"])
+            best_model = copy.deepcopy(model)
+            save_checkpoint(out, "best", best_model, manifest, None, {"epoch": epoch + 1}, update_latest=False)
+        plateau = detector.update(val["loss"])
+        if g.epochs_per_stage is not None:
+            plateau = epoch + 1 - state["last_event_epoch"] >= g.epochs_per_stage
+        grew = False
+        if plateau and not state["growth_done"] and epoch + 1 < cfg.train.epochs:
+            over = (
+                len(manifest["insertions"]) >= g.max_insertions
+                or (g.max_depth is not None and depth >= g.max_depth)
+                or (g.max_params is not None and count_parameters(model) >= g.max_params)
+            )
+            if over:
+                state["growth_done"] = True
+            else:
+                ev: GrowthEvent = grow_once(
+                    model, g.method, probe_batches, val_batches, loss_sum, event=len(state["events"]),
+                    epoch=epoch + 1, seed=cfg.seed, probe_cfg=cfg.probe, epsilons=g.epsilons,
+                    random_init_std=g.random_init_std,
+                )
+                state["events"].append(ev.to_dict())
+                if ev.site is None:
+                    state["growth_done"] = True
+                else:
+                    manifest["insertions"].append({"site": ev.site, "layer": ev.layer, "epoch": epoch + 1})
+                    optimizer = rebuild_after_growth(optimizer, model, cfg.train)
+                    detector.reset()
+                    state["last_event_epoch"] = epoch + 1
+                    grew = True
+        if grew or (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
+            checkpoint()
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            checkpoint()
+            return {"stopped_at_epoch": epoch + 1}
+
+    test = evaluate(best_model, test_loader, task.kind, device)
+    final_test = evaluate(model, test_loader, task.kind, device)
+    results = {
+        "method": g.method,
+        "task": task.name,
+        "seed": cfg.seed,
+        "test_error": test["error"],
+        "test_loss": test["loss"],
+        "final_test_error": final_test["error"],
+        "best_epoch": state["best_epoch"],
+        "depth": base_depth + len(manifest["insertions"]),
+        "best_depth": base_depth + state["best_insertions"],
+        "params": count_parameters(model),
+        "insertions": len(manifest["insertions"]),
+        "wall_time": time.perf_counter() - started,
+        "events": state["events"],
+    }
+    checkpoint()
+    write_json_atomic(out / "results.json", results)
+    return results
+
+
+def load_checkpoint_manifest(path: Path) -> dict:
+    """The architecture manifest of a checkpoint directory."""
+    import json
+
+    return json.loads((Path(path) / "manifest.json").read_text())

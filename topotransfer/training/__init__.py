@@ -1,0 +1,1 @@
+"""Plain training loops, optimizer rebuilding after growth, and checkpoints."""

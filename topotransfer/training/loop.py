@@ -1,0 +1,93 @@
+"""Plain train / evaluate loops (no framework): a growth event stays visible code in the recipe."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..derivative.probes import default_forward
+
+__all__ = ["EvalResult", "evaluate", "make_loader", "train_epoch"]
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """A DataLoader whose shuffling depends only on ``seed`` (resume-safe: seed = f(run seed, epoch))."""
+    if len(dataset) == 0:
+        raise ValueError("Cannot build a data loader on an empty dataset")
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device | str = "cpu",
+    max_steps: int | None = None,
+    forward_fn: Callable = default_forward,
+) -> tuple[float, int]:
+    """One pass of mini-batch training with a mean-reduced ``loss_fn``.
+
+    Returns:
+        (mean training loss over the examples seen, optimizer steps taken).
+
+    Raises:
+        FloatingPointError: the loss became NaN / inf (the step is not applied).
+    """
+    model.train()
+    total, count, steps = 0.0, 0, 0
+    for x, y in loader:
+        if max_steps is not None and steps >= max_steps:
+            break
+        x, y = x.to(device), y.to(device)
+        loss = loss_fn(forward_fn(model, x), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Training loss is {loss.item()} at step {steps}; stopping before the update")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss) * len(y)
+        count += len(y)
+        steps += 1
+    return total / max(count, 1), steps
+
+
+class EvalResult(dict):
+    """``{"loss": mean loss, "metric": accuracy or MSE, "error": 1 - accuracy or MSE}``."""
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    kind: str,
+    device: torch.device | str = "cpu",
+    forward_fn: Callable = default_forward,
+) -> EvalResult:
+    """Mean loss and metric on ``loader``; classification uses cross-entropy + accuracy, regression MSE."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            out = forward_fn(model, x)
+            if kind == "classification":
+                loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+                correct += int((out.argmax(-1) == y).sum())
+            else:
+                loss_sum += float(nn.functional.mse_loss(out, y, reduction="sum")) / out.shape[-1]
+            n += len(y)
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("Cannot evaluate on an empty dataset")
+    loss = loss_sum / n
+    if kind == "classification":
+        acc = correct / n
+        return EvalResult(loss=loss, metric=acc, error=1.0 - acc)
+    return EvalResult(loss=loss, metric=loss, error=loss)
