@@ -34,6 +34,8 @@ EPS_FD = 1e-4  # 2 (J(0) - J(eps)) / eps^2 = theta^T Q theta + O(eps)
 # J then carries ~1e-8 noise upstream of any attention and the FD quotient an error ~2e-8 / eps^2.
 # "sdpa" stays in float64 on CPU, so finite differences use it; identity tests cover both.
 FD_ATTN = "sdpa"
+# Where the installed transformers keeps ViT blocks (5.x: ViTModel.layers; 4.57: ViTModel.encoder.layer).
+BLOCKS = "layers" if int(transformers.__version__.split(".")[0]) >= 5 else "encoder.layer"
 
 
 def vit_config(**overrides) -> ViTConfig:
@@ -159,9 +161,9 @@ def test_sites_in_depth_order(cls, prefix):
     sites = get_family(model).sites(model)
     assert get_family(model).name == "vit"
     assert len(sites) == LAYERS + 1
-    assert [s.name for s in sites] == [f"{prefix}embeddings"] + [f"{prefix}layers.{i}" for i in range(LAYERS)]
+    assert [s.name for s in sites] == [f"{prefix}embeddings"] + [f"{prefix}{BLOCKS}.{i}" for i in range(LAYERS)]
     assert [s.index for s in sites] == list(range(LAYERS + 1))
-    assert {s.container for s in sites} == {f"{prefix}layers"}
+    assert {s.container for s in sites} == {f"{prefix}{BLOCKS}"}
     assert [s.position for s in sites] == list(range(LAYERS + 1))
 
 
@@ -170,7 +172,7 @@ def test_score_matches_finite_differences_at_every_site():
     model, data = make_vit(), make_data()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     results = topological_derivative(model, data, loss_fn, rule="top1")
-    assert [r.site for r in results] == ["vit.embeddings", "vit.layers.0", "vit.layers.1"]
+    assert [r.site for r in results] == ["vit.embeddings"] + [f"vit.{BLOCKS}.{i}" for i in range(LAYERS)]
     for r in results:
         assert r.score > 0, r
         assert r.num_samples == 4 * 5  # batch x (4 patches + CLS)

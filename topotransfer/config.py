@@ -190,6 +190,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         _check(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, got {value!r}")
         return float(value)
     if tp is int:
