@@ -1,0 +1,82 @@
+"""Plots people would rather look at than read: learning curves with growth events, TD per site.
+
+matplotlib is optional (``pip install topotransfer[plots]``); it is imported only when plotting,
+with the non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["plot_learning_curves", "plot_site_scores"]
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("Plotting needs matplotlib: pip install 'topotransfer[plots]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_curves(runs: dict[str, dict], path: str | Path, title: str = "", log: bool = True) -> Path:
+    """Validation loss per epoch for several runs, growth events marked with vertical ticks.
+
+    Args:
+        runs: label -> history dict as written to ``history.json`` (``{"epochs": [...], "events": [...]}``).
+        path: output PNG.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (label, hist) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        ep = [e["epoch"] for e in hist["epochs"]]
+        ax.plot(ep, [e["val_loss"] for e in hist["epochs"]], color=color, label=label, lw=1.3)
+        for ev in hist.get("events", []):
+            if ev.get("site") is not None:
+                ax.axvline(ev["epoch"], color=color, ls=":", lw=0.9, alpha=0.8)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title or "learning curves (dotted: growth events)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_site_scores(events: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """Topological derivative per site at each growth event (one bar group per event).
+
+    Args:
+        events: growth events as in ``history.json`` (``scores``: site -> TD, ``site``: chosen site).
+        path: output PNG.
+    """
+    plt = _plt()
+    events = [e for e in events if e.get("scores")]
+    n = max(1, len(events))
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+    for ax, ev in zip(axes[0], events):
+        names = list(ev["scores"])
+        vals = [ev["scores"][s] for s in names]
+        colors = ["C3" if s == ev.get("site") else "C0" for s in names]
+        ax.bar(range(len(vals)), vals, color=colors)
+        ax.set_xticks(range(len(vals)), [str(i) for i in range(len(vals))])
+        ax.set_xlabel("site (depth order)")
+        ax.set_title(f"event {ev['event']} (epoch {ev['epoch']})", fontsize=9)
+    axes[0][0].set_ylabel("TD = lambda_max(Q_t)")
+    fig.suptitle(title or "topological derivative per site (red: chosen)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
