@@ -284,11 +284,9 @@ def test_deit_sites_and_identity():
 
 
 # -- 6. unsupported models ---------------------------------------------------------------------------------------
-def _bert():
-    return transformers.BertModel(
-        transformers.BertConfig(
-            vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-        )
+def _distilbert():
+    return transformers.DistilBertModel(
+        transformers.DistilBertConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
     )
 
 
@@ -298,14 +296,14 @@ def _gpt2():
     )
 
 
-@pytest.mark.parametrize("build", [_bert, _gpt2], ids=["bert", "gpt2"])
+@pytest.mark.parametrize("build", [_distilbert, _gpt2], ids=["distilbert", "gpt2"])
 def test_unsupported_model_lists_supported_families(build):
     model = build()
     with pytest.raises(UnsupportedModelError, match="Supported families") as info:
         get_family(model)
     message = str(info.value)
     assert type(model).__name__ in message and model.config.model_type in message
-    assert "vit" in message and "deit" in message
+    assert "vit" in message and "deit" in message and "bert" in message
 
 
 # -- 7. probes leave the model clean -------------------------------------------------------------------------------

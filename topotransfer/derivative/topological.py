@@ -7,6 +7,10 @@ For a site t with layer input z (D = d_in + 1 with the bias) and adjoint p = -dJ
 
 One forward + backward pass per probe batch captures z and p at all sites (:mod:`.probes`); the
 statistics are streamed (:mod:`.statistics`) and solved per site (:mod:`..eigen`).
+
+Padded text batches: when the inputs are a dict with an ``attention_mask`` of shape (B, L), the rows
+n = (b, l) with mask 0 are dropped from Z and P before they reach the statistics (:func:`sample_mask`),
+so padding tokens neither count as samples nor occupy the matrix-free cache.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from ..surgery.base import ChainFamily, Site
 from .probes import capture_states, default_forward, probe_batch
 from .statistics import DenseStatistic, MatrixFreeStatistic, SiteStatistic
 
-__all__ = ["SiteResult", "compute_site_statistics", "solve_site", "split_batch", "topological_derivative"]
+__all__ = [
+    "SiteResult",
+    "compute_site_statistics",
+    "sample_mask",
+    "solve_site",
+    "split_batch",
+    "topological_derivative",
+]
 
 SOLVERS = ("auto", "dense", "matrix_free")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -92,6 +103,31 @@ def check_loss_fn(loss_fn: LossFn) -> None:
         )
 
 
+def sample_mask(inputs: object, state: torch.Tensor) -> torch.Tensor | None:
+    """Which per-token sample rows of a site are real tokens (not padding).
+
+    Args:
+        inputs: the model inputs of one batch; only a dict with an ``"attention_mask"`` entry masks.
+        state: the captured state h_t of a site, shape (B, L, d) for token-wise layers.
+
+    Returns:
+        ``None`` (keep every row) or a bool mask of shape (B*L,), in the row order of
+        :meth:`~topotransfer.layers.TopoLayer.samples` (row b*L + l is token l of sequence b).
+
+    Raises:
+        ValueError: the attention mask is not (B, L) with (B, L) = the state's leading dimensions.
+    """
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if mask is None:
+        return None
+    if mask.dim() != 2 or state.dim() != 3 or tuple(state.shape[:2]) != tuple(mask.shape):
+        raise ValueError(
+            f"attention_mask of shape {tuple(mask.shape)} cannot mask the per-token samples of a state of shape "
+            f"{tuple(state.shape)}: a (batch, tokens) 0/1 mask is needed for (batch, tokens, hidden) states"
+        )
+    return mask.reshape(-1).to(state.device) != 0
+
+
 def _resolve_sites(model: nn.Module, family: ChainFamily, sites: Sequence[str | Site] | None) -> list[Site]:
     if sites is None:
         return family.sites(model)
@@ -117,7 +153,8 @@ def compute_site_statistics(
     Args:
         model: a model of a registered family (its function is not changed; ``model.training`` is
             restored, parameters' ``requires_grad`` and ``.grad`` are not touched).
-        data: iterable of ``(inputs, targets)`` batches (or dicts with ``labels``).
+        data: iterable of ``(inputs, targets)`` batches (or dicts with ``labels``). Dict inputs with an
+            ``attention_mask`` (B, L) drop the padding tokens' rows from the statistics.
         loss_fn: ``loss_fn(predictions, targets)`` summed over the batch.
         sites: site names to probe (default: all).
         max_batches: stop after this many batches.
@@ -177,6 +214,9 @@ def compute_site_statistics(
                 for s in site_list:
                     h, p = captured[s.name]
                     z, pr = layers[s.name].samples(h, p)
+                    keep = sample_mask(inputs, h)
+                    if keep is not None:  # padding tokens are not samples (their adjoint is 0 anyway)
+                        z, pr = z[keep], pr[keep]
                     stats[s.name].update(z, pr)
                 n_batches += 1
     finally:
@@ -229,7 +269,8 @@ def topological_derivative(
     """Topological derivative and initial layer direction at every site, in depth order.
 
     Args:
-        model: ResidualMLP, ResidualCNN, or a transformers ViT / DeiT (see :data:`surgery.FAMILIES`).
+        model: ResidualMLP, ResidualCNN, or a transformers ViT / DeiT / BERT / RoBERTa (see
+            :data:`surgery.FAMILIES`).
         data: iterable of ``(inputs, targets)`` batches (or dicts with ``"labels"``).
         loss_fn: loss *summed* over the batch, ``loss_fn(predictions, targets) -> scalar``.
         sites: site names (default: every site).

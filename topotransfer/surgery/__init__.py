@@ -6,14 +6,24 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import ChainFamily, Site, first_tensor
-from .hf import HFEncoderFamily, TopoBlock, ViTFamily
+from .hf import BertFamily, HFEncoderFamily, TopoBlock, ViTFamily
 from .residual import ResidualCNNFamily, ResidualMLPFamily
 
-__all__ = ["FAMILIES", "ChainFamily", "HFEncoderFamily", "Site", "TopoBlock", "first_tensor", "get_family"]
+__all__ = [
+    "FAMILIES",
+    "BertFamily",
+    "ChainFamily",
+    "HFEncoderFamily",
+    "Site",
+    "TopoBlock",
+    "ViTFamily",
+    "first_tensor",
+    "get_family",
+]
 
 #: Registered families in lookup order (name -> adapter).
 FAMILIES: dict[str, ChainFamily] = {
-    f.name: f for f in (ResidualMLPFamily(), ResidualCNNFamily(), ViTFamily())
+    f.name: f for f in (ResidualMLPFamily(), ResidualCNNFamily(), ViTFamily(), BertFamily())
 }
 
 

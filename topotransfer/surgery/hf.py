@@ -1,4 +1,4 @@
-"""Hugging Face transformer encoders: blocks found by class, not by one hard-coded path.
+"""Hugging Face transformer encoders (ViT / DeiT, BERT / RoBERTa): blocks found by class, not by path.
 
 transformers 5.x keeps ViT blocks at ``vit.layers`` and a block returns a tensor; 4.x keeps them at
 ``vit.encoder.layer`` and a block returns a tuple. The adapter finds the ``nn.ModuleList`` whose
@@ -16,7 +16,7 @@ from ..errors import NoSitesFoundError
 from ..layers import TopoLayer
 from .base import ChainFamily, Site, first_tensor
 
-__all__ = ["HFEncoderFamily", "TopoBlock"]
+__all__ = ["BertFamily", "HFEncoderFamily", "TopoBlock", "ViTFamily"]
 
 
 class TopoBlock(nn.Module):
@@ -120,3 +120,17 @@ class ViTFamily(HFEncoderFamily):
     name = "vit"
     model_types = ("vit", "deit")
     block_classes = ("ViTLayer", "DeiTLayer")
+
+
+class BertFamily(HFEncoderFamily):
+    """transformers BERT and RoBERTa encoders (``BertModel``, ``BertForSequenceClassification``, ...).
+
+    Blocks live at ``<prefix>encoder.layer`` and the stem is ``<prefix>embeddings``. Text batches pad
+    sequences: :func:`~topotransfer.derivative.topological.compute_site_statistics` drops the tokens
+    whose ``attention_mask`` is 0 from the statistics (their adjoint is zero anyway, because masked keys
+    receive no attention, but they must not count as samples).
+    """
+
+    name = "bert"
+    model_types = ("bert", "roberta")
+    block_classes = ("BertLayer", "RobertaLayer")

@@ -50,7 +50,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss) * len(y)
+        total += float(loss.detach()) * len(y)
         count += len(y)
         steps += 1
     return total / max(count, 1), steps
