@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-__all__ = ["NoSitesFoundError", "TopoTransferError", "UnknownSiteError", "UnsupportedModelError"]
+__all__ = [
+    "AdapterMismatchError",
+    "CheckpointMismatchError",
+    "EmptyDatasetError",
+    "ImageSizeError",
+    "LabelCountMismatchError",
+    "NoSitesFoundError",
+    "TopoTransferError",
+    "UnknownSiteError",
+    "UnsupportedModelError",
+]
 
 
 class TopoTransferError(Exception):
@@ -22,3 +32,23 @@ class UnknownSiteError(TopoTransferError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class AdapterMismatchError(TopoTransferError, ValueError):
+    """A saved adapter does not fit the base model it is applied to (model type, width or depth differ)."""
+
+
+class LabelCountMismatchError(TopoTransferError, ValueError):
+    """The number of classes of a model, a dataset and an adapter's head disagree."""
+
+
+class CheckpointMismatchError(TopoTransferError, ValueError):
+    """Saved weights do not match the rebuilt architecture (the message lists missing / unexpected keys)."""
+
+
+class ImageSizeError(TopoTransferError, ValueError):
+    """Images that cannot be brought to the backbone's input size or channel count."""
+
+
+class EmptyDatasetError(TopoTransferError, ValueError):
+    """A dataset split that the run needs has no examples."""
