@@ -15,6 +15,19 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AdapterMismatchError": "errors",
+    "BertFamily": "surgery",
+    "CheckpointMismatchError": "errors",
+    "EmptyDatasetError": "errors",
+    "ImageSizeError": "errors",
+    "LabelCountMismatchError": "errors",
+    "TopoAdapter": "adapter",
+    "ViTFamily": "surgery",
+    "load_adapter": "adapter",
+    "load_backbone": "models.hf",
+    "load_merged": "adapter",
+    "merge_and_save": "adapter",
+    "save_adapter": "adapter",
     "DEFAULT_EPSILONS": "insertion",
     "EigenResult": "eigen",
     "FAMILIES": "surgery",
@@ -58,12 +71,24 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .adapter import TopoAdapter, load_adapter, load_merged, merge_and_save, save_adapter
     from .derivative.topological import SiteResult, compute_site_statistics, topological_derivative
     from .eigen import EigenResult, dense_top_eigenpairs, lanczos_top_eigenpairs, select_direction
-    from .errors import NoSitesFoundError, TopoTransferError, UnknownSiteError, UnsupportedModelError
+    from .errors import (
+        AdapterMismatchError,
+        CheckpointMismatchError,
+        EmptyDatasetError,
+        ImageSizeError,
+        LabelCountMismatchError,
+        NoSitesFoundError,
+        TopoTransferError,
+        UnknownSiteError,
+        UnsupportedModelError,
+    )
     from .insertion import DEFAULT_EPSILONS, LineSearchResult, evaluate_loss, insert_layer, line_search_epsilon
     from .layers import TopoConv2d, TopoLayer, topo_activation
     from .models import ResidualCNN, ResidualMLP
-    from .surgery import FAMILIES, get_family
+    from .models.hf import load_backbone
+    from .surgery import FAMILIES, BertFamily, ViTFamily, get_family
     from .surgery.base import Site
     from .surgery.hf import TopoBlock

@@ -1,4 +1,4 @@
-"""Command line: ``topotransfer {grow,derivative,validate,configs} [--config X.yaml] [key=value ...]``.
+"""Command line: ``topotransfer {grow,adapt,derivative,validate,configs} [--config X.yaml] [key=value ...]``.
 
 ``--config`` takes a path or the name of a built-in config (``topotransfer configs`` lists them);
 without it the built-in defaults are used. Heavy imports happen inside the commands so that
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,9 +46,27 @@ def _cmd_grow(args: argparse.Namespace) -> int:
     from .recipes.grow import run_grow
 
     results = run_grow(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only rank 0 reports
+        return 0
     summary = {k: results[k] for k in ("method", "task", "test_error", "depth", "params", "insertions", "wall_time")}
     print(json.dumps(summary, indent=2))
     print(f"history, checkpoints and results in {cfg.output_dir}")
+    return 0
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    cfg = _load(args, "adapt")
+    from .config import ConfigError
+    from .errors import TopoTransferError
+    from .recipes.adapt import run_adapt
+
+    try:
+        run = run_adapt(cfg)
+    except (ConfigError, TopoTransferError) as e:  # user-fixable: a clear message, no traceback
+        raise SystemExit(f"error: {e}") from None
+    keys = ("method", "task", "val_error", "test_error", "insertions", "params", "trainable_params", "wall_time")
+    print(json.dumps({k: run.results[k] for k in keys}, indent=2))
+    print(f"results, adapter and merged export in {cfg.output_dir}")
     return 0
 
 
@@ -91,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--resume", action="store_true", help="continue from output_dir/latest if present")
     p.set_defaults(func=_cmd_grow)
+
+    p = sub.add_parser("adapt", help="adapt a pretrained backbone to a dataset (TopoLayer insertion or a baseline)")
+    common(p)
+    p.set_defaults(func=_cmd_adapt)
 
     p = sub.add_parser("derivative", help="train the starting network briefly and print TD at every site")
     common(p)

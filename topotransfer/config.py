@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "ADAPT_METHODS",
+    "AdaptConfig",
     "ConfigError",
     "DataConfig",
     "GrowthConfig",
@@ -134,13 +136,67 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     optimizer: str = field(default="adam", metadata={"help": "adam | adamw | sgd"})
     checkpoint_every: int = field(default=10, metadata={"help": "save a resumable checkpoint every N epochs (and at every growth event)"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 (accelerate autocast; the derivative is always computed in float32+)"})
 
     def __post_init__(self) -> None:
+        _check(self.mixed_precision in ("no", "bf16"), f"train.mixed_precision must be no|bf16, got {self.mixed_precision!r}")
         _check(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _check(self.lr > 0, f"train.lr must be positive, got {self.lr}")
         _check(self.batch_size > 0, f"train.batch_size must be positive, got {self.batch_size}")
         _check(self.optimizer in ("adam", "adamw", "sgd"), f"train.optimizer must be adam|adamw|sgd, got {self.optimizer!r}")
+
+
+ADAPT_METHODS = ("topo", "random_site", "last_block", "linear_probe", "full_finetune", "lora")
+
+
+@dataclass
+class AdaptConfig:
+    """Transfer a pretrained backbone to a new dataset (``topotransfer adapt``; METHOD.md section 6).
+
+    The schedule is ``head_epochs`` of head-only training, then ``insertions`` x (insert a layer, train
+    ``epochs_per_insertion`` epochs) and ``final_epochs`` more. Baselines without insertions train for the
+    same total number of epochs. ``train.batch_size``, ``train.optimizer``, ``train.weight_decay`` and
+    ``train.max_steps`` apply; ``train.epochs`` and ``train.lr`` do not.
+    """
+
+    method: str = field(
+        default="topo",
+        metadata={"help": "topo | random_site | last_block (insertion) | linear_probe | full_finetune | lora (baselines)"},
+    )
+    head_epochs: int = field(default=2, metadata={"help": "epochs training only the new head before any insertion"})
+    insertions: int = field(default=2, metadata={"help": "budget of inserted TopoLayers"})
+    epochs_per_insertion: int = field(default=3, metadata={"help": "epochs of training after every insertion"})
+    final_epochs: int = field(default=0, metadata={"help": "epochs after the last insertion"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate of the head and inserted layers"})
+    backbone_lr: float | None = field(default=None, metadata={"help": "lr of LoRA / fine-tuned backbone weights (None = lr)"})
+    lora: bool = field(default=False, metadata={"help": "also train peft LoRA on the backbone (insertion methods)"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "LoRA targets; None = ['q_proj', 'v_proj'] (transformers 5.x), else ['query', 'value'] (4.x)"},
+    )
+    epsilons: list[float] | None = field(default=None, metadata={"help": "eps grid of the line search (None = default)"})
+    adapter_path: str | None = field(default=None, metadata={"help": "continue from a saved adapter of the same base"})
+    save_adapter: bool = field(default=True, metadata={"help": "write output_dir/adapter (not for full_finetune)"})
+    save_merged: bool = field(default=True, metadata={"help": "write output_dir/merged (full export)"})
+
+    def __post_init__(self) -> None:
+        _check(self.method in ADAPT_METHODS, f"adapt.method must be one of {ADAPT_METHODS}, got {self.method!r}")
+        for key in ("head_epochs", "insertions", "epochs_per_insertion", "final_epochs"):
+            _check(getattr(self, key) >= 0, f"adapt.{key} must be >= 0, got {getattr(self, key)}")
+        _check(self.lr > 0, f"adapt.lr must be positive, got {self.lr}")
+        _check(self.backbone_lr is None or self.backbone_lr > 0, f"adapt.backbone_lr must be positive, got {self.backbone_lr}")
+        _check(self.lora_r >= 1, f"adapt.lora_r must be >= 1, got {self.lora_r}")
+        _check(0.0 <= self.lora_dropout < 1.0, f"adapt.lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+        _check(
+            not (self.lora and self.method in ("linear_probe", "full_finetune")),
+            f"adapt.lora=true does not apply to method {self.method!r} (use method=lora for the LoRA baseline)",
+        )
+        _check(self.lora_target_modules is None or len(self.lora_target_modules) > 0,
+               "adapt.lora_target_modules must be null or a non-empty list")
 
 
 @dataclass
@@ -157,6 +213,7 @@ class RunConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
     def __post_init__(self) -> None:
         _check(self.task in ("grow", "adapt"), f"task must be grow|adapt, got {self.task!r}")

@@ -129,6 +129,7 @@ def grow_once(
     probe_cfg=None,
     epsilons: tuple[float, ...] | list[float] | None = None,
     random_init_std: float = 0.01,
+    accelerator: object | None = None,
 ) -> GrowthEvent:
     """Perform one growth event in place and describe it.
 
@@ -141,6 +142,9 @@ def grow_once(
         event: event number (seeds the event's randomness with ``seed``).
         probe_cfg: a :class:`~topotransfer.config.ProbeConfig` (solver, rule, c, k, tol).
         epsilons: line-search grid.
+        accelerator: a multi-process ``accelerate.Accelerator``; ``probe_data`` and ``heldout_data`` are
+            this process's shards, the statistics and line-search losses are summed over processes, so
+            every rank makes the same choice and inserts the same layer.
 
     Returns:
         The :class:`GrowthEvent`; ``site is None`` and ``stopped`` set when nothing was inserted.
@@ -157,9 +161,11 @@ def grow_once(
     if method in ("topo", "random_site", "random_init"):
         if method == "random_site":
             choice = sites[int(torch.randint(len(sites), (1,), generator=gen))]
-            results = topological_derivative(model, probe_data, loss_fn, sites=[choice.name], **kw)
+            results = topological_derivative(
+                model, probe_data, loss_fn, sites=[choice.name], accelerator=accelerator, **kw
+            )
         else:
-            results = topological_derivative(model, probe_data, loss_fn, **kw)
+            results = topological_derivative(model, probe_data, loss_fn, accelerator=accelerator, **kw)
         rec.scores = {r.site: r.score for r in results}
         best = max(results, key=lambda r: r.score)
         if method != "random_site" and best.score <= 0:
@@ -169,7 +175,9 @@ def grow_once(
         if method == "random_init":
             weight, bias = _random_unit_direction(family.new_layer(model, family.site(model, best.site)), gen)
         rec.k = best.k if method != "random_init" else 1
-        ls = line_search_epsilon(model, best.site, heldout_data, loss_fn, weight, bias, epsilons=eps_grid)
+        ls = line_search_epsilon(
+            model, best.site, heldout_data, loss_fn, weight, bias, epsilons=eps_grid, accelerator=accelerator
+        )
         rec.eps_tried, rec.loss_before = ls.tried, ls.baseline_loss
         # eps = 0 would insert a layer that can never train (sigma'(0) = 0 gives it zero gradient), so
         # when no eps lowers the held-out loss we seed with the smallest eps of the grid and record it.

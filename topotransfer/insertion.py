@@ -80,8 +80,13 @@ def evaluate_loss(
     loss_fn: LossFn,
     forward_fn: ForwardFn | None = None,
     max_batches: int | None = None,
+    accelerator: object | None = None,
 ) -> float:
-    """Summed loss of ``model`` (eval mode, no grad) over ``data``; ``model.training`` is restored."""
+    """Summed loss of ``model`` (eval mode, no grad) over ``data``; ``model.training`` is restored.
+
+    With a multi-process ``accelerator``, ``data`` is this process's shard and the loss is summed over
+    processes (every rank gets the same value).
+    """
     forward_fn = forward_fn or default_forward
     device = next(model.parameters()).device
     was_training = model.training
@@ -96,6 +101,9 @@ def evaluate_loss(
             n += 1
     finally:
         model.train(was_training)
+    if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+        sums = torch.tensor([total, n], dtype=torch.float64, device=accelerator.device)
+        total, n = (float(v) for v in accelerator.reduce(sums, reduction="sum").cpu())
     if n == 0:
         raise ValueError("The line-search data is empty")
     return total
@@ -128,6 +136,7 @@ def line_search_epsilon(
     epsilons: Sequence[float] = DEFAULT_EPSILONS,
     forward_fn: ForwardFn | None = None,
     max_batches: int | None = None,
+    accelerator: object | None = None,
 ) -> LineSearchResult:
     """Pick eps for the layer W = eps*weight, b = eps*bias at ``site`` on held-out probe data.
 
@@ -138,6 +147,8 @@ def line_search_epsilon(
     Args:
         data: re-iterable held-out probe batches (a list or a DataLoader).
         epsilons: candidate scales (> 0).
+        accelerator: a multi-process ``accelerate.Accelerator``: ``data`` is this process's shard and
+            every loss is summed over processes, so all ranks choose the same eps.
 
     Returns:
         :class:`LineSearchResult` with every eps tried and its loss.
@@ -150,7 +161,7 @@ def line_search_epsilon(
         raise ValueError(f"epsilons must be positive (eps = 0 is always tried), got {list(epsilons)}")
     family = get_family(model)
     resolved = family.site(model, site)
-    baseline = evaluate_loss(model, data, loss_fn, forward_fn, max_batches)
+    baseline = evaluate_loss(model, data, loss_fn, forward_fn, max_batches, accelerator)
     insert_layer(model, resolved, weight, bias, epsilon=0.0)
     tried = [(0.0, baseline)]
     try:
@@ -161,7 +172,7 @@ def line_search_epsilon(
             layer.set_direction(
                 (eps * weight.to(torch.float64)).to(ref), None if bias is None else (eps * bias.to(torch.float64)).to(ref)
             )
-            tried.append((float(eps), evaluate_loss(model, data, loss_fn, forward_fn, max_batches)))
+            tried.append((float(eps), evaluate_loss(model, data, loss_fn, forward_fn, max_batches, accelerator)))
     finally:
         family.remove(model, resolved)
     best_eps, best_loss = min(tried, key=lambda t: (t[1], t[0]))

@@ -140,15 +140,18 @@ class MatrixFreeStatistic(SiteStatistic):
             zh, p = self._rows()
             zh, p = zh.to(self.compute_dtype), p.to(self.compute_dtype)
             vf = v.to(self.compute_dtype).permute(1, 0, 2).reshape(D, R * m)  # column (r, i) = v[r, :, i]
-            # (Q v)[r, :, i] = Zh^T (P[:, r] * (Zh v[r, :, i]))
-            u = (zh @ vf).reshape(-1, R, m) * p[:, :, None]  # (N, R, m)
-            out = (zh.T @ u.reshape(-1, R * m)).reshape(D, R, m).permute(1, 0, 2)
+            # Under a caller's bf16/fp16 autocast the float32 GEMMs would silently run in half precision.
+            with torch.autocast(device_type=zh.device.type, enabled=False):
+                # (Q v)[r, :, i] = Zh^T (P[:, r] * (Zh v[r, :, i]))
+                u = (zh @ vf).reshape(-1, R, m) * p[:, :, None]  # (N, R, m)
+                out = (zh.T @ u.reshape(-1, R * m)).reshape(D, R, m).permute(1, 0, 2)
         out = _reduce_sum(out.contiguous(), self._accelerator)
         return out.to(v.dtype)
 
     def all_reduce(self, accelerator: object | None) -> None:
         self._accelerator = accelerator  # products are summed lazily, one all-reduce per matvec
-        dev = self._z[0].device if self._z else "cpu"
+        # A rank with an empty shard has no cached rows: reduce on the accelerator's device (NCCL needs CUDA).
+        dev = self._z[0].device if self._z else getattr(accelerator, "device", "cpu")
         self.count = int(_reduce_sum(torch.tensor([self.count], device=dev), accelerator).item())
 
     def dense(self) -> torch.Tensor:

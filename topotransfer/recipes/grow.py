@@ -7,11 +7,15 @@
 Every epoch and growth event goes into ``output_dir/history.json``; resumable checkpoints are
 written at every growth event and every ``train.checkpoint_every`` epochs. The model with the best
 validation loss is evaluated on the test set at the end (``results.json``).
+
+The same code runs on one process or under ``accelerate launch`` (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import os
 import time
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from ..training.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
+from ..training.distributed import all_equal_digest, build_accelerator, shard
 from ..training.loop import evaluate, make_loader, train_epoch
 from ..training.optim import build_optimizer, rebuild_after_growth
 
@@ -41,7 +46,7 @@ def check_output_dir(path: str | Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{id(path)}"
+        probe = path / f".write-test-{os.getpid()}"  # per process: ranks may share the directory
         probe.write_bytes(b"\0" * 4096)
         probe.unlink()
     except OSError as e:
@@ -71,17 +76,60 @@ def _batches(dataset, batch_size: int, limit: int | None = None) -> list:
     return out
 
 
-def run_grow(cfg: RunConfig, resume: bool = False, stop_after_epoch: int | None = None) -> dict:
+def _raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside an accelerate ``AcceleratedOptimizer`` (never wrap one twice)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    return optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
+
+
+def _prepare_again(acc, net: nn.Module, optimizer: torch.optim.Optimizer):
+    """Re-``prepare`` a grown model and its new optimizer (new DDP wrapper, autocast wrapper again).
+
+    On one process ``prepare`` returns ``net`` itself and marks it prepared; a second ``prepare`` would
+    then skip it, leaving the autocast wrapper that the growth event removed un-restored (bf16 runs
+    would silently continue in float32). The mark is dropped first so ``net`` is prepared afresh.
+    """
+    net.__dict__.pop("_is_accelerate_prepared", None)
+    return acc.prepare(net, optimizer)
+
+
+def _check_finite(model: nn.Module) -> None:
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"Non-finite parameters {bad[:5]}; refusing to checkpoint them")
+
+
+def run_grow(
+    cfg: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, accelerator=None
+) -> dict:
     """Run growth (or a baseline) as configured; returns the results dict also written to disk.
+
+    Runs on one process, or on every process of ``accelerate launch`` / ``torchrun`` (docs/distributed.md):
+    each rank trains on its shard of every batch (DDP averages the gradients), evaluates and probes its
+    shard of the validation / probe batches, and every quantity a decision depends on (validation loss,
+    statistics of the derivative, line-search losses) is summed over the ranks first, so all ranks grow
+    the same layer. A parameter digest is compared across ranks after every growth event. Only the
+    main process writes files.
 
     Args:
         cfg: the run configuration.
         resume: continue from ``output_dir/latest`` if it exists.
         stop_after_epoch: return right after this many epochs (simulates an interrupted run in tests).
+        accelerator: an ``accelerate.Accelerator`` to run under (default: one built from ``cfg.device``
+            and ``cfg.train.mixed_precision``, ended when the run finishes).
+
+    Raises:
+        FloatingPointError: a training / validation loss or a parameter became NaN or inf; nothing is
+            written after it, so ``output_dir/latest`` stays the last good checkpoint.
     """
+    own_accelerator = accelerator is None
+    acc = accelerator if accelerator is not None else build_accelerator(cfg.device, cfg.train.mixed_precision)
+    main = acc.is_main_process
     out = check_output_dir(cfg.output_dir)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    device = _device(cfg.device)
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    device = acc.device
     torch.manual_seed(cfg.seed)
     d = cfg.data
     task = load_task(
@@ -90,7 +138,9 @@ def run_grow(cfg: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     )
     g = cfg.growth
     base_depth = cfg.model.depth + (g.max_insertions if g.method == "fixed" else 0)
-    model = build_model(cfg.model, task.input_shape, task.num_outputs, depth=base_depth).to(device)
+    # `net` is the plain module (names, checkpoints, evaluation, surgery); `model` is what accelerate
+    # prepared from it (DDP-wrapped when there are several processes) and is used only to train.
+    net = build_model(cfg.model, task.input_shape, task.num_outputs, depth=base_depth).to(device)
     loss_mean, loss_sum = _losses(task.kind)
     manifest = {
         "format": 1,
@@ -105,19 +155,19 @@ def run_grow(cfg: RunConfig, resume: bool = False, stop_after_epoch: int | None 
     state = {"epoch": 0, "steps": 0, "history": [], "events": [], "growth_done": g.method == "fixed",
              "last_event_epoch": 0, "plateau": None, "frozen": [], "best_val": None, "best_epoch": None,
              "best_insertions": 0, "wall_time": 0.0}
-    optimizer = build_optimizer(model, cfg.train)
-    best_model = copy.deepcopy(model)
+    optimizer = build_optimizer(net, cfg.train)
+    best_model = copy.deepcopy(net)
 
     ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
+    if ckpt is not None:  # every rank reads the same checkpoint
         saved = load_checkpoint_manifest(ckpt)
-        replay_insertions(model, saved["insertions"])
+        replay_insertions(net, saved["insertions"])
         manifest = saved
-        st = load_checkpoint(ckpt, model)["state"]
-        for name, p in model.named_parameters():
+        st = load_checkpoint(ckpt, net)["state"]
+        for name, p in net.named_parameters():
             p.requires_grad_(name not in set(st["frozen"]))
-        optimizer = build_optimizer(model, cfg.train)
-        load_checkpoint(ckpt, model, optimizer)
+        optimizer = build_optimizer(net, cfg.train)
+        load_checkpoint(ckpt, net, optimizer)
         state = st
         best_dir = out / "best"
         best_model = replay_insertions(
@@ -126,24 +176,35 @@ def run_grow(cfg: RunConfig, resume: bool = False, stop_after_epoch: int | None 
         )
         if (best_dir / "model.safetensors").is_file():
             load_checkpoint(best_dir, best_model)
+    model, optimizer = acc.prepare(net, optimizer)
 
     detector = PlateauDetector(g.patience, g.min_delta)
     if state["plateau"]:
         detector.load_state_dict(state["plateau"])
-    val_batches = _batches(task.val, cfg.train.batch_size)
-    probe_batches = _batches(task.train, cfg.probe.batch_size, cfg.probe.batches)
-    test_loader = make_loader(task.test, cfg.train.batch_size)
+    # Each rank evaluates / probes its share of fixed batch lists; the sums are reduced over ranks.
+    val_batches = shard(_batches(task.val, cfg.train.batch_size), acc)
+    probe_batches = shard(_batches(task.train, cfg.probe.batch_size, cfg.probe.batches), acc)
+    test_batches = shard(_batches(task.test, cfg.train.batch_size), acc)
     started = time.perf_counter() - state["wall_time"]
 
     def checkpoint(name: str = "last") -> None:
         state["plateau"] = detector.state_dict()
-        state["frozen"] = [n for n, p in model.named_parameters() if not p.requires_grad]
+        state["frozen"] = [n for n, p in net.named_parameters() if not p.requires_grad]
         state["wall_time"] = time.perf_counter() - started
-        save_checkpoint(out, name, model, manifest, optimizer, state)
-        write_json_atomic(out / "history.json", {"epochs": state["history"], "events": state["events"]})
+        _check_finite(net)
+        if main:
+            save_checkpoint(out, name, net, manifest, optimizer, state)
+            write_json_atomic(out / "history.json", {"epochs": state["history"], "events": state["events"]})
+
+    def diverged(e: Exception, epoch: int) -> FloatingPointError:
+        last = latest_checkpoint(out)
+        where = f"{last} stays the latest checkpoint" if last is not None else "no checkpoint was written yet"
+        return FloatingPointError(
+            f"{e} (epoch {epoch}). The run diverged; {where}: lower train.lr, then resume with --resume"
+        )
 
     epochs = range(state["epoch"], cfg.train.epochs)
-    if cfg.progress:
+    if cfg.progress and main:
         from tqdm.auto import tqdm
 
         epochs = tqdm(epochs, desc=f"grow[{g.method}]", initial=state["epoch"], total=cfg.train.epochs)
@@ -151,20 +212,29 @@ def run_grow(cfg: RunConfig, resume: bool = False, stop_after_epoch: int | None 
         steps_left = None if cfg.train.max_steps is None else cfg.train.max_steps - state["steps"]
         if steps_left is not None and steps_left <= 0:
             break
-        loader = make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
-        train_loss, steps = train_epoch(model, loader, optimizer, loss_mean, device, steps_left)
+        # Same shuffle on every rank (seeded by epoch); accelerate hands each rank every n-th batch.
+        loader = acc.prepare_data_loader(
+            make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
+        )
+        try:
+            train_loss, steps = train_epoch(model, loader, optimizer, loss_mean, device, steps_left, accelerator=acc)
+        except FloatingPointError as e:
+            raise diverged(e, epoch + 1) from e
         state["steps"] += steps
-        val = evaluate(model, val_batches, task.kind, device)
+        val = evaluate(net, val_batches, task.kind, device, accelerator=acc)
+        if not math.isfinite(val["loss"]):
+            raise diverged(FloatingPointError(f"Validation loss is {val['loss']}"), epoch + 1)
         state["epoch"] = epoch + 1
         depth = len(manifest["insertions"]) + base_depth
         state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
-                                 "val_error": val["error"], "depth": depth, "params": count_parameters(model),
+                                 "val_error": val["error"], "depth": depth, "params": count_parameters(net),
                                  "time": time.perf_counter() - started})
         if state["best_val"] is None or val["loss"] < state["best_val"]:
             state["best_val"], state["best_epoch"] = val["loss"], epoch + 1
             state["best_insertions"] = len(manifest["insertions"])
-            best_model = copy.deepcopy(model)
-            save_checkpoint(out, "best", best_model, manifest, None, {"epoch": epoch + 1}, update_latest=False)
+            best_model = copy.deepcopy(net)
+            if main:
+                save_checkpoint(out, "best", best_model, manifest, None, {"epoch": epoch + 1}, update_latest=False)
         plateau = detector.update(val["loss"])
         if g.epochs_per_stage is not None:
             plateau = epoch + 1 - state["last_event_epoch"] >= g.epochs_per_stage
@@ -173,33 +243,45 @@ def run_grow(cfg: RunConfig, resume: bool = False, stop_after_epoch: int | None 
             over = (
                 len(manifest["insertions"]) >= g.max_insertions
                 or (g.max_depth is not None and depth >= g.max_depth)
-                or (g.max_params is not None and count_parameters(model) >= g.max_params)
+                or (g.max_params is not None and count_parameters(net) >= g.max_params)
             )
             if over:
                 state["growth_done"] = True
             else:
+                # Growth event (STYLE 7.5): sync, unwrap (and drop the autocast wrapper: the derivative
+                # and line search run in float32+), grow in place, new optimizer, re-prepare.
+                acc.wait_for_everyone()
+                net = acc.unwrap_model(model, keep_fp32_wrapper=False)
                 ev: GrowthEvent = grow_once(
-                    model, g.method, probe_batches, val_batches, loss_sum, event=len(state["events"]),
+                    net, g.method, probe_batches, val_batches, loss_sum, event=len(state["events"]),
                     epoch=epoch + 1, seed=cfg.seed, probe_cfg=cfg.probe, epsilons=g.epsilons,
-                    random_init_std=g.random_init_std,
+                    random_init_std=g.random_init_std, accelerator=acc,
                 )
-                state["events"].append(ev.to_dict())
+                record = ev.to_dict()
+                optimizer = _raw_optimizer(optimizer)
                 if ev.site is None:
                     state["growth_done"] = True
                 else:
+                    # Identical reduced statistics give identical layers; prove it before DDP's
+                    # re-wrap broadcasts rank 0's weights and would hide a divergence.
+                    record["param_checksums"] = all_equal_digest(net, acc, "parameters")
                     manifest["insertions"].append({"site": ev.site, "layer": ev.layer, "epoch": epoch + 1})
-                    optimizer = rebuild_after_growth(optimizer, model, cfg.train)
+                    optimizer = rebuild_after_growth(optimizer, net, cfg.train)
                     detector.reset()
                     state["last_event_epoch"] = epoch + 1
                     grew = True
+                state["events"].append(record)
+                acc.free_memory()
+                model, optimizer = _prepare_again(acc, net, optimizer)
         if grew or (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
             checkpoint()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             checkpoint()
+            acc.wait_for_everyone()
             return {"stopped_at_epoch": epoch + 1}
 
-    test = evaluate(best_model, test_loader, task.kind, device)
-    final_test = evaluate(model, test_loader, task.kind, device)
+    test = evaluate(best_model, test_batches, task.kind, device, accelerator=acc)
+    final_test = evaluate(net, test_batches, task.kind, device, accelerator=acc)
     results = {
         "method": g.method,
         "task": task.name,
@@ -210,13 +292,19 @@ def run_grow(cfg: RunConfig, resume: bool = False, stop_after_epoch: int | None 
         "best_epoch": state["best_epoch"],
         "depth": base_depth + len(manifest["insertions"]),
         "best_depth": base_depth + state["best_insertions"],
-        "params": count_parameters(model),
+        "params": count_parameters(net),
         "insertions": len(manifest["insertions"]),
         "wall_time": time.perf_counter() - started,
+        "num_processes": acc.num_processes,
         "events": state["events"],
     }
     checkpoint()
-    write_json_atomic(out / "results.json", results)
+    if main:
+        write_json_atomic(out / "results.json", results)
+    # Every rank reaches here before the process group is torn down (STACK.md: gloo teardown aborts).
+    acc.wait_for_everyone()
+    if own_accelerator and acc.num_processes > 1:
+        acc.end_training()
     return results
 
 

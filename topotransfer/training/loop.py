@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..derivative.probes import default_forward
+from .distributed import is_multi_process, reduce_sums
 
 __all__ = ["EvalResult", "evaluate", "make_loader", "train_epoch"]
 
@@ -29,8 +32,15 @@ def train_epoch(
     device: torch.device | str = "cpu",
     max_steps: int | None = None,
     forward_fn: Callable = default_forward,
+    accelerator: Any | None = None,
 ) -> tuple[float, int]:
     """One pass of mini-batch training with a mean-reduced ``loss_fn``.
+
+    Args:
+        accelerator: when it spans several processes, ``model``/``optimizer``/``loader`` are prepared
+            by it; every step's loss is summed over the processes before the update, so a NaN on any
+            rank stops *every* rank at the same step (a lone rank raising would leave the others
+            blocked in the gradient all-reduce), and the returned loss is over all ranks' examples.
 
     Returns:
         (mean training loss over the examples seen, optimizer steps taken).
@@ -39,19 +49,34 @@ def train_epoch(
         FloatingPointError: the loss became NaN / inf (the step is not applied).
     """
     model.train()
+    multi = is_multi_process(accelerator)
     total, count, steps = 0.0, 0, 0
     for x, y in loader:
         if max_steps is not None and steps >= max_steps:
             break
         x, y = x.to(device), y.to(device)
         loss = loss_fn(forward_fn(model, x), y)
-        if not torch.isfinite(loss):
+        if multi:
+            batch_sum, batch_n = reduce_sums([float(loss.detach()) * len(y), len(y)], accelerator)
+            if not math.isfinite(batch_sum):
+                raise FloatingPointError(
+                    f"Training loss is {batch_sum} (summed over {accelerator.num_processes} processes) at step "
+                    f"{steps}; stopping before the update"
+                )
+        elif not torch.isfinite(loss):
             raise FloatingPointError(f"Training loss is {loss.item()} at step {steps}; stopping before the update")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if accelerator is not None:
+            accelerator.backward(loss)
+        else:
+            loss.backward()
         optimizer.step()
-        total += float(loss.detach()) * len(y)
-        count += len(y)
+        if multi:
+            total += batch_sum
+            count += int(batch_n)
+        else:
+            total += float(loss.detach()) * len(y)
+            count += len(y)
         steps += 1
     return total / max(count, 1), steps
 
@@ -67,8 +92,15 @@ def evaluate(
     kind: str,
     device: torch.device | str = "cpu",
     forward_fn: Callable = default_forward,
+    accelerator: Any | None = None,
 ) -> EvalResult:
-    """Mean loss and metric on ``loader``; classification uses cross-entropy + accuracy, regression MSE."""
+    """Mean loss and metric on ``loader``; classification uses cross-entropy + accuracy, regression MSE.
+
+    Args:
+        accelerator: when it spans several processes, ``loader`` is this process's shard and the sums
+            (loss, correct, count) are added over processes: every rank returns the same result. Pass
+            an *unwrapped* model (a DDP forward is a collective; shards may differ in length).
+    """
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
@@ -84,6 +116,9 @@ def evaluate(
             n += len(y)
     finally:
         model.train(was_training)
+    if is_multi_process(accelerator):
+        loss_sum, correct, n = reduce_sums([loss_sum, correct, n], accelerator)
+        correct, n = int(correct), int(n)
     if n == 0:
         raise ValueError("Cannot evaluate on an empty dataset")
     loss = loss_sum / n

@@ -1,0 +1,260 @@
+"""The adapt recipe end to end on a tiny ViT saved locally (offline), its baselines, and its errors.
+
+The "pretrained" backbone is a random tiny ViT written with ``save_pretrained`` (3 labels, 12x12 RGB
+inputs); the target is scikit-learn digits (8x8 gray, 10 labels), so every run exercises the new head,
+the resize and the gray -> RGB conversion. Budgets are a few optimizer steps (``train.max_steps``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+pytest.importorskip("transformers")
+pytest.importorskip("sklearn")
+from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
+
+from topotransfer.adapter import load_adapter, load_merged, save_adapter, unwrap_peft  # noqa: E402
+from topotransfer.cli import BUILTIN_CONFIGS, main  # noqa: E402
+from topotransfer.config import ConfigError, load_config  # noqa: E402
+from topotransfer.errors import (  # noqa: E402
+    AdapterMismatchError,
+    EmptyDatasetError,
+    ImageSizeError,
+    LabelCountMismatchError,
+)
+from topotransfer.models.hf import ImageNormalization, load_backbone  # noqa: E402
+from topotransfer.preprocess import prepare_images  # noqa: E402
+from topotransfer.recipes.adapt import _set_trainable, apply_lora, lora_target_modules, run_adapt  # noqa: E402
+from topotransfer.surgery import get_family  # noqa: E402
+
+IMAGE, HIDDEN = 12, 16
+SMALL = ["data.num_train=60", "data.num_val=30", "data.num_test=30", "probe.batch_size=30", "probe.batches=1",
+         "train.batch_size=20", "progress=false"]
+
+
+def save_vit(path, layers: int = 2, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
+                       image_size=IMAGE, patch_size=4, num_channels=3, num_labels=3)
+    ViTForImageClassification(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    return save_vit(tmp_path_factory.mktemp("vit"))
+
+
+def overrides(base: str, out, *extra: str) -> list[str]:
+    return [f"model.name_or_path={base}", f"output_dir={out}", *SMALL, *extra]
+
+
+def run(base: str, out, *extra: str):
+    return run_adapt(load_config(BUILTIN_CONFIGS / "adapt_digits_vit.yaml", overrides(base, out, *extra)))
+
+
+def backbone_state(model) -> dict[str, torch.Tensor]:
+    """The backbone's weights under the base model's own names: no head, no inserted blocks, no LoRA."""
+    base, _ = unwrap_peft(model)
+    family = get_family(base)
+    _, container = family.chain(base)
+    blocks = base.get_submodule(container)
+    original = [i for i, b in enumerate(blocks) if family.unwrap(b) is None]
+    renumber = {str(pos): str(i) for i, pos in enumerate(original)}
+    out = {}
+    for key, value in base.state_dict().items():
+        if key.startswith("classifier.") or "lora_" in key:
+            continue
+        if key.startswith(container + "."):
+            pos, rest = key[len(container) + 1 :].split(".", 1)
+            if pos not in renumber:
+                continue  # an inserted TopoLayer
+            key = f"{container}.{renumber[pos]}.{rest}"
+        out[key.replace(".base_layer.", ".")] = value
+    return out
+
+
+@torch.no_grad()
+def logits(model, x):
+    return model(x).logits
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI
+def test_cli_adapt_end_to_end(base, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["adapt", "--config", "adapt_digits_vit", *overrides(base, out, "adapt.head_epochs=1",
+                 "adapt.insertions=2", "adapt.epochs_per_insertion=1", "adapt.final_epochs=1", "train.max_steps=6")])
+    assert code == 0
+    summary = json.loads(re.search(r"\{.*\}", capsys.readouterr().out, re.S).group(0))
+    assert summary["method"] == "topo" and summary["insertions"] == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["backbone_unchanged"] and results["num_labels"] == 10 and results["depth"] == 4
+    assert results["steps"] == 6 and len(results["events"]) == 2
+    for event in results["events"]:
+        assert event["site"] == max(event["scores"], key=event["scores"].get)  # argmax of TD
+        assert event["epsilon"] > 0
+        assert event["loss_after"] < event["loss_before"] or event["eps_fallback"]  # line search never raises it
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["insertions"] == results["insertion_records"] and adapter_cfg["num_labels"] == 10
+    x = torch.randn(4, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
+    from_adapter, merged = load_adapter(base, out / "adapter"), load_merged(out / "merged")
+    assert torch.equal(logits(from_adapter, x), logits(merged, x))
+    assert from_adapter.config.id2label[9] == "9"
+
+
+def test_adapter_and_merged_reload_equal_live_model(base, tmp_path):
+    result = run(base, tmp_path, "adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=1",
+                 "train.max_steps=3")
+    x = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
+    live = logits(result.model, x)
+    assert torch.equal(logits(load_adapter(None, tmp_path / "adapter"), x), live)  # recorded base
+    assert torch.equal(logits(load_merged(tmp_path / "merged"), x), live)
+    fresh = backbone_state(load_backbone(base))
+    now = backbone_state(result.model)
+    assert fresh.keys() == now.keys() and all(torch.equal(fresh[k], now[k]) for k in fresh)
+
+
+def test_lora_and_inserted_layers_train_backbone_unchanged(base, tmp_path):
+    result = run(base, tmp_path, "adapt.lora=true", "adapt.lora_r=2", "adapt.head_epochs=1", "adapt.insertions=1",
+                 "adapt.epochs_per_insertion=2", "train.max_steps=5", "adapt.backbone_lr=0.01")
+    model = result.model
+    assert result.results["lora"] and unwrap_peft(model)[1] is not None
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: it trained
+    (_, layer), = get_family(model).inserted(model)
+    norm = float(torch.cat([layer.weight.flatten(), layer.bias]).detach().norm())
+    assert norm != pytest.approx(result.results["events"][0]["init_norm"], rel=1e-6)  # trained after insertion
+    fresh, now = backbone_state(load_backbone(base)), backbone_state(model)
+    assert fresh.keys() == now.keys() and all(torch.equal(fresh[k], now[k]) for k in fresh)
+    # the adapter carries LoRA + inserted layer + head, and reloads exactly
+    reloaded = load_adapter(base, tmp_path / "adapter")
+    x = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(logits(reloaded, x), logits(model, x))
+
+
+def test_lora_and_inserted_layer_receive_gradient(base):
+    from topotransfer.config import AdaptConfig
+    from topotransfer.insertion import insert_layer
+
+    model = load_backbone(base, id2label={i: str(i) for i in range(10)})
+    model = apply_lora(model, AdaptConfig(lora_r=2))
+    insert_layer(model, get_family(model).sites(model)[1].name, torch.ones(HIDDEN, HIDDEN), torch.ones(HIDDEN), 0.1)
+    _set_trainable(model, ["classifier"], backbone=False, lora=True)
+    x = torch.randn(4, 3, IMAGE, IMAGE)
+    torch.nn.functional.cross_entropy(model(x).logits, torch.arange(4)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in grads if "lora_B" in n or ".layer." in n)
+    assert all(grads[n] is None for n in grads if "lora_" not in n and ".layer." not in n and "classifier" not in n)
+    assert lora_target_modules(model, None) == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="match no module"):
+        lora_target_modules(model, ["query", "value"])
+
+
+@pytest.mark.parametrize("method", ["linear_probe", "lora", "random_site", "last_block", "full_finetune"])
+def test_baselines(base, tmp_path, method):
+    result = run(base, tmp_path, f"adapt.method={method}", "adapt.head_epochs=1", "adapt.insertions=1",
+                 "adapt.epochs_per_insertion=1", "train.max_steps=5")  # 3 head steps, 2 method steps
+    r = result.results
+    assert r["method"] == method and 0 <= r["test_error"] <= 1
+    assert r["insertions"] == (1 if method in ("random_site", "last_block") else 0)
+    if method == "last_block":
+        assert r["insertion_records"][0]["site"] == "vit.layers.1"
+    fresh, now = backbone_state(load_backbone(base)), backbone_state(result.model)
+    unchanged = all(torch.equal(fresh[k], now[k]) for k in fresh)
+    assert r["backbone_unchanged"] is unchanged
+    assert unchanged is (method != "full_finetune")
+    assert (tmp_path / "adapter").is_dir() is (method != "full_finetune")
+    assert (tmp_path / "merged").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def test_unknown_config_key_and_missing_model(base, tmp_path):
+    with pytest.raises(SystemExit, match=r"Unknown config key.*adapt\.budget"):
+        main(["adapt", "--config", "adapt_digits_vit", "adapt.budget=3"])
+    with pytest.raises(SystemExit, match="adapt.method must be one of"):
+        main(["adapt", "adapt.method=magic"])
+    with pytest.raises(SystemExit, match="needs model.name_or_path"):
+        main(["adapt", "--config", "adapt_digits_vit", f"output_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="lora=true does not apply"):
+        main(["adapt", "adapt.method=linear_probe", "adapt.lora=true"])
+
+
+def test_image_size_that_cannot_be_used(base, tmp_path):
+    with pytest.raises(ImageSizeError, match="data.image_size=16 but the backbone takes 12x12"):
+        run(base, tmp_path, "data.image_size=16")
+    with pytest.raises(SystemExit, match="not an image classification task"):
+        main(["adapt", "--config", "adapt_digits_vit", *overrides(base, tmp_path, "data.name=regression")])
+    norm = ImageNormalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    gray = torch.rand(2, 1, 8, 8)
+    rgb = prepare_images(gray, 8, 3, norm)
+    assert rgb.shape == (2, 3, 8, 8) and torch.allclose(rgb[:, 1], (gray[:, 0] - 0.5) / 0.25)
+    assert prepare_images(gray, 12, 3, norm).shape == (2, 3, 12, 12)
+    with pytest.raises(ImageSizeError, match="cannot convert 2-channel"):
+        prepare_images(torch.rand(2, 2, 8, 8), 8, 3, norm)
+    with pytest.raises(ImageSizeError, match="are not images"):
+        prepare_images(torch.rand(2, 64), 8, 3, norm)
+
+
+def test_empty_dataset(base, tmp_path, monkeypatch):
+    from topotransfer.data import load_task
+    from topotransfer.recipes import adapt
+
+    def no_val(*args, **kwargs):
+        task = load_task(*args, **kwargs)
+        x, y = task.val.tensors
+        return dataclasses.replace(task, val=TensorDataset(x[:0], y[:0]))
+
+    monkeypatch.setattr(adapt, "load_task", no_val)
+    with pytest.raises(EmptyDatasetError, match="empty val split"):
+        run(base, tmp_path, "adapt.head_epochs=0")
+    monkeypatch.undo()
+    (tmp_path / "images" / "cat").mkdir(parents=True)  # an image folder without images
+    with pytest.raises(ValueError, match="empty"):
+        run(base, tmp_path, f"data.name=imagefolder:{tmp_path / 'images'}")
+
+
+def test_label_count_mismatch_with_existing_adapter(base, tmp_path):
+    three = load_backbone(base)  # the base's own 3-label head
+    save_adapter(three, base, None, [], tmp_path / "three", include_head=True)
+    with pytest.raises(LabelCountMismatchError, match="head for 3 classes but task 'digits' has 10"):
+        run(base, tmp_path / "out", f"adapt.adapter_path={tmp_path / 'three'}")
+
+
+def test_base_model_that_does_not_match_the_adapter(base, tmp_path):
+    first = run(base, tmp_path / "first", "adapt.head_epochs=0", "adapt.insertions=1", "adapt.epochs_per_insertion=1",
+                "train.max_steps=1", "adapt.save_merged=false")
+    assert first.results["insertions"] == 1
+    deeper = save_vit(tmp_path / "deeper", layers=3)
+    with pytest.raises(AdapterMismatchError, match="num_blocks: adapter 2 vs model 3"):
+        run(deeper, tmp_path / "second", f"adapt.adapter_path={tmp_path / 'first' / 'adapter'}")
+    # the right base continues from the adapter: its insertions are kept and a new one is added
+    again = run(base, tmp_path / "third", f"adapt.adapter_path={tmp_path / 'first' / 'adapter'}", "adapt.head_epochs=0",
+                "adapt.insertions=1", "adapt.epochs_per_insertion=1", "train.max_steps=1")
+    assert again.results["insertions"] == 2
+    assert again.insertions[0] == first.insertions[0]
+
+
+def test_topo_stops_when_no_site_lowers_the_loss(base, tmp_path, monkeypatch):
+    from topotransfer.recipes import adapt
+
+    real = adapt.topological_derivative
+
+    def negative(*args, **kwargs):
+        results = real(*args, **kwargs)
+        for r in results:
+            r.score = -abs(r.score)
+        return results
+
+    monkeypatch.setattr(adapt, "topological_derivative", negative)
+    result = run(base, tmp_path, "adapt.head_epochs=1", "adapt.insertions=2", "adapt.epochs_per_insertion=1",
+                 "adapt.final_epochs=1")
+    r = result.results
+    assert r["insertions"] == 0 and r["events"][0]["stopped"] == "score<=0" and len(r["events"]) == 1
+    assert [h["phase"] for h in r["history"]] == ["head", "final", "final", "final"]  # same epoch budget
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 0  # head only

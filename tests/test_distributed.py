@@ -1,0 +1,206 @@
+"""Two CPU processes (gloo) give the one-process results: statistics are sums over the ranks' shards.
+
+``accelerate.debug_launcher`` forks 2 ranks of this process; each rank writes what it computed to a
+file and the parent compares. The growth-run tests launch the real CLI under ``accelerate launch``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from topotransfer import ResidualCNN, ResidualMLP, topological_derivative
+
+pytestmark = pytest.mark.distributed
+
+SOLVERS = ("dense", "matrix_free")
+
+
+def _problem(family: str):
+    """A float64 model and 7 probe batches of uneven sizes (so the two shards differ in size too).
+
+    Family "mlp1" has a single batch: rank 1's shard is empty and contributes zeros.
+    """
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if family.startswith("mlp"):
+        model, x = ResidualMLP(3, 6, 2, 4).double(), torch.randn(60, 3, generator=gen, dtype=torch.float64)
+    else:
+        model, x = ResidualCNN(1, 3, 1, 4).double(), torch.randn(60, 1, 5, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (60,), generator=gen)
+    cuts = [0, 5, 17, 20, 31, 40, 52, 60]
+    batches = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    if family == "mlp1":
+        batches = [(x, y)]
+    return model, batches, nn.CrossEntropyLoss(reduction="sum")
+
+
+def _summary(results) -> list[dict]:
+    return [
+        {"site": r.site, "score": r.score, "eigenvalues": r.eigenvalues.cpu(), "weight": r.weight.cpu(),
+         "bias": None if r.bias is None else r.bias.cpu(), "k": r.k, "num_samples": r.num_samples,
+         "solver": r.solver}
+        for r in results
+    ]
+
+
+def _derivative_rank(out_dir: str) -> None:
+    """Body of each rank: the derivative on this rank's shard, statistics summed over the ranks."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # The ranks are forked from pytest, which may already hold a 1-process accelerate state.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = Accelerator(cpu=True)
+    assert acc.num_processes == 2, "debug_launcher did not start 2 synchronised ranks"
+    out = {}
+    for family in ("mlp", "cnn", "mlp1"):
+        model, batches, loss_fn = _problem(family)
+        shard = batches[acc.process_index :: acc.num_processes]
+        for solver in SOLVERS:
+            res = topological_derivative(model, shard, loss_fn, accelerator=acc, solver=solver, tol=1e-12)
+            out[family, solver] = _summary(res)
+    torch.save(out, Path(out_dir) / f"rank{acc.process_index}.pt")
+    acc.wait_for_everyone()  # before the process group goes away (STACK.md: gloo teardown)
+
+
+def test_derivative_on_two_shards_equals_one_process_on_all_data(tmp_path):
+    from accelerate import debug_launcher
+
+    debug_launcher(_derivative_rank, args=(str(tmp_path),), num_processes=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for (family, solver), got in ranks[0].items():
+        model, batches, loss_fn = _problem(family)
+        ref = _summary(topological_derivative(model, batches, loss_fn, solver=solver, tol=1e-12))
+        other = ranks[1][family, solver]
+        assert [g["site"] for g in got] == [r["site"] for r in ref]
+        for g, o, r in zip(got, other, ref):
+            assert g["solver"] == solver and g["num_samples"] == r["num_samples"]
+            assert g["score"] == pytest.approx(r["score"], rel=1e-8)
+            torch.testing.assert_close(g["eigenvalues"], r["eigenvalues"], rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(g["weight"], r["weight"], rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(g["bias"], r["bias"], rtol=1e-8, atol=1e-10)
+            assert g["k"] == r["k"]
+            # Both ranks solved the same summed statistics: identical bits, not just close.
+            assert torch.equal(g["weight"], o["weight"]) and torch.equal(g["eigenvalues"], o["eigenvalues"])
+            assert (g["bias"] is None and o["bias"] is None) or torch.equal(g["bias"], o["bias"])
+
+
+# ---------------------------------------------------------------- a 2-process growth run (real launcher)
+
+TINY = [
+    "data.name=regression", "data.num_train=160", "data.num_val=64", "data.num_test=128",
+    "model.width=8", "model.depth=1", "train.epochs=12", "train.batch_size=32", "train.lr=0.01",
+    "growth.epochs_per_stage=4", "growth.max_insertions=2", "probe.batch_size=40", "progress=false",
+    "train.checkpoint_every=3",
+]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LAUNCH_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _launch_cmd(args: list[str]) -> list[str]:
+    """``accelerate launch --multi_gpu --num_processes 2 ... -m topotransfer.cli ARGS`` on CPU (gloo)."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), "-m", "topotransfer.cli", *args,
+    ]
+
+
+def launch_two_processes(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(_launch_cmd(args), capture_output=True, text=True, env=LAUNCH_ENV, timeout=timeout)
+
+
+def test_two_process_growth_run(tmp_path):
+    from topotransfer.recipes.grow import load_checkpoint_manifest
+    from topotransfer.models.build import build_model
+    from topotransfer.config import load_config
+    from topotransfer.training.checkpoint import latest_checkpoint, load_checkpoint, replay_insertions
+    from topotransfer.training.distributed import param_digest
+
+    t = time.perf_counter()
+    run = launch_two_processes(["grow", *TINY, f"output_dir={tmp_path}"])
+    wall = time.perf_counter() - t
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count('"test_error"') == 1, "only rank 0 prints the summary"
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["num_processes"] == 2 and res["insertions"] == 2, res
+    for ev in res["events"]:
+        sums = ev["param_checksums"]
+        assert len(sums) == 2 and sums[0] == sums[1], f"ranks differ after event {ev['event']}: {sums}"
+        assert ev["site"] == max(ev["scores"], key=ev["scores"].get)
+    # The checkpoint loads into a rebuilt model (strict key check) and gives finite predictions.
+    ckpt = latest_checkpoint(tmp_path)
+    manifest = load_checkpoint_manifest(ckpt)
+    cfg = load_config(None, TINY)
+    net = build_model(cfg.model, tuple(manifest["input_shape"]), manifest["num_outputs"], depth=manifest["base_depth"])
+    load_checkpoint(ckpt, replay_insertions(net, manifest["insertions"]))
+    assert torch.isfinite(net(torch.randn(5, *manifest["input_shape"]))).all()
+    assert len(param_digest(net)) == 15
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history["epochs"]) == 12 and history["epochs"][-1]["depth"] == 3
+    print(f"2-process grow run: {wall:.1f} s wall")
+
+
+KILL_RUN = [
+    "data.name=regression", "data.num_train=1200", "data.num_val=100", "data.num_test=100", "model.width=8",
+    "model.depth=1", "train.epochs=9", "train.batch_size=16", "train.lr=0.003", "growth.epochs_per_stage=3",
+    "growth.max_insertions=2", "probe.batch_size=300", "probe.batches=2", "progress=false",
+    "train.checkpoint_every=100",
+]
+
+
+def test_two_process_run_killed_after_a_growth_event_resumes_exactly(tmp_path):
+    """SIGKILL the launcher's process group right after event 1's checkpoint; --resume on 2 processes
+    ends with the weights of an uninterrupted 2-process run."""
+    import signal
+
+    t = time.perf_counter()
+    full = launch_two_processes(["grow", *KILL_RUN, f"output_dir={tmp_path / 'full'}"])
+    wall = time.perf_counter() - t
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    args = ["grow", *KILL_RUN, f"output_dir={tmp_path / 'killed'}"]
+    proc = subprocess.Popen(_launch_cmd(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=LAUNCH_ENV, start_new_session=True)  # own group: kill the launcher and ranks
+    history = tmp_path / "killed" / "history.json"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if history.is_file() and json.loads(history.read_text())["events"]:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # already gone (the assertion above reports why)
+            pass
+        proc.wait(timeout=30)
+    assert not (tmp_path / "killed" / "results.json").exists()
+
+    resumed = launch_two_processes(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("full", "killed"))
+    assert ra["test_error"] == rb["test_error"]
+    assert [e["param_checksums"] for e in ra["events"]] == [e["param_checksums"] for e in rb["events"]]
+    print(f"2-process run of KILL_RUN: {wall:.1f} s wall")

@@ -1,0 +1,31 @@
+"""scripts/reproduce_transfer.py runs end to end with tiny settings (``--quick``, digits -> digits)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("sklearn")
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "reproduce_transfer.py"
+
+
+def test_quick_run_writes_the_report(tmp_path):
+    spec = importlib.util.spec_from_file_location("reproduce_transfer", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--quick", "--source", "digits", "--target", "digits", "--work-dir", str(tmp_path / "work"),
+                          "--out-dir", str(tmp_path / "docs"), "train.max_steps=3"])
+    text = report.read_text()
+    for method in module.METHODS:
+        assert f"| {method} |" in text
+    raw = json.loads((tmp_path / "docs" / "transfer" / "raw.json").read_text())
+    assert raw["5"]["topo"][0]["insertions"] == 1 and raw["5"]["linear_probe"][0]["insertions"] == 0
+    assert all(r[0]["backbone_unchanged"] for m, r in raw["5"].items() if m != "full_finetune")
+    assert (tmp_path / "work" / "pretrained" / "preprocessor_config.json").is_file()
+    assert module.matched_lora_rank(64, 4, 2) == 8

@@ -1,0 +1,164 @@
+"""Runs that fail or are interrupted: NaN losses stop cleanly, a SIGKILLed run resumes exactly, bf16
+trains in bf16 while the derivative stays float32."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import topotransfer.recipes.grow as grow_recipe
+from topotransfer import ResidualMLP, compute_site_statistics
+from topotransfer.config import load_config
+from topotransfer.derivative.statistics import DenseStatistic
+from topotransfer.derivative.topological import solve_site
+from topotransfer.recipes.grow import run_grow
+from topotransfer.training.checkpoint import latest_checkpoint
+
+TINY = [
+    "data.name=regression", "data.num_train=160", "data.num_val=64", "data.num_test=128",
+    "model.width=8", "model.depth=1", "train.epochs=12", "train.batch_size=32", "train.lr=0.01",
+    "growth.epochs_per_stage=4", "growth.max_insertions=2", "probe.batch_size=80", "progress=false",
+    "train.checkpoint_every=3",
+]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, TINY + [f"output_dir={tmp_path}", *extra])
+
+
+def _same_weights(a_dir, b_dir) -> bool:
+    a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_losses = grow_recipe._losses
+    calls = {"n": 0}
+    nan_at = 6 * 5 + 2  # 5 steps per epoch: the 3rd step of epoch 7 (checkpoints at epochs 3, 4, 6)
+
+    def poisoned(kind):
+        loss_mean, loss_sum = real_losses(kind)
+
+        def loss(out, y):
+            calls["n"] += 1
+            value = loss_mean(out, y)
+            return value * float("nan") if calls["n"] == nan_at + 1 else value
+
+        return loss, loss_sum
+
+    monkeypatch.setattr(grow_recipe, "_losses", poisoned)
+    with pytest.raises(FloatingPointError, match=r"Training loss is nan at step 2.*epoch 7.*stays the latest checkpoint"):
+        run_grow(_cfg(tmp_path / "run"))
+    last = latest_checkpoint(tmp_path / "run")
+    state = json.loads((last / "state.json").read_text())
+    assert state["epoch"] == 6 and len(state["events"]) == 1
+    assert all(torch.isfinite(t).all() for t in load_file(str(last / "model.safetensors")).values())
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())["epochs"]) == 6
+
+    # The good checkpoint resumes to exactly the run that never saw a NaN.
+    monkeypatch.setattr(grow_recipe, "_losses", real_losses)
+    resumed = run_grow(_cfg(tmp_path / "run"), resume=True)
+    full = run_grow(_cfg(tmp_path / "full"))
+    assert _same_weights(tmp_path / "run" / "last", tmp_path / "full" / "last")
+    assert resumed["test_error"] == full["test_error"]
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    real_evaluate = grow_recipe.evaluate
+
+    def evaluate_then_corrupt(model, *args, **kwargs):
+        out = real_evaluate(model, *args, **kwargs)
+        if len(list(tmp_path.glob("run/last"))) and not getattr(evaluate_then_corrupt, "done", False):
+            evaluate_then_corrupt.done = True
+            with torch.no_grad():
+                next(model.parameters())[0] = float("inf")  # silently corrupted after a valid evaluation
+        return out
+
+    monkeypatch.setattr(grow_recipe, "evaluate", evaluate_then_corrupt)
+    with pytest.raises(FloatingPointError, match="Non-finite parameters.*refusing to checkpoint"):
+        run_grow(_cfg(tmp_path / "run", "train.checkpoint_every=1"))
+    last = latest_checkpoint(tmp_path / "run")
+    assert all(torch.isfinite(t).all() for t in load_file(str(last / "model.safetensors")).values())
+
+
+KILL_RUN = [
+    "data.name=regression", "data.num_train=2000", "data.num_val=100", "data.num_test=100", "model.width=8",
+    "model.depth=1", "train.epochs=12", "train.batch_size=16", "train.lr=0.003", "growth.epochs_per_stage=4",
+    "growth.max_insertions=2", "probe.batch_size=500", "probe.batches=2", "progress=false",
+    "train.checkpoint_every=100",
+]
+
+
+def test_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """A real process killed (SIGKILL) right after the first growth event's checkpoint, then --resume."""
+    cli = [sys.executable, "-m", "topotransfer.cli", "grow", *KILL_RUN, f"output_dir={tmp_path / 'killed'}"]
+    proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    history = tmp_path / "killed" / "history.json"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if history.is_file() and json.loads(history.read_text())["events"]:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_state = json.loads((latest_checkpoint(tmp_path / "killed") / "state.json").read_text())
+    assert killed_state["epoch"] < 12 and not (tmp_path / "killed" / "results.json").exists()
+
+    resumed = subprocess.run(cli + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = run_grow(load_config(None, KILL_RUN + [f"output_dir={tmp_path / 'full'}"]))
+    assert _same_weights(tmp_path / "killed" / "last", tmp_path / "full" / "last")
+    res = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert res["test_error"] == full["test_error"]
+    assert [e["site"] for e in res["events"]] == [e["site"] for e in full["events"]]
+    assert [e["param_checksums"] for e in res["events"]] == [e["param_checksums"] for e in full["events"]]
+
+
+def test_bf16_trains_in_bf16_and_probes_in_float32(tmp_path, monkeypatch):
+    train_dtypes, probe_dtypes = set(), set()
+    real_build, real_update = grow_recipe.build_model, DenseStatistic.update
+
+    def build_model(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.input_layer.register_forward_hook(
+            lambda m, i, o: train_dtypes.add(o.dtype) if m.training else None
+        )
+        return model
+
+    def update(self, z, p):
+        probe_dtypes.update({z.dtype, p.dtype})
+        return real_update(self, z, p)
+
+    monkeypatch.setattr(grow_recipe, "build_model", build_model)
+    monkeypatch.setattr(DenseStatistic, "update", update)
+    res = run_grow(_cfg(tmp_path, "train.mixed_precision=bf16"))
+    assert res["insertions"] == 2 and res["test_error"] == res["test_error"]
+    assert train_dtypes == {torch.bfloat16}, "training forward should run under bf16 autocast"
+    assert probe_dtypes == {torch.float32}, "the derivative's states must not be bf16"
+    monkeypatch.undo()
+    # A later float32 run in the same process is unaffected by the bf16 accelerate state.
+    assert run_grow(_cfg(tmp_path / "fp32", "train.epochs=2"))["depth"] == 1
+
+
+def test_matrix_free_solve_ignores_a_callers_autocast():
+    torch.manual_seed(0)
+    model, x = ResidualMLP(3, 12, 1, 2), torch.randn(200, 3)
+    data = [(x, torch.randn(200, 2))]
+    _, stats, _, _ = compute_site_statistics(model, data, nn.MSELoss(reduction="sum"), solver="matrix_free")
+    st = stats["layers.0"]
+    ref = solve_site(st, num_eigenvalues=4, tol=1e-10).values
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = solve_site(st, num_eigenvalues=4, tol=1e-10).values
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
