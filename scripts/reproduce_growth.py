@@ -37,9 +37,12 @@ QUICK = ["train.epochs=12", "growth.epochs_per_stage=3", "growth.max_insertions=
          "data.num_test=200", "data.num_val=100"]
 
 
-def run_one(task: str, method: str, seed: int, work: Path, extra: list[str], fixed_depth: int | None) -> dict:
-    over = [f"seed={seed}", f"growth.method={method}", f"output_dir={work / task / method / f'seed{seed}'}",
-            "progress=false", *extra]
+def run_one(task: str, method: str, seed: int, work: Path, extra: list[str], fixed_depth: int | None,
+            reuse: bool = False) -> dict:
+    run_dir = work / task / method / f"seed{seed}"
+    if reuse and (run_dir / "results.json").is_file():
+        return json.loads((run_dir / "results.json").read_text())
+    over = [f"seed={seed}", f"growth.method={method}", f"output_dir={run_dir}", "progress=false", *extra]
     if method == "fixed" and fixed_depth is not None:
         base = load_config(TASK_CONFIGS_PATH[task], over).model.depth
         over.append(f"growth.max_insertions={max(0, fixed_depth - base)}")
@@ -61,6 +64,7 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, default=Path("outputs/reproduce_growth"))
     ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
     ap.add_argument("--quick", action="store_true", help="tiny budgets (smoke test)")
+    ap.add_argument("--reuse", action="store_true", help="reuse runs whose results.json already exists")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every run")
     args = ap.parse_args()
     extra = (QUICK if args.quick else []) + args.overrides
@@ -74,7 +78,7 @@ def main() -> None:
             topo_depth = None
             for method in methods:
                 bar.set_postfix_str(f"{task}/{method}/seed{seed}")
-                r = run_one(task, method, seed, args.work_dir, extra, topo_depth)
+                r = run_one(task, method, seed, args.work_dir, extra, topo_depth, args.reuse)
                 if method == "topo":
                     topo_depth = r["depth"]
                 results[task][method].append(r)

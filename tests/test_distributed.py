@@ -36,7 +36,7 @@ def _problem(family: str):
         model, x = ResidualCNN(1, 3, 1, 4).double(), torch.randn(60, 1, 5, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 4, (60,), generator=gen)
     cuts = [0, 5, 17, 20, 31, 40, 52, 60]
-    batches = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    batches = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
     if family == "mlp1":
         batches = [(x, y)]
     return model, batches, nn.CrossEntropyLoss(reduction="sum")
@@ -81,7 +81,7 @@ def test_derivative_on_two_shards_equals_one_process_on_all_data(tmp_path):
         ref = _summary(topological_derivative(model, batches, loss_fn, solver=solver, tol=1e-12))
         other = ranks[1][family, solver]
         assert [g["site"] for g in got] == [r["site"] for r in ref]
-        for g, o, r in zip(got, other, ref):
+        for g, o, r in zip(got, other, ref, strict=True):
             assert g["solver"] == solver and g["num_samples"] == r["num_samples"]
             assert g["score"] == pytest.approx(r["score"], rel=1e-8)
             torch.testing.assert_close(g["eigenvalues"], r["eigenvalues"], rtol=1e-8, atol=1e-10)
@@ -114,23 +114,41 @@ def _free_port() -> int:
 LAUNCH_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _launch_cmd(args: list[str]) -> list[str]:
-    """``accelerate launch --multi_gpu --num_processes 2 ... -m topotransfer.cli ARGS`` on CPU (gloo)."""
-    return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "topotransfer.cli", *args,
-    ]
+ACCELERATE_CONFIGS = Path(__file__).parents[1] / "topotransfer" / "configs" / "accelerate"
 
 
-def launch_two_processes(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(_launch_cmd(args), capture_output=True, text=True, env=LAUNCH_ENV, timeout=timeout)
+def _launch_cmd(args: list[str], config_file: str | None = None) -> list[str]:
+    """``accelerate launch --multi_gpu --num_processes 2 ... -m topotransfer.cli ARGS`` on CPU (gloo), or
+    the same through ``--config_file configs/accelerate/<config_file>.yaml`` (docs/distributed.md)."""
+    if config_file is None:
+        how = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no"]
+    else:
+        how = ["--config_file", str(ACCELERATE_CONFIGS / f"{config_file}.yaml")]
+    return [sys.executable, "-m", "accelerate.commands.launch", *how, "--main_process_port", str(_free_port()),
+            "-m", "topotransfer.cli", *args]
+
+
+def launch_two_processes(
+    args: list[str], config_file: str | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    return subprocess.run(_launch_cmd(args, config_file), capture_output=True, text=True, env=LAUNCH_ENV,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("path", sorted(ACCELERATE_CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.distributed_type == "MULTI_GPU" and cfg.num_processes >= 2
+    assert path.read_text().startswith("#"), "first lines document the launch command"
 
 
 def test_two_process_growth_run(tmp_path):
-    from topotransfer.recipes.grow import load_checkpoint_manifest
-    from topotransfer.models.build import build_model
     from topotransfer.config import load_config
+    from topotransfer.models.build import build_model
+    from topotransfer.recipes.grow import load_checkpoint_manifest
     from topotransfer.training.checkpoint import latest_checkpoint, load_checkpoint, replay_insertions
     from topotransfer.training.distributed import param_digest
 
@@ -158,6 +176,14 @@ def test_two_process_growth_run(tmp_path):
     print(f"2-process grow run: {wall:.1f} s wall")
 
 
+def test_two_process_nan_stops_every_rank(tmp_path):
+    """lr = 1e30 blows the weights up at once: both ranks raise at the same step (no rank left waiting)."""
+    run = launch_two_processes(["grow", *TINY, "train.lr=1e30", f"output_dir={tmp_path}"], timeout=120)
+    assert run.returncode != 0
+    assert run.stderr.count("Training loss is nan (summed over 2 processes)") == 2, run.stderr[-3000:]
+    assert not (tmp_path / "results.json").exists()
+
+
 KILL_RUN = [
     "data.name=regression", "data.num_train=1200", "data.num_val=100", "data.num_test=100", "model.width=8",
     "model.depth=1", "train.epochs=9", "train.batch_size=16", "train.lr=0.003", "growth.epochs_per_stage=3",
@@ -177,7 +203,7 @@ def test_two_process_run_killed_after_a_growth_event_resumes_exactly(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
 
     args = ["grow", *KILL_RUN, f"output_dir={tmp_path / 'killed'}"]
-    proc = subprocess.Popen(_launch_cmd(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(_launch_cmd(args, "cpu_2proc"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=LAUNCH_ENV, start_new_session=True)  # own group: kill the launcher and ranks
     history = tmp_path / "killed" / "history.json"
     deadline = time.monotonic() + 120
@@ -195,7 +221,7 @@ def test_two_process_run_killed_after_a_growth_event_resumes_exactly(tmp_path):
         proc.wait(timeout=30)
     assert not (tmp_path / "killed" / "results.json").exists()
 
-    resumed = launch_two_processes(args + ["--resume"])
+    resumed = launch_two_processes(args + ["--resume"], "cpu_2proc")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))

@@ -2,7 +2,6 @@
 trains in bf16 while the derivative stays float32."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

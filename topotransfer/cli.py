@@ -45,7 +45,10 @@ def _cmd_grow(args: argparse.Namespace) -> int:
     cfg = _load(args, "grow")
     from .recipes.grow import run_grow
 
-    results = run_grow(cfg, resume=args.resume)
+    try:
+        results = run_grow(cfg, resume=args.resume)
+    except FloatingPointError as e:  # diverged: the message names the checkpoint that stays `latest`
+        raise SystemExit(f"error: {e}") from None
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only rank 0 reports
         return 0
     summary = {k: results[k] for k in ("method", "task", "test_error", "depth", "params", "insertions", "wall_time")}

@@ -106,8 +106,8 @@ def run_grow(
     """Run growth (or a baseline) as configured; returns the results dict also written to disk.
 
     Runs on one process, or on every process of ``accelerate launch`` / ``torchrun`` (docs/distributed.md):
-    each rank trains on its shard of every batch (DDP averages the gradients), evaluates and probes its
-    shard of the validation / probe batches, and every quantity a decision depends on (validation loss,
+    each rank trains on every N-th batch of the epoch's (shared) shuffle, DDP averaging the gradients,
+    evaluates and probes its share of the validation / probe batches, and every quantity a decision depends on (validation loss,
     statistics of the derivative, line-search losses) is summed over the ranks first, so all ranks grow
     the same layer. A parameter digest is compared across ranks after every growth event. Only the
     main process writes files.
@@ -198,10 +198,12 @@ def run_grow(
 
     def diverged(e: Exception, epoch: int) -> FloatingPointError:
         last = latest_checkpoint(out)
-        where = f"{last} stays the latest checkpoint" if last is not None else "no checkpoint was written yet"
-        return FloatingPointError(
-            f"{e} (epoch {epoch}). The run diverged; {where}: lower train.lr, then resume with --resume"
+        where = (
+            f"{last} stays the latest checkpoint (continue from it with --resume)"
+            if last is not None
+            else "no checkpoint was written yet"
         )
+        return FloatingPointError(f"{e} (epoch {epoch}). The run diverged; {where}")
 
     epochs = range(state["epoch"], cfg.train.epochs)
     if cfg.progress and main:
