@@ -91,7 +91,7 @@ class ProbeConfig:
     rule: str = field(default="cluster", metadata={"help": "top1 | cluster | topk"})
     c: float = field(default=0.5, metadata={"help": "cluster rule: keep lambda >= (1-c) lambda_1"})
     k: int | None = field(default=None, metadata={"help": "topk rule: directions summed"})
-    tol: float = field(default=1e-6, metadata={"help": "matrix-free relative residual tolerance"})
+    tol: float = field(default=1e-4, metadata={"help": "matrix-free relative residual tolerance"})
 
     def __post_init__(self) -> None:
         _check(self.solver in ("auto", "dense", "matrix_free"), f"probe.solver must be auto|dense|matrix_free, got {self.solver!r}")

@@ -234,7 +234,7 @@ def compute_site_statistics(
 def solve_site(
     stat: SiteStatistic,
     num_eigenvalues: int = 32,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     steps: int = 48,
     max_restarts: int = 20,
 ) -> EigenResult:
@@ -260,7 +260,7 @@ def topological_derivative(
     solver: str = "auto",
     forward_fn: ForwardFn | None = None,
     num_eigenvalues: int = 32,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     lanczos_steps: int = 48,
     dense_max_dim: int = 257,
     cache_dtype: torch.dtype | None = None,
