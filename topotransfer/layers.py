@@ -45,7 +45,27 @@ def topo_activation(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"topo": topo_activation, "tanh": torch.tanh}
 
 
-class TopoLayer(nn.Module):
+class _ResidualTopoBase(nn.Module):
+    """What every inserted layer shares: the activation registry and setting the direction (W, b)."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _set_activation(self, activation: str) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"{type(self).__name__} activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+        self._act = ACTIVATIONS[activation]
+
+    @torch.no_grad()
+    def set_direction(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Set W from ``weight`` (d_out, d_in), or the layer's own weight shape, and b from (d_out,)."""
+        self.weight.copy_(weight.reshape(self.weight.shape))
+        if self.bias is not None:
+            self.bias.copy_(torch.zeros_like(self.bias) if bias is None else bias.reshape(self.bias.shape))
+
+
+class TopoLayer(_ResidualTopoBase):
     """Residual layer ``g = u + sigma(W norm(u) + b)`` acting on the last dimension.
 
     Zero-initialised it is an exact identity. It works on any ``(..., dim)`` tensor: MLP states
@@ -68,10 +88,7 @@ class TopoLayer(nn.Module):
             raise ValueError(f"TopoLayer dim must be positive, got {dim}")
         if norm not in _NORMS:
             raise ValueError(f"TopoLayer norm must be one of {_NORMS}, got {norm!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"TopoLayer activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.activation = activation
-        self._act = ACTIVATIONS[activation]
+        self._set_activation(activation)
         self.dim = dim
         self.norm = norm
         self.eps = eps
@@ -110,13 +127,6 @@ class TopoLayer(nn.Module):
             "activation": self.activation,
         }
 
-    @torch.no_grad()
-    def set_direction(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Set W = weight (d_out, d_in) and b = bias (d_out)."""
-        self.weight.copy_(weight.reshape(self.weight.shape))
-        if self.bias is not None:
-            self.bias.copy_(torch.zeros_like(self.bias) if bias is None else bias.reshape(self.bias.shape))
-
     # -- what the derivative needs ----------------------------------------------------------------
     def samples(self, u: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flatten a captured state and its adjoint into per-sample rows.
@@ -135,7 +145,7 @@ class TopoLayer(nn.Module):
         return f"dim={self.dim}, bias={self.bias is not None}, norm={self.norm}, activation={self.activation}"
 
 
-class TopoConv2d(nn.Module):
+class TopoConv2d(_ResidualTopoBase):
     """Residual convolution ``g = u + sigma(conv(u, W) + b)`` on (B, C, H, W) states.
 
     W has shape (C, C, k, k) and acts on the k x k patch of all channels ("same" zero padding), so
@@ -155,10 +165,7 @@ class TopoConv2d(nn.Module):
             raise ValueError(f"TopoConv2d channels must be positive, got {channels}")
         if kernel_size <= 0 or kernel_size % 2 == 0:
             raise ValueError(f"TopoConv2d kernel_size must be a positive odd number, got {kernel_size}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"TopoConv2d activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.activation = activation
-        self._act = ACTIVATIONS[activation]
+        self._set_activation(activation)
         self.channels = channels
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.zeros(channels, channels, kernel_size, kernel_size))
@@ -184,13 +191,6 @@ class TopoConv2d(nn.Module):
             "bias": self.bias is not None,
             "activation": self.activation,
         }
-
-    @torch.no_grad()
-    def set_direction(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Set W from a (C, C*k*k) or (C, C, k, k) tensor and b from (C,)."""
-        self.weight.copy_(weight.reshape(self.weight.shape))
-        if self.bias is not None:
-            self.bias.copy_(torch.zeros_like(self.bias) if bias is None else bias.reshape(self.bias.shape))
 
     def samples(self, u: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel rows: Z (B*H*W, C*k*k) im2col patches, P (B*H*W, C) adjoints."""

@@ -23,6 +23,16 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    plt = _plt()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_learning_curves(runs: dict[str, dict], path: str | Path, title: str = "", log: bool = True) -> Path:
     """Validation loss per epoch for several runs, growth events marked with vertical ticks.
 
@@ -45,12 +55,7 @@ def plot_learning_curves(runs: dict[str, dict], path: str | Path, title: str = "
     ax.set_ylabel("validation loss")
     ax.set_title(title or "learning curves (dotted: growth events)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_site_scores(events: Sequence[dict], path: str | Path, title: str = "") -> Path:
@@ -74,9 +79,4 @@ def plot_site_scores(events: Sequence[dict], path: str | Path, title: str = "") 
         ax.set_title(f"event {ev['event']} (epoch {ev['epoch']})", fontsize=9)
     axes[0][0].set_ylabel("TD = lambda_max(Q_t)")
     fig.suptitle(title or "topological derivative per site (red: chosen)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -1,0 +1,21 @@
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from topotransfer.plots import plot_learning_curves, plot_site_scores  # noqa: E402
+
+HIST = {
+    "epochs": [{"epoch": i + 1, "val_loss": 1.0 / (i + 1)} for i in range(6)],
+    "events": [
+        {"event": 0, "epoch": 2, "site": "layers.0", "scores": {"input_layer": 1.0, "layers.0": 3.0}},
+        {"event": 1, "epoch": 4, "site": None, "scores": {"input_layer": -1.0, "layers.0": -2.0, "layers.1": -0.5}},
+    ],
+}
+
+
+def test_plots_write_png(tmp_path):
+    for path in (
+        plot_learning_curves({"topo": HIST, "fixed": {"epochs": HIST["epochs"]}}, tmp_path / "a" / "curves.png"),
+        plot_site_scores(HIST["events"], tmp_path / "scores.png"),
+    ):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
