@@ -115,6 +115,7 @@ class GrowthConfig:
     patience: int = field(default=5, metadata={"help": "epochs without val improvement before growing"})
     min_delta: float = field(default=1e-4, metadata={"help": "relative val-loss improvement that counts"})
     epochs_per_stage: int | None = field(default=None, metadata={"help": "grow after exactly this many epochs (overrides patience)"})
+    both_signs: bool = field(default=True, metadata={"help": "line-search eps along +theta and -theta"})
     epsilons: list[float] | None = field(default=None, metadata={"help": "eps grid of the line search (None = default)"})
     random_init_std: float = field(default=0.01, metadata={"help": "std of random_init / random baselines' weights"})
 

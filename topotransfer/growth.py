@@ -81,6 +81,7 @@ class GrowthEvent:
         params: parameter count after the event.
         layer: config of the inserted layer (to replay the insertion on load).
         stopped: why growth stopped at this event ("score<=0"), else ``None``.
+        sign: +1 or -1, the sign of the eigen direction the line search preferred.
     """
 
     event: int
@@ -97,6 +98,7 @@ class GrowthEvent:
     params: int = 0
     layer: dict = field(default_factory=dict)
     stopped: str | None = None
+    sign: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,6 +132,7 @@ def grow_once(
     epsilons: tuple[float, ...] | list[float] | None = None,
     random_init_std: float = 0.01,
     accelerator: object | None = None,
+    both_signs: bool = True,
 ) -> GrowthEvent:
     """Perform one growth event in place and describe it.
 
@@ -142,6 +145,7 @@ def grow_once(
         event: event number (seeds the event's randomness with ``seed``).
         probe_cfg: a :class:`~topotransfer.config.ProbeConfig` (solver, rule, c, k, tol).
         epsilons: line-search grid.
+        both_signs: line-search eps along +theta and -theta and keep the better (``GrowthEvent.sign``).
         accelerator: a multi-process ``accelerate.Accelerator``; ``probe_data`` and ``heldout_data`` are
             this process's shards, the statistics and line-search losses are summed over processes, so
             every rank makes the same choice and inserts the same layer.
@@ -178,6 +182,16 @@ def grow_once(
         ls = line_search_epsilon(
             model, best.site, heldout_data, loss_fn, weight, bias, epsilons=eps_grid, accelerator=accelerator
         )
+        if both_signs:
+            # sigma(x) = x^2/2 + x^3/3 + ...: the direction's sign does not change the second-order decrease
+            # but flips the cubic term, which limits how large eps can be. Try -theta too; keep the better.
+            neg = line_search_epsilon(
+                model, best.site, heldout_data, loss_fn, -weight, None if bias is None else -bias,
+                epsilons=eps_grid, accelerator=accelerator,
+            )
+            if neg.loss < ls.loss:
+                ls, weight, bias = neg, -weight, (None if bias is None else -bias)
+                rec.sign = -1
         rec.eps_tried, rec.loss_before = ls.tried, ls.baseline_loss
         # eps = 0 would insert a layer that can never train (sigma'(0) = 0 gives it zero gradient), so
         # when no eps lowers the held-out loss we seed with the smallest eps of the grid and record it.
