@@ -39,6 +39,7 @@ from pathlib import Path
 
 NUM_CLASSES = 10
 LOAD_AT_START = "?"
+GIT_AT_START = "?"
 SOLVERS = ("dense", "matrix_free")
 GB = 1e9
 MB = 1e6
@@ -279,6 +280,35 @@ def build_tables(rows: list[dict], args: argparse.Namespace) -> tuple[str, str]:
     return "\n".join(main), "\n".join(detail)
 
 
+def solver_defaults() -> str:
+    """The library's current eigen-solver defaults (read from the signatures, not hard-coded)."""
+    import inspect
+
+    import topotransfer
+    from topotransfer.eigen import lanczos_top_eigenpairs
+
+    def defaults(fn, names):
+        sig = inspect.signature(fn).parameters
+        return [f"{n}={sig[n].default}" for n in names if n in sig]
+
+    return ", ".join(
+        defaults(topotransfer.topological_derivative, ["num_eigenvalues", "tol", "lanczos_steps"])
+        + defaults(lanczos_top_eigenpairs, ["max_restarts", "check_every"])
+    )
+
+
+def git_state() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "topotransfer"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
+        return head + (" (topotransfer/ has uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def header(args: argparse.Namespace, argv: list[str]) -> str:
     import torch
 
@@ -295,7 +325,7 @@ def header(args: argparse.Namespace, argv: list[str]) -> str:
         f"{platform.machine()}, Python {platform.python_version()}, load average at the end: {load}",
         f"- ResidualMLP(in=d, width=d, depth={args.depth}, out={NUM_CLASSES}) float32, summed cross-entropy, "
         f"random data, batches of {args.batch_size}, {args.depth + 1} sites, rule=\"cluster\", library defaults "
-        "(32 eigenpairs, Lanczos 48 steps, tol 1e-6, 20 restarts)",
+        f"({solver_defaults()}); code at git {GIT_AT_START}",
         f"- times: wall clock, (lower) median of up to {args.repeats} runs (fewer once a config exceeds "
         f"{args.repeat_cap:.0f} s); ratio = t_derivative / t_fb, both measured in the same child process; the "
         "CPU-time ratio (process_time, all threads) is less sensitive to other load on the machine",
@@ -339,7 +369,9 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     global LOAD_AT_START
+    global GIT_AT_START
     LOAD_AT_START = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    GIT_AT_START = git_state()
     if args.threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by the children's torch at import
     if args.omp_wait_policy != "unset":
