@@ -129,8 +129,15 @@ def run_one(solver: str, d: int, n: int, args: argparse.Namespace) -> dict:
         t_fb.append(time.perf_counter() - t0)
         c_fb.append(time.process_time() - c0)
     model.zero_grad(set_to_none=True)
-    out: dict = {"solver": solver, "d": d, "N": n, "t_fb": statistics.median(t_fb), "t_fb_all": t_fb,
-                 "cpu_fb": statistics.median(c_fb), "threads": torch.get_num_threads()}
+    out: dict = {
+        "solver": solver,
+        "d": d,
+        "N": n,
+        "t_fb": statistics.median(t_fb),
+        "t_fb_all": t_fb,
+        "cpu_fb": statistics.median(c_fb),
+        "threads": torch.get_num_threads(),
+    }
     if solver == "fb":
         return out
 
@@ -168,12 +175,22 @@ def run_one(solver: str, d: int, n: int, args: argparse.Namespace) -> dict:
             results = topotransfer.topological_derivative(model, data, loss_fn, solver=solver, rule="cluster")
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             elapsed += dt
-            runs.append({"total": dt, "cpu": cpu, **{k: (list(v) if isinstance(v, list) else v) for k, v in phase.items()}})
-            print(f"    {solver} d={d} N={n} run {rep + 1}: {dt:.2f} s "
-                  f"(stats {phase['stats']:.2f} s, solve {phase['solve']:.2f} s)", file=sys.stderr, flush=True)
+            runs.append(
+                {"total": dt, "cpu": cpu, **{k: (list(v) if isinstance(v, list) else v) for k, v in phase.items()}}
+            )
+            print(
+                f"    {solver} d={d} N={n} run {rep + 1}: {dt:.2f} s "
+                f"(stats {phase['stats']:.2f} s, solve {phase['solve']:.2f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
             if elapsed > args.repeat_cap and rep + 1 < args.repeats:
-                print(f"    {solver} d={d} N={n}: {elapsed:.0f} s > --repeat-cap {args.repeat_cap:.0f} s, "
-                      "no more repeats", file=sys.stderr, flush=True)
+                print(
+                    f"    {solver} d={d} N={n}: {elapsed:.0f} s > --repeat-cap {args.repeat_cap:.0f} s, "
+                    "no more repeats",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 break
     finally:
         topo.compute_site_statistics, topo.solve_site = orig_stats, orig_solve
@@ -216,8 +233,9 @@ def child_cmd(solver: str, d: int, n: int, args: argparse.Namespace) -> list[str
 def launch(solver: str, d: int, n: int, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(child_cmd(solver, d, n, args), stdout=subprocess.PIPE, stderr=None, text=True,
-                              timeout=args.timeout)
+        proc = subprocess.run(
+            child_cmd(solver, d, n, args), stdout=subprocess.PIPE, stderr=None, text=True, timeout=args.timeout
+        )
     except subprocess.TimeoutExpired:
         return {"solver": solver, "d": d, "N": n, "error": f"timeout (> {args.timeout:.0f} s)"}
     wall = time.perf_counter() - t0
@@ -271,7 +289,7 @@ def build_tables(rows: list[dict], args: argparse.Namespace) -> tuple[str, str]:
         rel = "-"
         rd, rm = row.get("dense"), row.get("matrix_free")
         if rd and rm and "lambda_max" in rd and "lambda_max" in rm:
-            rel = max(abs(a - b) / abs(a) for a, b in zip(rd["lambda_max"], rm["lambda_max"]))
+            rel = max(abs(a - b) / abs(a) for a, b in zip(rd["lambda_max"], rm["lambda_max"], strict=True))
             rel = f"{rel:.1e}"
         main.append(
             f"| {d} | {n} | {fmt(t_fb, '.3f')} | {cells['dense'][0]} | {cells['matrix_free'][0]} "
@@ -300,10 +318,12 @@ def solver_defaults() -> str:
 def git_state() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "topotransfer"], cwd=root, capture_output=True,
-                               text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "topotransfer"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
         return head + (" (topotransfer/ has uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -351,14 +371,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes (widths 32 64, samples 256 512, 1 repeat)")
     p.add_argument("--dense-budget-gb", type=float, default=8.0, help="skip dense when predicted memory exceeds (GiB)")
     p.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=SOLVERS)
-    p.add_argument("--skip", nargs="*", default=[], metavar="SOLVER:D:N",
-                   help="configurations not to run, e.g. matrix_free:1024:4096 (reported as skipped)")
-    p.add_argument("--repeat-cap", type=float, default=60.0,
-                   help="stop repeating a configuration once its runs took this many seconds")
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        metavar="SOLVER:D:N",
+        help="configurations not to run, e.g. matrix_free:1024:4096 (reported as skipped)",
+    )
+    p.add_argument(
+        "--repeat-cap",
+        type=float,
+        default=60.0,
+        help="stop repeating a configuration once its runs took this many seconds",
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="kill a configuration after this many seconds")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the children (default: torch's)")
-    p.add_argument("--omp-wait-policy", choices=("passive", "active", "unset"), default="passive",
-                   help="OMP_WAIT_POLICY of the children (passive: robust when other processes share the cores)")
+    p.add_argument(
+        "--omp-wait-policy",
+        choices=("passive", "active", "unset"),
+        default="passive",
+        help="OMP_WAIT_POLICY of the children (passive: robust when other processes share the cores)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     p.add_argument("--one", nargs=3, metavar=("SOLVER", "D", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -401,8 +434,11 @@ def main(argv: list[str] | None = None) -> None:
                 _, need = dense_stat_bytes(d, args.depth)
                 if need > budget:
                     row[s] = {"skip": f"does not fit ({need / GB:.1f} GB)"}
-                    print(f"{tag}: does not fit ({need / GB:.1f} GB > {args.dense_budget_gb:g} GiB)",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"{tag}: does not fit ({need / GB:.1f} GB > {args.dense_budget_gb:g} GiB)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     continue
             print(f"{tag} ...", file=sys.stderr, flush=True)
             r = launch(s, d, n, args)
@@ -410,10 +446,13 @@ def main(argv: list[str] | None = None) -> None:
             if "error" in r:
                 print(f"{tag}: {r['error']}", file=sys.stderr, flush=True)
             else:
-                print(f"{tag}: t_fb {r['t_fb']:.3f} s, derivative {r['t_total']:.2f} s "
-                      f"(stats {r['t_stats']:.2f} + solve {r['t_solve']:.2f}), ratio {r['t_total'] / r['t_fb']:.1f}, "
-                      f"peak +{r['peak_extra_mb']:.0f} MB  [elapsed {time.perf_counter() - t_start:.0f} s]",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{tag}: t_fb {r['t_fb']:.3f} s, derivative {r['t_total']:.2f} s "
+                    f"(stats {r['t_stats']:.2f} + solve {r['t_solve']:.2f}), ratio {r['t_total'] / r['t_fb']:.1f}, "
+                    f"peak +{r['peak_extra_mb']:.0f} MB  [elapsed {time.perf_counter() - t_start:.0f} s]",
+                    file=sys.stderr,
+                    flush=True,
+                )
         rows.append(row)
 
     main_table, detail_table = build_tables(rows, args)

@@ -18,6 +18,7 @@ _EXPORTS = {
     "AdapterMismatchError": "errors",
     "BertFamily": "surgery",
     "CheckpointMismatchError": "errors",
+    "ConvergenceWarning": "errors",
     "EmptyDatasetError": "errors",
     "ImageSizeError": "errors",
     "LabelCountMismatchError": "errors",
@@ -77,6 +78,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import (
         AdapterMismatchError,
         CheckpointMismatchError,
+        ConvergenceWarning,
         EmptyDatasetError,
         ImageSizeError,
         LabelCountMismatchError,

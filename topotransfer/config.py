@@ -92,6 +92,12 @@ class ProbeConfig:
     c: float = field(default=0.5, metadata={"help": "cluster rule: keep lambda >= (1-c) lambda_1"})
     k: int | None = field(default=None, metadata={"help": "topk rule: directions summed"})
     tol: float = field(default=1e-4, metadata={"help": "matrix-free relative residual tolerance"})
+    sample_fraction: float | None = field(
+        default=None, metadata={"help": "keep this fraction of the tokens / pixels of each probe batch (seeded)"}
+    )
+    max_samples_per_batch: int | None = field(
+        default=None, metadata={"help": "keep at most this many tokens / pixels of each probe batch (seeded)"}
+    )
 
     def __post_init__(self) -> None:
         _check(self.solver in ("auto", "dense", "matrix_free"), f"probe.solver must be auto|dense|matrix_free, got {self.solver!r}")
@@ -99,6 +105,10 @@ class ProbeConfig:
         _check(0.0 <= self.c <= 1.0, f"probe.c must lie in [0, 1], got {self.c}")
         _check(self.rule != "topk" or (self.k or 0) >= 1, "probe.rule=topk needs probe.k >= 1")
         _check(self.batch_size > 0, f"probe.batch_size must be positive, got {self.batch_size}")
+        _check(self.sample_fraction is None or 0.0 < self.sample_fraction <= 1.0,
+               f"probe.sample_fraction must lie in (0, 1], got {self.sample_fraction}")
+        _check(self.max_samples_per_batch is None or self.max_samples_per_batch >= 1,
+               f"probe.max_samples_per_batch must be >= 1, got {self.max_samples_per_batch}")
 
 
 @dataclass

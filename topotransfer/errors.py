@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "AdapterMismatchError",
     "CheckpointMismatchError",
+    "ConvergenceWarning",
     "EmptyDatasetError",
     "ImageSizeError",
     "LabelCountMismatchError",
@@ -52,3 +53,7 @@ class ImageSizeError(TopoTransferError, ValueError):
 
 class EmptyDatasetError(TopoTransferError, ValueError):
     """A dataset split that the run needs has no examples."""
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative eigen-solve stopped before meeting its tolerance (the message names the site)."""

@@ -160,7 +160,9 @@ def grow_once(
     rec = GrowthEvent(event=event, epoch=epoch, method=method, site=None)
     kw = {}
     if probe_cfg is not None:
-        kw = dict(rule=probe_cfg.rule, c=probe_cfg.c, k=probe_cfg.k, solver=probe_cfg.solver, tol=probe_cfg.tol)
+        kw = dict(rule=probe_cfg.rule, c=probe_cfg.c, k=probe_cfg.k, solver=probe_cfg.solver, tol=probe_cfg.tol,
+                  sample_fraction=getattr(probe_cfg, "sample_fraction", None),
+                  max_samples_per_batch=getattr(probe_cfg, "max_samples_per_batch", None))
 
     if method in ("topo", "random_site", "random_init"):
         if method == "random_site":

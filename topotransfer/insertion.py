@@ -7,6 +7,7 @@ of eps on held-out probe data and never accepts an eps that raises the loss (eps
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from torch import nn
 from .derivative.probes import default_forward
 from .derivative.topological import ForwardFn, LossFn, SiteResult, _to_device, check_loss_fn, split_batch
 from .surgery import get_family
-from .surgery.base import Site
+from .surgery.base import DownstreamUnsupportedError, Site
 
 __all__ = ["DEFAULT_EPSILONS", "LineSearchResult", "evaluate_loss", "insert_layer", "line_search_epsilon"]
 
@@ -118,12 +119,63 @@ class LineSearchResult:
         loss: loss at the chosen eps.
         baseline_loss: loss at eps = 0 (the model without the layer).
         tried: ``[(eps, loss), ...]`` for every eps evaluated, in order.
+        downstream: whether the eps were evaluated on the network downstream of the site only
+            (``False``: full forward passes, see :func:`line_search_epsilon`).
     """
 
     epsilon: float
     loss: float
     baseline_loss: float
     tried: list[tuple[float, float]] = field(default_factory=list)
+    downstream: bool = False
+
+
+def _sum_over_processes(values: list[float], n: int, accelerator: object | None) -> tuple[list[float], int]:
+    if accelerator is None or getattr(accelerator, "num_processes", 1) == 1:
+        return values, n
+    sums = torch.tensor([*values, n], dtype=torch.float64, device=accelerator.device)
+    out = [float(v) for v in accelerator.reduce(sums, reduction="sum").cpu()]
+    return out[:-1], int(out[-1])
+
+
+@torch.no_grad()
+def _site_states(model, family, site: Site, data, loss_fn, max_batches):
+    """One full forward pass per batch: the state h_t at ``site``, the batch and its loss (eval, no grad)."""
+    store: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple, output: object) -> None:
+        store.append(family.capture(output))
+
+    device = next(model.parameters()).device
+    cached, total = [], 0.0
+    handle = model.get_submodule(site.name).register_forward_hook(hook)
+    try:
+        for batch in data:
+            if max_batches is not None and len(cached) >= max_batches:
+                break
+            inputs, targets = split_batch(batch)
+            inputs, targets = _to_device(inputs, device), _to_device(targets, device)
+            store.clear()
+            loss = float(loss_fn(default_forward(model, inputs), targets))
+            if len(store) != 1:
+                raise RuntimeError(f"Site module {site.name!r} ran {len(store)} times in one forward pass")
+            cached.append((store[0], inputs, targets))
+            total += loss
+    finally:
+        handle.remove()
+    return cached, total
+
+
+def _downstream_losses(model, family, site, layer, cached, loss_fn, weight, bias, epsilons) -> list[float]:
+    """Summed loss over the cached states for each eps: layer(h_t) -> blocks after the site -> head."""
+    ref = layer.weight
+    out = []
+    for eps in epsilons:
+        layer.set_direction(
+            (eps * weight.to(torch.float64)).to(ref), None if bias is None else (eps * bias.to(torch.float64)).to(ref)
+        )
+        out.append(sum(float(loss_fn(family.forward_from(model, site, layer(h), x), y)) for h, x, y in cached))
+    return out
 
 
 def line_search_epsilon(
@@ -137,18 +189,29 @@ def line_search_epsilon(
     forward_fn: ForwardFn | None = None,
     max_batches: int | None = None,
     accelerator: object | None = None,
+    downstream: bool = True,
 ) -> LineSearchResult:
     """Pick eps for the layer W = eps*weight, b = eps*bias at ``site`` on held-out probe data.
 
-    The layer is inserted temporarily and removed before returning (the model is left as it was);
-    insert it for real with :func:`insert_layer` and the returned eps. An eps is accepted only if its
-    loss is strictly lower than the loss at eps = 0.
+    An eps is accepted only if its loss is strictly lower than the loss at eps = 0; the model is left
+    as it was (insert the layer for real with :func:`insert_layer` and the returned eps).
+
+    Downstream evaluation (default): one full forward pass per held-out batch (no grad) gives the loss
+    at eps = 0 and caches the state h_t at the site; every eps then runs only ``layer(h_t)`` and the
+    network downstream of the site (:meth:`~topotransfer.surgery.base.ChainFamily.forward_from`), which
+    computes exactly what the full model with the layer inserted computes. The cached states cost one
+    state per held-out example (B x L x d for a transformer). It falls back to full forward passes with
+    the layer temporarily inserted (and ``downstream=False`` in the result) when ``forward_fn`` is given,
+    when the family does not know the model's head (BERT, custom heads, a ViT fed an attention mask), or
+    when the downstream loss at eps = 0 of the first batch does not reproduce the full forward pass.
 
     Args:
-        data: re-iterable held-out probe batches (a list or a DataLoader).
+        data: re-iterable held-out probe batches (a list or a DataLoader); read once on the downstream path.
         epsilons: candidate scales (> 0).
+        forward_fn: ``forward_fn(model, inputs) -> predictions``; a custom one forces full forward passes.
         accelerator: a multi-process ``accelerate.Accelerator``: ``data`` is this process's shard and
             every loss is summed over processes, so all ranks choose the same eps.
+        downstream: ``False`` always runs full forward passes.
 
     Returns:
         :class:`LineSearchResult` with every eps tried and its loss.
@@ -161,21 +224,74 @@ def line_search_epsilon(
         raise ValueError(f"epsilons must be positive (eps = 0 is always tried), got {list(epsilons)}")
     family = get_family(model)
     resolved = family.site(model, site)
-    baseline = evaluate_loss(model, data, loss_fn, forward_fn, max_batches, accelerator)
-    insert_layer(model, resolved, weight, bias, epsilon=0.0)
-    tried = [(0.0, baseline)]
-    try:
-        layer = model.get_submodule(resolved.container)[resolved.position]
-        layer = family.unwrap(layer)
-        ref = layer.weight
-        for eps in epsilons:
-            layer.set_direction(
-                (eps * weight.to(torch.float64)).to(ref), None if bias is None else (eps * bias.to(torch.float64)).to(ref)
-            )
-            tried.append((float(eps), evaluate_loss(model, data, loss_fn, forward_fn, max_batches, accelerator)))
-    finally:
-        family.remove(model, resolved)
+    tried = None
+    if downstream and (forward_fn is None or forward_fn is default_forward):
+        tried = _line_search_downstream(model, family, resolved, data, loss_fn, weight, bias, epsilons, max_batches,
+                                        accelerator)
+    used_downstream = tried is not None
+    if tried is None:
+        baseline = evaluate_loss(model, data, loss_fn, forward_fn, max_batches, accelerator)
+        insert_layer(model, resolved, weight, bias, epsilon=0.0)
+        tried = [(0.0, baseline)]
+        try:
+            layer = model.get_submodule(resolved.container)[resolved.position]
+            layer = family.unwrap(layer)
+            ref = layer.weight
+            for eps in epsilons:
+                layer.set_direction(
+                    (eps * weight.to(torch.float64)).to(ref),
+                    None if bias is None else (eps * bias.to(torch.float64)).to(ref),
+                )
+                tried.append((float(eps), evaluate_loss(model, data, loss_fn, forward_fn, max_batches, accelerator)))
+        finally:
+            family.remove(model, resolved)
+    baseline = tried[0][1]
     best_eps, best_loss = min(tried, key=lambda t: (t[1], t[0]))
     if not best_loss < baseline:
         best_eps, best_loss = 0.0, baseline
-    return LineSearchResult(best_eps, best_loss, baseline, tried)
+    return LineSearchResult(best_eps, best_loss, baseline, tried, used_downstream)
+
+
+def _line_search_downstream(model, family, site, data, loss_fn, weight, bias, epsilons, max_batches, accelerator):
+    """The eps losses via cached states, or ``None`` when the full forward pass must be used instead.
+
+    Every process decides the same way (the decision is all-reduced), so collective calls stay matched.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            cached, total = _site_states(model, family, site, data, loss_fn, max_batches)
+            ok = True
+            try:
+                for _, x, _ in cached[:1]:
+                    family.head(model, x)
+                if cached:  # the downstream path must reproduce the full forward pass at eps = 0
+                    h, x, y = cached[0]
+                    full = float(loss_fn(default_forward(model, x), y))
+                    down = float(loss_fn(family.forward_from(model, site, h, x), y))
+                    tol = 100 * torch.finfo(h.dtype).eps * max(1.0, abs(full)) if h.is_floating_point() else 0.0
+                    if not abs(full - down) <= tol:
+                        warnings.warn(
+                            f"Downstream evaluation from site {site.name!r} gives loss {down!r} but the full model "
+                            f"{full!r}: {type(model).__name__}'s forward is not blocks + the known head; using full "
+                            "forward passes for the line search",
+                            RuntimeWarning,
+                            stacklevel=3,
+                        )
+                        ok = False
+            except DownstreamUnsupportedError:
+                ok = False
+            flags, _ = _sum_over_processes([0.0 if ok else 1.0], 0, accelerator)
+            if flags[0] > 0:
+                return None
+            layer = family.new_layer(model, site)
+            ref = next(model.parameters())
+            layer = layer.to(device=ref.device, dtype=ref.dtype).eval()
+            losses = _downstream_losses(model, family, site, layer, cached, loss_fn, weight, bias, epsilons)
+    finally:
+        model.train(was_training)
+    values, n = _sum_over_processes([total, *losses], len(cached), accelerator)
+    if n == 0:
+        raise ValueError("The line-search data is empty")
+    return [(0.0, values[0])] + [(float(e), v) for e, v in zip(epsilons, values[1:])]

@@ -62,12 +62,15 @@ def capture_states(
 
 
 def default_forward(model: nn.Module, inputs: object) -> torch.Tensor:
-    """Call ``model`` on a tensor or a dict of tensors and return its logits / predictions tensor."""
+    """Call ``model`` on a tensor or a dict of tensors and return its logits / predictions tensor
+    (``last_hidden_state`` for a headless transformers encoder)."""
     out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "logits"):
         return out.logits
+    if isinstance(getattr(out, "last_hidden_state", None), torch.Tensor):  # a headless encoder (ViTModel)
+        return out.last_hidden_state
     if isinstance(out, (tuple, list)):
         return out[0]
     raise TypeError(f"Cannot find predictions in a model output of type {type(out).__name__}; pass forward_fn")

@@ -44,14 +44,30 @@ class SiteStatistic:
         self.R = out_features
         self.D = in_features + int(bias)
         self.bias = bias
-        self.count = 0  # samples (tokens / pixels) seen, summed over processes after all_reduce
+        self.count = 0  # samples (tokens / pixels) represented, summed over processes after all_reduce
+        self.num_rows = 0  # rows actually added (< count when rows were subsampled)
 
-    def update(self, z: torch.Tensor, p: torch.Tensor) -> None:
-        """Add samples: z (N, d_in) layer inputs, p (N, R) adjoints."""
+    def update(self, z: torch.Tensor, p: torch.Tensor, represents: int | None = None) -> None:
+        """Add samples: z (N, d_in) layer inputs, p (N, R) adjoints.
+
+        ``represents``: how many samples these rows stand for (subsampling: the caller has already scaled
+        p by represents / N so that the sum stays an unbiased estimate); default N.
+        """
         raise NotImplementedError
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """Q applied block-wise: v (R, D, m) -> (R, D, m), (Q v)[r] = Q_r v[r]."""
+    def _counted(self, n: int, represents: int | None) -> None:
+        self.num_rows += n
+        self.count += n if represents is None else int(represents)
+
+    def _reduce_counts(self, accelerator: object | None, device: torch.device | str) -> None:
+        counts = _reduce_sum(torch.tensor([self.count, self.num_rows], device=device), accelerator)
+        self.count, self.num_rows = (int(c) for c in counts.tolist())
+
+    def matvec(self, v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Q applied block-wise: v (R, D, m) -> (R, D, m), (Q v)[r] = Q_r v[r].
+
+        With ``rows`` (a LongTensor of block indices), v is (len(rows), D, m) and only those blocks are applied.
+        """
         raise NotImplementedError
 
     def all_reduce(self, accelerator: object | None) -> None:
@@ -79,7 +95,7 @@ class DenseStatistic(SiteStatistic):
         super().__init__(out_features, in_features, bias)
         self.Q = torch.zeros(self.R, self.D, self.D, dtype=torch.float64, device=device)
 
-    def update(self, z: torch.Tensor, p: torch.Tensor) -> None:
+    def update(self, z: torch.Tensor, p: torch.Tensor, represents: int | None = None) -> None:
         zh = append_bias(z.to(torch.float64), self.bias)
         p = p.to(torch.float64) * SIGMA_SECOND_DERIVATIVE
         n = zh.shape[0]
@@ -88,24 +104,31 @@ class DenseStatistic(SiteStatistic):
         for r0 in range(0, self.R, chunk):
             pz = p[:, r0 : r0 + chunk, None] * zh[:, None, :]  # (N, rc, D)
             self.Q[r0 : r0 + chunk] += torch.einsum("nri,nj->rij", pz, zh)
-        self.count += n
+        self._counted(n, represents)
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(self.Q, v.to(self.Q))
+    def matvec(self, v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        Q = self.Q if rows is None else self.Q[rows]
+        return torch.bmm(Q, v.to(self.Q))
 
     def all_reduce(self, accelerator: object | None) -> None:
         self.Q = _reduce_sum(self.Q, accelerator)
-        self.count = int(_reduce_sum(torch.tensor([self.count], device=self.Q.device), accelerator).item())
+        self._reduce_counts(accelerator, self.Q.device)
 
 
 class MatrixFreeStatistic(SiteStatistic):
     """Cache Zh and P (any dtype); apply Q with two GEMMs per product, accumulating in float32 or better.
 
+    The rows stay in the chunks they arrived in (no concatenated copy); a product loops over the chunks
+    and sums. Chunks whose dtype is not the compute dtype (bfloat16 caches) are converted a slice of
+    ``convert_rows`` rows at a time, so the GEMMs run and accumulate in float32 while the cache stays
+    half the size and no float32 copy of the whole cache is ever made.
+
     Args:
         cache_dtype: dtype of the cached rows (float32 default; bfloat16 halves the memory).
-        accelerator: when given, every :meth:`matvec` sums the products over processes, so each
-            process holds only its shard of the probe data.
+        compute_dtype: dtype of the products (default float32, float64 for float64 caches).
     """
+
+    convert_rows = 8192
 
     def __init__(
         self,
@@ -121,38 +144,60 @@ class MatrixFreeStatistic(SiteStatistic):
         self._z: list[torch.Tensor] = []
         self._p: list[torch.Tensor] = []
         self._accelerator: object | None = None
+        self._rows_key: torch.Tensor | None = None  # the last ``rows`` of matvec and P restricted to them
+        self._p_rows: list[torch.Tensor] = []
 
-    def update(self, z: torch.Tensor, p: torch.Tensor) -> None:
-        self._z.append(append_bias(z, self.bias).to(self.cache_dtype))
+    def update(self, z: torch.Tensor, p: torch.Tensor, represents: int | None = None) -> None:
+        zh = torch.empty(z.shape[0], self.D, dtype=self.cache_dtype, device=z.device)
+        zh[:, : z.shape[1]] = z  # one copy (with the dtype conversion), no concatenation
+        if self.bias:
+            zh[:, -1] = 1
+        self._z.append(zh)
         self._p.append((p * SIGMA_SECOND_DERIVATIVE).to(self.cache_dtype))
-        self.count += z.shape[0]
+        self._rows_key, self._p_rows = None, []
+        self._counted(z.shape[0], represents)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached rows."""
+        return sum(t.numel() * t.element_size() for t in (*self._z, *self._p))
 
     def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(self._z) > 1:  # concatenate once so each product is two large GEMMs
-            self._z, self._p = [torch.cat(self._z)], [torch.cat(self._p)]
-        return self._z[0], self._p[0]
+        """All cached rows (Zh, P) concatenated (a copy; for tests and inspection)."""
+        return torch.cat(self._z), torch.cat(self._p)
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        R, D, m = v.shape
-        if not self._z:
-            out = torch.zeros(R, D, m, dtype=self.compute_dtype, device=v.device)
-        else:
-            zh, p = self._rows()
-            zh, p = zh.to(self.compute_dtype), p.to(self.compute_dtype)
-            vf = v.to(self.compute_dtype).permute(1, 0, 2).reshape(D, R * m)  # column (r, i) = v[r, :, i]
+    def _p_for(self, rows: torch.Tensor | None) -> list[torch.Tensor]:
+        if rows is None:
+            return self._p
+        if self._rows_key is None or self._rows_key.shape != rows.shape or not torch.equal(self._rows_key, rows):
+            self._rows_key = rows.clone()
+            self._p_rows = [p[:, rows] for p in self._p]  # gathered once per active set, not per product
+        return self._p_rows
+
+    def matvec(self, v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Block-wise product; with ``rows`` (indices of blocks), v is (len(rows), D, m) for those blocks."""
+        Rv, D, m = v.shape
+        cd = self.compute_dtype
+        out = torch.zeros(D, Rv * m, dtype=cd, device=v.device)
+        if self._z:
+            vf = v.to(cd).permute(1, 0, 2).reshape(D, Rv * m)  # column (r, i) = v[r, :, i]
             # Under a caller's bf16/fp16 autocast the float32 GEMMs would silently run in half precision.
-            with torch.autocast(device_type=zh.device.type, enabled=False):
-                # (Q v)[r, :, i] = Zh^T (P[:, r] * (Zh v[r, :, i]))
-                u = (zh @ vf).reshape(-1, R, m) * p[:, :, None]  # (N, R, m)
-                out = (zh.T @ u.reshape(-1, R * m)).reshape(D, R, m).permute(1, 0, 2)
-        out = _reduce_sum(out.contiguous(), self._accelerator)
+            with torch.autocast(device_type=v.device.type, enabled=False):
+                for zh, p in zip(self._z, self._p_for(rows)):
+                    step = zh.shape[0] if zh.dtype == cd else self.convert_rows
+                    for i in range(0, zh.shape[0], step):
+                        zc, pc = zh[i : i + step].to(cd), p[i : i + step].to(cd)
+                        # (Q v)[r, :, i] = Zh^T (P[:, r] * (Zh v[r, :, i]))
+                        u = (zc @ vf).reshape(-1, Rv, m) * pc[:, :, None]  # (n, R, m)
+                        out.addmm_(zc.T, u.reshape(-1, Rv * m))
+        out = out.reshape(D, Rv, m).permute(1, 0, 2).contiguous()
+        out = _reduce_sum(out, self._accelerator)
         return out.to(v.dtype)
 
     def all_reduce(self, accelerator: object | None) -> None:
         self._accelerator = accelerator  # products are summed lazily, one all-reduce per matvec
         # A rank with an empty shard has no cached rows: reduce on the accelerator's device (NCCL needs CUDA).
         dev = self._z[0].device if self._z else getattr(accelerator, "device", "cpu")
-        self.count = int(_reduce_sum(torch.tensor([self.count], device=dev), accelerator).item())
+        self._reduce_counts(accelerator, dev)
 
     def dense(self) -> torch.Tensor:
         """The dense blocks (R, D, D) in float64 (for tests and small widths only)."""

@@ -11,10 +11,20 @@ statistics are streamed (:mod:`.statistics`) and solved per site (:mod:`..eigen`
 Padded text batches: when the inputs are a dict with an ``attention_mask`` of shape (B, L), the rows
 n = (b, l) with mask 0 are dropped from Z and P before they reach the statistics (:func:`sample_mask`),
 so padding tokens neither count as samples nor occupy the matrix-free cache.
+
+Subsampling (``sample_fraction`` / ``max_samples_per_batch``): of the N rows (tokens / pixels) of a batch,
+n are drawn uniformly without replacement by a ``torch.Generator`` seeded from ``(sample_seed, batch
+index)`` -- the same rows at every site, on every rerun -- and their adjoints are multiplied by N / n.
+The statistic is then an unbiased estimate of the full-data sum Q (E[Q_hat] = Q), so scores keep the
+scale of the unsubsampled ones and stay comparable across sites, probe sizes and fractions;
+``count`` / ``num_samples`` still counts the N rows represented (``num_rows`` the n kept).
+lambda_max of an estimate is biased upward by its noise (E lambda_max(Q_hat) >= lambda_max(Q)).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +32,7 @@ import torch
 from torch import nn
 
 from ..eigen import EigenResult, dense_top_eigenpairs, lanczos_top_eigenpairs, select_direction
+from ..errors import ConvergenceWarning
 from ..surgery import get_family
 from ..surgery.base import ChainFamily, Site
 from .probes import capture_states, default_forward, probe_batch
@@ -33,6 +44,7 @@ __all__ = [
     "sample_mask",
     "solve_site",
     "split_batch",
+    "subsample_rows",
     "topological_derivative",
 ]
 
@@ -128,6 +140,49 @@ def sample_mask(inputs: object, state: torch.Tensor) -> torch.Tensor | None:
     return mask.reshape(-1).to(state.device) != 0
 
 
+def subsample_rows(
+    num_rows: int,
+    batch_index: int,
+    fraction: float | None = None,
+    max_rows: int | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor | None:
+    """The rows of a batch kept by subsampling, or ``None`` to keep all ``num_rows``.
+
+    n = min(num_rows, ceil(fraction * num_rows), max_rows) rows are drawn uniformly without replacement
+    with a CPU ``torch.Generator`` seeded from ``(seed, batch_index)`` only, so every process and every
+    rerun picks the same rows of the same batch. Returned sorted (memory order), as a LongTensor on ``device``.
+    """
+    keep = num_rows
+    if fraction is not None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"sample_fraction must lie in (0, 1], got {fraction}")
+        keep = min(keep, max(1, math.ceil(fraction * num_rows)))
+    if max_rows is not None:
+        if max_rows < 1:
+            raise ValueError(f"max_samples_per_batch must be >= 1, got {max_rows}")
+        keep = min(keep, max_rows)
+    if keep >= num_rows:
+        return None
+    g = torch.Generator(device="cpu").manual_seed((int(seed) * 1_000_003 + int(batch_index)) % (2**63))
+    return torch.randperm(num_rows, generator=g)[:keep].sort().values.to(device)
+
+
+def _truncate(inputs: object, targets: torch.Tensor, n: int) -> tuple[object, torch.Tensor]:
+    """The first ``n`` examples of a batch (every tensor whose first dimension is the batch size)."""
+    B = targets.shape[0]
+
+    def cut(x: object) -> object:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == B:
+            return x[:n]
+        if isinstance(x, dict):
+            return {k: cut(v) for k, v in x.items()}
+        return x
+
+    return cut(inputs), targets[:n]
+
+
 def _resolve_sites(model: nn.Module, family: ChainFamily, sites: Sequence[str | Site] | None) -> list[Site]:
     if sites is None:
         return family.sites(model)
@@ -147,6 +202,11 @@ def compute_site_statistics(
     dense_max_dim: int = 257,
     cache_dtype: torch.dtype | None = None,
     progress: bool = False,
+    *,
+    max_samples: int | None = None,
+    sample_fraction: float | None = None,
+    max_samples_per_batch: int | None = None,
+    sample_seed: int = 0,
 ) -> tuple[list[Site], dict[str, SiteStatistic], dict[str, nn.Module], float]:
     """Stream the probe data once and accumulate every site's statistic.
 
@@ -162,13 +222,23 @@ def compute_site_statistics(
             statistics are summed over processes.
         forward_fn: ``forward_fn(model, inputs) -> predictions`` (default: call the model, take logits).
         solver: "dense", "matrix_free" or "auto" (dense when D <= ``dense_max_dim``).
-        cache_dtype: dtype of matrix-free caches (float32 default, float64 when the model is float64).
+        cache_dtype: dtype of matrix-free caches (float32 default, float64 when the model is float64;
+            ``torch.bfloat16`` halves the cache, products still accumulate in float32).
+        max_samples: probe size: use at most this many examples (the last batch is cut; with
+            ``max_batches`` whichever limit comes first; per process under ``accelerator``).
+        sample_fraction: keep this fraction of the rows (tokens / pixels) of every batch (see the module
+            docstring: the kept adjoints are scaled by N / n, so Q stays an unbiased estimate of the sum).
+        max_samples_per_batch: keep at most this many rows of every batch.
+        sample_seed: seed of the row selection (with the batch index).
 
     Returns:
         ``(sites, statistics by site name, zero layer that fits each site, total loss J)``.
     """
     if solver not in SOLVERS:
         raise ValueError(f"Unknown solver {solver!r}; choose one of {SOLVERS}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    subsample_rows(2, 0, sample_fraction, max_samples_per_batch)  # validate the arguments early
     check_loss_fn(loss_fn)
     forward_fn = forward_fn or default_forward
     family = get_family(model)
@@ -202,22 +272,39 @@ def compute_site_statistics(
                 from tqdm.auto import tqdm
 
                 iterator = tqdm(data, desc="topological derivative", total=max_batches, leave=False)
+            n_examples = 0
+            subsampling = sample_fraction is not None or max_samples_per_batch is not None
             for batch in iterator:
                 if max_batches is not None and n_batches >= max_batches:
                     break
+                if max_samples is not None and n_examples >= max_samples:
+                    break
                 inputs, targets = split_batch(batch)
+                if max_samples is not None and n_examples + targets.shape[0] > max_samples:
+                    inputs, targets = _truncate(inputs, targets, max_samples - n_examples)
+                n_examples += targets.shape[0]
                 inputs, targets = _to_device(inputs, device), _to_device(targets, device)
                 loss, captured = probe_batch(model, site_list, family, store, inputs, targets, loss_fn, forward_fn)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"Non-finite probe loss {loss.item()} in batch {n_batches}")
                 total_loss += loss.to(torch.float64)
+                rows, rows_of, scale = None, -1, 1.0
                 for s in site_list:
-                    h, p = captured[s.name]
+                    h, p = captured.pop(s.name)  # drop each site's state as soon as it is cached
                     z, pr = layers[s.name].samples(h, p)
                     keep = sample_mask(inputs, h)
+                    del h, p
                     if keep is not None:  # padding tokens are not samples (their adjoint is 0 anyway)
                         z, pr = z[keep], pr[keep]
-                    stats[s.name].update(z, pr)
+                    if subsampling and z.shape[0] != rows_of:  # once per batch: states share their row layout
+                        rows = subsample_rows(z.shape[0], n_batches, sample_fraction, max_samples_per_batch,
+                                              sample_seed, z.device)
+                        rows_of, scale = z.shape[0], z.shape[0] / rows.numel() if rows is not None else 1.0
+                    if rows is not None:  # the same rows at every site
+                        stats[s.name].update(z[rows], pr[rows] * scale, represents=z.shape[0])
+                    else:
+                        stats[s.name].update(z, pr)
+                    del z, pr
                 n_batches += 1
     finally:
         model.train(was_training)
@@ -237,13 +324,33 @@ def solve_site(
     tol: float = 1e-4,
     steps: int = 48,
     max_restarts: int = 20,
+    site: str | None = None,
+    prune: bool = True,
 ) -> EigenResult:
-    """Top eigenpairs of one site's Q: dense ``eigh`` or matrix-free Lanczos, by the statistic's kind."""
+    """Top eigenpairs of one site's Q: dense ``eigh`` or matrix-free Lanczos, by the statistic's kind.
+
+    A matrix-free solve that misses ``tol`` warns (:class:`~topotransfer.errors.ConvergenceWarning`),
+    naming ``site`` and the largest relative residual; the result is still returned (``converged=False``).
+    """
     if isinstance(stat, DenseStatistic):
         return dense_top_eigenpairs(stat.Q, num_eigenvalues)
-    return lanczos_top_eigenpairs(
-        stat.matvec, stat.R, stat.D, num=num_eigenvalues, steps=steps, tol=tol, max_restarts=max_restarts
+    eig = lanczos_top_eigenpairs(
+        stat.matvec, stat.R, stat.D, num=num_eigenvalues, steps=steps, tol=tol, max_restarts=max_restarts,
+        prune=prune,
     )
+    if not eig.converged:
+        scale = float(eig.values.abs().max().clamp_min(1e-300))
+        worst = int(eig.residuals.argmax())
+        warnings.warn(
+            f"Matrix-free eigen-solve at site {site or '?'!r} did not converge: largest relative residual "
+            f"||Q v - lambda v|| / max|lambda| = {float(eig.residuals[worst]) / scale:.2e} > tol {tol:.1e} "
+            f"(eigenpair {worst + 1} of {eig.values.numel()}, lambda = {float(eig.values[worst]):.6g}) after "
+            f"{eig.iterations} Lanczos steps (lanczos_steps={steps}, max_restarts={max_restarts}). TD = "
+            f"{float(eig.values[0]):.6g} may be inaccurate; raise lanczos_steps / max_restarts or tol.",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return eig
 
 
 def topological_derivative(
@@ -265,6 +372,12 @@ def topological_derivative(
     dense_max_dim: int = 257,
     cache_dtype: torch.dtype | None = None,
     progress: bool = False,
+    max_samples: int | None = None,
+    sample_fraction: float | None = None,
+    max_samples_per_batch: int | None = None,
+    sample_seed: int = 0,
+    max_restarts: int = 20,
+    prune: bool = True,
 ) -> list[SiteResult]:
     """Topological derivative and initial layer direction at every site, in depth order.
 
@@ -282,18 +395,27 @@ def topological_derivative(
         solver: "auto", "dense" or "matrix_free".
         forward_fn: ``forward_fn(model, inputs) -> predictions``.
         num_eigenvalues: eigenpairs computed per site (bounds the cluster size).
-        tol: relative residual tolerance of the matrix-free solver.
+        tol: relative residual tolerance of the matrix-free solver (a miss warns, naming the site).
+        lanczos_steps, max_restarts: Krylov dimension per cycle and restarts of the matrix-free solver.
+        dense_max_dim: ``solver="auto"`` solves dense blocks when D = d_in + 1 <= this, else matrix-free.
+        cache_dtype: dtype of the matrix-free caches (``torch.bfloat16`` halves them).
+        max_samples: probe size in examples (see :func:`compute_site_statistics`).
+        sample_fraction, max_samples_per_batch, sample_seed: deterministic row subsampling per batch,
+            with the kept adjoints scaled by N / n (unbiased estimate of Q; see the module docstring).
+        prune: let the matrix-free solver stop iterating blocks that cannot hold a top eigenpair.
 
     Returns:
         One :class:`SiteResult` per site, in depth order. Weights are float64 on the model's device.
     """
     site_list, stats, layers, _ = compute_site_statistics(
-        model, data, loss_fn, sites, max_batches, accelerator, forward_fn, solver, dense_max_dim, cache_dtype, progress
+        model, data, loss_fn, sites, max_batches, accelerator, forward_fn, solver, dense_max_dim, cache_dtype, progress,
+        max_samples=max_samples, sample_fraction=sample_fraction, max_samples_per_batch=max_samples_per_batch,
+        sample_seed=sample_seed,
     )
     results = []
     for s in site_list:
         st, layer = stats[s.name], layers[s.name]
-        eig = solve_site(st, num_eigenvalues, tol, lanczos_steps)
+        eig = solve_site(st, num_eigenvalues, tol, lanczos_steps, max_restarts, site=s.name, prune=prune)
         theta, n, quad = select_direction(eig, st.R, rule, c, k)
         weight = theta[:, : layer.in_features].contiguous()
         bias = theta[:, layer.in_features].contiguous() if st.bias else None

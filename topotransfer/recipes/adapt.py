@@ -164,6 +164,7 @@ def _insertion_event(
     p = cfg.probe
     results = topological_derivative(
         model, probe, loss_sum, sites=chosen, rule=p.rule, c=p.c, k=p.k, solver=p.solver, tol=p.tol,
+        sample_fraction=p.sample_fraction, max_samples_per_batch=p.max_samples_per_batch,
         progress=cfg.progress,
     )
     scores = {r.site.removeprefix(_PEFT_PREFIX): r.score for r in results}

@@ -34,7 +34,8 @@ def run_derivative(cfg: RunConfig) -> list:
     p = cfg.probe
     results = topological_derivative(
         model, _batches(task.train, p.batch_size, p.batches), loss_sum, rule=p.rule, c=p.c, k=p.k,
-        solver=p.solver, tol=p.tol, progress=cfg.progress,
+        solver=p.solver, tol=p.tol, progress=cfg.progress, sample_fraction=p.sample_fraction,
+        max_samples_per_batch=p.max_samples_per_batch,
     )
     print(f"{task.name}: {type(model).__name__} after {cfg.train.epochs} epochs, val loss {val['loss']:.4g}")
     print(f"{'site':28s} {'TD (lambda_max)':>16s} {'k':>4s} {'solver':>12s}")

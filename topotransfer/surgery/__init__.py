@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import ChainFamily, Site, first_tensor
+from .base import ChainFamily, DownstreamUnsupportedError, Site, first_tensor
 from .hf import BertFamily, HFEncoderFamily, TopoBlock, ViTFamily
 from .residual import ResidualCNNFamily, ResidualMLPFamily
 
@@ -13,6 +13,7 @@ __all__ = [
     "FAMILIES",
     "BertFamily",
     "ChainFamily",
+    "DownstreamUnsupportedError",
     "HFEncoderFamily",
     "Site",
     "TopoBlock",

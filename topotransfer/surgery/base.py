@@ -12,6 +12,7 @@ without LayerNorm) and which config fields must follow the depth. Everything els
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,12 @@ from torch import nn
 
 from ..errors import NoSitesFoundError, UnknownSiteError
 
-__all__ = ["ChainFamily", "Site", "first_tensor"]
+__all__ = ["ChainFamily", "DownstreamUnsupportedError", "Site", "first_tensor"]
+
+
+class DownstreamUnsupportedError(NotImplementedError):
+    """The family cannot run the network from a site's state on for this model (an unknown head, an
+    attention mask the blocks would need...): callers fall back to a full forward pass."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,42 @@ class ChainFamily:
     def capture(self, output: object) -> torch.Tensor:
         """Extract h_t from the producing module's output."""
         return first_tensor(output)
+
+    def head(self, model: nn.Module, inputs: object = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The part of ``model`` after its last block, as a function of the last state: ``head(h_T)`` must
+        equal the predictions of the full forward pass (what ``forward_fn`` / the logits are).
+
+        Raises:
+            DownstreamUnsupportedError: this model's head (or these inputs) is not known to the family.
+        """
+        raise DownstreamUnsupportedError(f"{type(self).__name__} does not know the head of {type(model).__name__}")
+
+    def run_block(self, model: nn.Module, block: nn.Module, hidden: torch.Tensor, inputs: object = None) -> torch.Tensor:
+        """One block of the chain applied to a state (the call the model's own forward makes)."""
+        return first_tensor(block(hidden))
+
+    def forward_from(self, model: nn.Module, site: str | Site, hidden: torch.Tensor, inputs: object = None) -> torch.Tensor:
+        """The predictions of ``model`` computed from the state after ``site`` only.
+
+        Runs ``blocks[site.position:]`` on ``hidden`` (the state h_t, or a layer's output on it) and then
+        the model's head, so the upstream part of the network is not evaluated again. With ``hidden`` =
+        h_t this equals the full forward pass; with ``hidden = layer(h_t)`` it equals the full forward
+        pass of the model with ``layer`` inserted at ``site``.
+
+        Args:
+            inputs: the batch's model inputs (some families need them, e.g. for masks).
+
+        Raises:
+            DownstreamUnsupportedError: the family cannot do this for ``model`` / ``inputs``; run the
+                full model instead.
+        """
+        head = self.head(model, inputs)  # fail before any work
+        site = self.site(model, site)
+        blocks = model.get_submodule(site.container)
+        h = hidden
+        for block in list(blocks)[site.position :]:
+            h = self.run_block(model, block, h, inputs)
+        return head(h)
 
     # -- generic ------------------------------------------------------------------------------------
     def sites(self, model: nn.Module) -> list[Site]:

@@ -9,12 +9,14 @@ children are the family's block class, takes the stem from the nearest ancestor 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from ..errors import NoSitesFoundError
 from ..layers import TopoLayer
-from .base import ChainFamily, Site, first_tensor
+from .base import ChainFamily, DownstreamUnsupportedError, Site, first_tensor
 
 __all__ = ["BertFamily", "HFEncoderFamily", "TopoBlock", "ViTFamily"]
 
@@ -114,12 +116,53 @@ class HFEncoderFamily(ChainFamily):
         model.config.num_hidden_layers = len(model.get_submodule(container))
 
 
+#: Image-classification heads on the final LayerNorm's output s (B, L, d), by owner class name.
+_VIT_HEADS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "ViTForImageClassification": lambda owner, s: owner.classifier(s[:, 0, :]),
+    "DeiTForImageClassification": lambda owner, s: owner.classifier(s[:, 0, :]),
+    # inference logits of the distilled DeiT: the mean of the class-token and distillation-token heads
+    "DeiTForImageClassificationWithTeacher": lambda owner, s: (
+        owner.cls_classifier(s[:, 0, :]) + owner.distillation_classifier(s[:, 1, :])
+    ) / 2,
+}
+_VIT_BACKBONES = ("ViTModel", "DeiTModel")
+
+
 class ViTFamily(HFEncoderFamily):
-    """transformers ViT and DeiT (``ViTModel``, ``ViTForImageClassification``, DeiT equivalents)."""
+    """transformers ViT and DeiT (``ViTModel``, ``ViTForImageClassification``, DeiT equivalents).
+
+    The downstream part of a site (:meth:`forward_from`) is known for ``ViTModel`` / ``DeiTModel``
+    (predictions = ``last_hidden_state``, the final LayerNorm's output), ``ViTForImageClassification``,
+    ``DeiTForImageClassification`` (classifier on token 0) and ``DeiTForImageClassificationWithTeacher``
+    (mean of the class-token and distillation-token classifiers), also under a peft wrapper. Other heads
+    and inputs with an ``attention_mask`` / ``head_mask`` raise :class:`DownstreamUnsupportedError`.
+    """
 
     name = "vit"
     model_types = ("vit", "deit")
     block_classes = ("ViTLayer", "DeiTLayer")
+
+    def head(self, model: nn.Module, inputs: object = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        if isinstance(inputs, dict) and any(inputs.get(k) is not None for k in ("attention_mask", "head_mask")):
+            raise DownstreamUnsupportedError("ViT blocks would need the attention / head mask: run the full model")
+        stem, _ = self.chain(model)
+        bb_path = stem.rsplit(".", 1)[0] if "." in stem else ""
+        backbone = model.get_submodule(bb_path)
+        norm = getattr(backbone, "layernorm", None)
+        if type(backbone).__name__ not in _VIT_BACKBONES or not isinstance(norm, nn.Module):
+            raise DownstreamUnsupportedError(
+                f"Unknown ViT backbone {type(backbone).__name__} (known: {', '.join(_VIT_BACKBONES)}): run the full model"
+            )
+        if not bb_path:
+            return norm  # ViTModel / DeiTModel: the predictions are last_hidden_state
+        owner = model.get_submodule(bb_path.rsplit(".", 1)[0] if "." in bb_path else "")
+        fn = _VIT_HEADS.get(type(owner).__name__)
+        if fn is None:
+            raise DownstreamUnsupportedError(
+                f"Unknown head {type(owner).__name__} on a {type(backbone).__name__} (known: {', '.join(_VIT_HEADS)}): "
+                "run the full model"
+            )
+        return lambda h: fn(owner, norm(h))
 
 
 class BertFamily(HFEncoderFamily):

@@ -6,11 +6,21 @@ list unwrapped; every block boundary is a site because all states share one shap
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
 
 from ..layers import TopoConv2d, TopoLayer
 from ..models import ResidualCNN, ResidualMLP
-from .base import ChainFamily, Site
+from .base import ChainFamily, DownstreamUnsupportedError, Site
+
+
+def _own_forward(model: nn.Module, cls: type) -> None:
+    if type(model).forward is not cls.forward:
+        raise DownstreamUnsupportedError(
+            f"{type(model).__name__} overrides {cls.__name__}.forward: its head is unknown, run the full model"
+        )
 
 __all__ = ["ResidualCNNFamily", "ResidualMLPFamily"]
 
@@ -29,6 +39,10 @@ class ResidualMLPFamily(ChainFamily):
     def new_layer(self, model: nn.Module, site: Site) -> nn.Module:
         return TopoLayer(model.width)
 
+    def head(self, model: nn.Module, inputs: object = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        _own_forward(model, ResidualMLP)
+        return model.output_layer
+
 
 class ResidualCNNFamily(ChainFamily):
     """:class:`ResidualCNN`: stem ``stem`` (conv + tanh), blocks ``blocks`` of residual convolutions."""
@@ -43,3 +57,7 @@ class ResidualCNNFamily(ChainFamily):
 
     def new_layer(self, model: nn.Module, site: Site) -> nn.Module:
         return TopoConv2d(model.channels, model.kernel_size)
+
+    def head(self, model: nn.Module, inputs: object = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        _own_forward(model, ResidualCNN)
+        return lambda h: model.head(h.mean(dim=(2, 3)))

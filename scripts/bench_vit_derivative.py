@@ -1,0 +1,542 @@
+#!/usr/bin/env python
+"""Benchmark the topological derivative of a ViT at ViT-Base width against one forward + backward pass.
+
+Model: ``ViTForImageClassification(ViTConfig(hidden_size=d, num_hidden_layers=12, num_attention_heads=d/64,
+intermediate_size=4d, image_size=32, patch_size=4, num_labels=10))`` in float32 (65 tokens per image,
+13 sites), random initialisation, random images and labels, summed cross-entropy, probe batches of
+``--batch-size`` images. For every width d and probe size (images):
+
+- ``t_fb``: one forward + backward (``loss.backward()``, weight gradients included) over the probe data;
+- the derivative over all 13 sites with ``topotransfer.topological_derivative`` (rule "cluster"), split
+  into capture + statistics and eigen-solve, as ratios to ``t_fb`` measured *in the same process, side
+  by side* (fb, derivative, fb, derivative, ...; the ratio is the median of the per-pair ratios);
+- peak extra memory (fresh process per measurement, peak RSS counter reset right before it): of the
+  forward + backward alone ("the probe's activation memory": activations + weight gradients) and of the
+  derivative alone;
+- ``lambda_max`` agreement between the matrix-free solver and blockwise dense ``eigh`` (``DenseStatistic``,
+  where all 13 sites' d x (d+1)^2 blocks fit; at d = 768 a chunked blockwise reference on a few sites);
+- a straightforward dense baseline implemented here: assemble one site's full Q of size (d(d+1))^2 and
+  ``eigh`` it, timed at small d, fitted and extrapolated (O(d^6) time, O(d^4) memory).
+
+Variants: ``mf`` (matrix-free, float32 cache), ``mf_bf16`` (bfloat16 cache), ``mf_sub`` (``sample_fraction``
+rows per batch), ``dense`` (``solver="dense"``), ``ref`` (chunked blockwise dense reference).
+
+Usage::
+
+    python scripts/bench_vit_derivative.py [--widths 192 384 768] [--images 64 128 256 512]
+        [--variants-at 768:512] [--dense-at 192:64 384:64] [--ref-at 768:64] [--fullq-widths 16 32 48 64]
+        [--log results.jsonl] [--out docs/results/performance.md]
+    python scripts/bench_vit_derivative.py --report-only --log results.jsonl --out ...   # rebuild the report
+
+Every measurement runs in a child process (``--child JSON``) that prints one ``RESULT {...}`` line;
+the parent appends it to ``--log`` (so an interrupted run keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MB = 1e6
+NUM_CLASSES = 10
+IMAGE, PATCH, DEPTH = 32, 4, 12
+TOKENS = (IMAGE // PATCH) ** 2 + 1  # 65
+
+
+# ---------------------------------------------------------------------------------------------------
+# memory (Linux)
+# ---------------------------------------------------------------------------------------------------
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def current_rss() -> int:
+    kb = _status_kb("VmRSS")
+    return (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    kb = _status_kb("VmHWM")
+    return (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# ---------------------------------------------------------------------------------------------------
+# child
+# ---------------------------------------------------------------------------------------------------
+def build(d: int, images: int, batch_size: int, seed: int):
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(hidden_size=d, num_hidden_layers=DEPTH, num_attention_heads=max(1, d // 64),
+                    intermediate_size=4 * d, image_size=IMAGE, patch_size=PATCH, num_labels=NUM_CLASSES,
+                    attn_implementation="sdpa")
+    model = ViTForImageClassification(cfg).float()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(images, 3, IMAGE, IMAGE, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (images,), generator=g)
+    data = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, images, batch_size)]
+    return model, data, torch.nn.CrossEntropyLoss(reduction="sum")
+
+
+def forward_backward(model, data, loss_fn) -> None:
+    for xb, yb in data:
+        loss_fn(model(xb).logits, yb).backward()
+
+
+def derivative_kwargs(variant: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    kw: dict = {"rule": "cluster"}
+    if variant == "dense":
+        kw["solver"] = "dense"
+    else:
+        kw["solver"] = "matrix_free"
+    if variant == "mf_bf16":
+        kw["cache_dtype"] = torch.bfloat16
+    if variant == "mf_sub":
+        kw["sample_fraction"] = args.sample_fraction
+    return kw
+
+
+def timed_derivative(model, data, loss_fn, kw: dict) -> tuple[list, dict]:
+    """topological_derivative with its two phases timed (module globals wrapped for the call)."""
+    import topotransfer
+    import topotransfer.derivative.topological as topo
+
+    phase = {"stats": 0.0, "solve": 0.0, "site_solve": [], "iters": [], "work": [], "converged": []}
+    orig_stats, orig_solve = topo.compute_site_statistics, topo.solve_site
+
+    def stats(*a, **k):
+        t0 = time.perf_counter()
+        r = orig_stats(*a, **k)
+        phase["stats"] += time.perf_counter() - t0
+        return r
+
+    def solve(*a, **k):
+        t0 = time.perf_counter()
+        r = orig_solve(*a, **k)
+        dt = time.perf_counter() - t0
+        phase["solve"] += dt
+        phase["site_solve"].append(dt)
+        phase["iters"].append(int(r.iterations))
+        phase["work"].append(float(getattr(r, "work", r.iterations)))
+        phase["converged"].append(bool(r.converged))
+        return r
+
+    topo.compute_site_statistics, topo.solve_site = stats, solve
+    try:
+        results = topotransfer.topological_derivative(model, data, loss_fn, **kw)
+    finally:
+        topo.compute_site_statistics, topo.solve_site = orig_stats, orig_solve
+    return results, phase
+
+
+def child_time(spec: dict, args: argparse.Namespace) -> dict:
+    """fb and derivative alternately in one process; ratios per pair."""
+    import torch
+
+    model, data, loss_fn = build(spec["d"], spec["images"], args.batch_size, args.seed)
+    kw = derivative_kwargs(spec["variant"], args)
+    forward_backward(model, data[:1], loss_fn)  # warm-up (one batch)
+    model.zero_grad(set_to_none=True)
+    pairs = []
+    t_start = time.perf_counter()
+    results = phase = None
+    for rep in range(args.repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        forward_backward(model, data, loss_fn)
+        t_fb, c_fb = time.perf_counter() - t0, time.process_time() - c0
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        t0, c0 = time.perf_counter(), time.process_time()
+        results, phase = timed_derivative(model, data, loss_fn, kw)
+        t_d, c_d = time.perf_counter() - t0, time.process_time() - c0
+        pairs.append({"t_fb": t_fb, "cpu_fb": c_fb, "t_deriv": t_d, "cpu_deriv": c_d, **{
+            k: (list(v) if isinstance(v, list) else v) for k, v in phase.items()}})
+        print(f"    d={spec['d']} images={spec['images']} {spec['variant']} rep {rep + 1}: fb {t_fb:.2f} s, "
+              f"derivative {t_d:.2f} s (stats {phase['stats']:.2f} + solve {phase['solve']:.2f}), "
+              f"ratio {t_d / t_fb:.2f}", file=sys.stderr, flush=True)
+        min_reps = 1 if spec["variant"] == "dense" else 2  # dense at d = 384 takes minutes per run
+        if time.perf_counter() - t_start > args.repeat_cap and rep + 1 >= min_reps:
+            break
+    med = lambda key: statistics.median(p[key] for p in pairs)  # noqa: E731
+    return {
+        **spec, "kind": "time", "threads": torch.get_num_threads(), "reps": len(pairs), "pairs": pairs,
+        "t_fb": med("t_fb"), "t_deriv": med("t_deriv"),
+        "ratio": statistics.median(p["t_deriv"] / p["t_fb"] for p in pairs),
+        "ratio_stats": statistics.median(p["stats"] / p["t_fb"] for p in pairs),
+        "ratio_solve": statistics.median(p["solve"] / p["t_fb"] for p in pairs),
+        "cpu_ratio": statistics.median(p["cpu_deriv"] / p["cpu_fb"] for p in pairs),
+        "lambda_max": [float(r.score) for r in results], "sites": [r.site for r in results],
+        "k": [int(r.k) for r in results], "num_samples": [int(r.num_samples) for r in results],
+        "load": os.getloadavg()[0],
+    }
+
+
+def child_mem(spec: dict, args: argparse.Namespace) -> dict:
+    """Peak extra RSS of one forward + backward, or of one derivative, in a fresh process."""
+    model, data, loss_fn = build(spec["d"], spec["images"], args.batch_size, args.seed)
+    kw = derivative_kwargs(spec["variant"], args)
+    gc.collect()
+    base = current_rss()
+    ok = reset_peak()
+    t0 = time.perf_counter()
+    if spec["what"] == "fb":
+        forward_backward(model, data, loss_fn)
+    else:
+        timed_derivative(model, data, loss_fn, kw)
+    dt = time.perf_counter() - t0
+    return {**spec, "kind": "mem", "peak_extra_mb": (peak_rss() - base) / MB, "reset": ok, "seconds": dt,
+            "base_mb": base / MB}
+
+
+def blockwise_lambda_max(stat, chunk: int = 64) -> float:
+    """Exact lambda_max of a matrix-free statistic: dense blocks built chunk by chunk in float64, eigvalsh."""
+    import torch
+
+    z = torch.cat(stat._z).double()
+    p = torch.cat(stat._p).double()
+    best = -math.inf
+    for r0 in range(0, stat.R, chunk):
+        Q = torch.einsum("nr,ni,nj->rij", p[:, r0 : r0 + chunk], z, z)
+        best = max(best, float(torch.linalg.eigvalsh(Q)[:, -1].max()))
+    return best
+
+
+def child_ref(spec: dict, args: argparse.Namespace) -> dict:
+    """Chunked blockwise dense lambda_max at a few sites (for widths where DenseStatistic does not fit)."""
+    import topotransfer.derivative.topological as topo
+
+    model, data, loss_fn = build(spec["d"], spec["images"], args.batch_size, args.seed)
+    sites, stats, _, _ = topo.compute_site_statistics(model, data, loss_fn, sites=spec["sites"], solver="matrix_free")
+    out = {}
+    for s in sites:
+        t0 = time.perf_counter()
+        out[s.name] = (blockwise_lambda_max(stats[s.name]), time.perf_counter() - t0)
+        print(f"    ref {s.name}: {out[s.name][0]:.8g} ({out[s.name][1]:.0f} s)", file=sys.stderr, flush=True)
+    return {**spec, "kind": "ref", "lambda_max": {k: v[0] for k, v in out.items()},
+            "seconds": {k: v[1] for k, v in out.items()}}
+
+
+def child_fullq(spec: dict, args: argparse.Namespace) -> dict:
+    """Straightforward dense baseline at one site: the full (d(d+1))^2 matrix Q, then eigh."""
+    import torch
+
+    import topotransfer.derivative.topological as topo
+
+    model, data, loss_fn = build(spec["d"], spec["images"], args.batch_size, args.seed)
+    site = topo.get_family(model).sites(model)[DEPTH // 2]
+    _, stats, _, _ = topo.compute_site_statistics(model, data, loss_fn, sites=[site.name], solver="matrix_free")
+    st = stats[site.name]
+    z, p = torch.cat(st._z).double(), torch.cat(st._p).double()
+    R, D = st.R, st.D
+    M = R * D
+    gc.collect()
+    base = current_rss()
+    reset_peak()
+    t0 = time.perf_counter()
+    Q = torch.zeros(M, M, dtype=torch.float64)  # theta = vec_rows([Phi | beta]); Q[(r,i),(s,j)] = delta_rs Q_r[i,j]
+    for r in range(R):
+        Q[r * D : (r + 1) * D, r * D : (r + 1) * D] = torch.einsum("n,ni,nj->ij", p[:, r], z, z)
+    t_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    vals, vecs = torch.linalg.eigh(Q)
+    t_eigh = time.perf_counter() - t0
+    peak = (peak_rss() - base) / MB
+    mf = topo.solve_site(st)
+    return {**spec, "kind": "fullq", "site": site.name, "M": M, "t_build": t_build, "t_eigh": t_eigh,
+            "peak_extra_mb": peak, "lambda_max": float(vals[-1]), "lambda_max_mf": float(mf.values[0])}
+
+
+CHILDREN = {"time": child_time, "mem": child_mem, "ref": child_ref, "fullq": child_fullq}
+
+
+# ---------------------------------------------------------------------------------------------------
+# parent
+# ---------------------------------------------------------------------------------------------------
+def launch(spec: dict, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec), "--batch-size", str(args.batch_size),
+           "--seed", str(args.seed), "--repeats", str(args.repeats), "--repeat-cap", str(args.repeat_cap),
+           "--sample-fraction", str(args.sample_fraction)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timeout > {args.timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {**spec, "error": f"child failed (exit {proc.returncode})"}
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["wall"] = time.perf_counter() - t0
+    return res
+
+
+def parse_at(items: list[str]) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in it.split(":")) for it in items]
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
+    jobs: list[dict] = []
+    for d in args.widths:
+        for n in args.images:
+            if f"{d}:{n}" in args.skip:
+                continue
+            jobs.append({"mode": "time", "d": d, "images": n, "variant": "mf"})
+            jobs.append({"mode": "mem", "d": d, "images": n, "variant": "mf", "what": "fb"})
+            jobs.append({"mode": "mem", "d": d, "images": n, "variant": "mf", "what": "deriv"})
+    for d, n in parse_at(args.variants_at):
+        for v in ("mf_bf16", "mf_sub"):
+            jobs.append({"mode": "time", "d": d, "images": n, "variant": v})
+            jobs.append({"mode": "mem", "d": d, "images": n, "variant": v, "what": "deriv"})
+    for d, n in parse_at(args.dense_at):
+        jobs.append({"mode": "time", "d": d, "images": n, "variant": "dense"})
+        if 13 * d * (d + 1) ** 2 * 8 <= 2e9:  # larger: the 13 sites' blocks alone need 13 d (d+1)^2 8 bytes
+            jobs.append({"mode": "mem", "d": d, "images": n, "variant": "dense", "what": "deriv"})
+    for d, n in parse_at(args.ref_at):
+        sites = ["vit.embeddings", "vit.layers.5", "vit.layers.11"]
+        jobs.append({"mode": "ref", "d": d, "images": n, "variant": "ref", "sites": sites})
+    for d in args.fullq_widths:
+        jobs.append({"mode": "fullq", "d": d, "images": args.fullq_images, "variant": "fullq"})
+    return jobs
+
+
+def key(r: dict) -> tuple:
+    return (r["mode"], r["d"], r["images"], r["variant"], r.get("what"))
+
+
+def fit_power(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares fit log y = a + b log x; returns (a, b)."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    b = sum((u - mx) * (v - my) for u, v in zip(lx, ly)) / sum((u - mx) ** 2 for u in lx)
+    return my - b * mx, b
+
+
+def report(records: list[dict], args: argparse.Namespace, argv: list[str], wall: float | None) -> str:
+    by = {}
+    for r in records:
+        if "error" not in r:
+            by[key(r)] = r
+    errors = [r for r in records if "error" in r]
+    get = lambda *k: by.get(k)  # noqa: E731
+    lines = [
+        "# Performance: the topological derivative of a ViT vs one forward + backward pass",
+        "",
+        f"- command: `python {shlex.join(['scripts/bench_vit_derivative.py', *argv])}`",
+        f"- torch threads {records[0].get('threads', '?') if records else '?'}, `nproc` = {os.cpu_count()}, "
+        f"{platform.machine()}, Python {platform.python_version()}; other jobs shared the 2 cores "
+        f"(load average {os.getloadavg()[0]:.1f} at the end), so only same-process ratios are meaningful",
+        f"- model: ViTForImageClassification, hidden d, {DEPTH} blocks, heads d/64, MLP 4d, image {IMAGE}, patch "
+        f"{PATCH} -> {TOKENS} tokens/image, float32, random init, random images/labels, summed cross-entropy, "
+        f"batches of {args.batch_size} images; 13 sites; rule \"cluster\", 32 eigenpairs, tol 1e-4",
+        "- t_fb: one forward + backward (loss.backward(), weight grads) over the probe data; ratios: derivative "
+        "phase / t_fb in the same process, alternating fb and derivative, median over the pairs",
+        "- memory: peak RSS increase (VmHWM reset right before) of the forward + backward alone (activations + "
+        "weight grads = the probe's activation memory) and of the derivative alone, each in a fresh process",
+        "",
+        "## Matrix-free derivative over all 13 sites",
+        "",
+        "| d | images | rows N | t_fb [s] | reps | capture+stats / t_fb | eigen / t_fb | **derivative / t_fb** "
+        "| CPU-time ratio | fb peak MB | derivative peak MB | deriv / fb memory | Lanczos steps (work) per site |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for d in args.widths:
+        for n in args.images:
+            t = get("time", d, n, "mf", None)
+            mfb, mde = get("mem", d, n, "mf", "fb"), get("mem", d, n, "mf", "deriv")
+            if t is None and mfb is None:
+                lines.append(f"| {d} | {n} | {n * TOKENS} | not run (trimmed) | | | | | | | | | |")
+                continue
+            steps = "-"
+            if t:
+                p = t["pairs"][-1]
+                its = sorted(set(p["iters"]))
+                steps = f"{'/'.join(map(str, its))} ({statistics.mean(p['work']):.1f})"
+            mem_ratio = f"{mde['peak_extra_mb'] / mfb['peak_extra_mb']:.2f}" if mfb and mde else "-"
+            mem = lambda r: f"{r['peak_extra_mb']:.0f}" if r else "-"  # noqa: E731
+            timing = (f"{t['t_fb']:.2f} | {t['reps']} | {t['ratio_stats']:.2f} | {t['ratio_solve']:.2f} | "
+                      f"**{t['ratio']:.2f}** | {t['cpu_ratio']:.2f}") if t else "- | - | - | - | - | -"
+            lines.append(f"| {d} | {n} | {n * TOKENS} | {timing} | {mem(mfb)} | {mem(mde)} | {mem_ratio} | {steps} |")
+    # variants
+    var_rows = []
+    for d, n in parse_at(args.variants_at) + parse_at(args.dense_at):
+        for v in ("mf", "mf_bf16", "mf_sub", "dense"):
+            t, m = get("time", d, n, v, None), get("mem", d, n, v, "deriv")
+            if t is None:
+                continue
+            mfb = get("mem", d, n, "mf", "fb")
+            ref = get("time", d, n, "mf", None)
+            rel = "-"
+            if ref and v != "mf":
+                rel = f"{max(abs(a - b) / abs(b) for a, b in zip(t['lambda_max'], ref['lambda_max'])):.1e}"
+            label = {"mf": "matrix-free, float32 cache", "mf_bf16": "matrix-free, bfloat16 cache",
+                     "mf_sub": f"matrix-free, sample_fraction={args.sample_fraction}",
+                     "dense": "blockwise dense (DenseStatistic + eigh)"}[v]
+            if m:
+                peak = f"{m['peak_extra_mb']:.0f}"
+            elif v == "dense":
+                peak = f"not measured (blocks alone: {13 * d * (d + 1) ** 2 * 8 / 1e6:,.0f})"
+            else:
+                peak = "-"
+            row = (f"| {d} | {n} | {label} | {t['ratio_stats']:.2f} | {t['ratio_solve']:.2f} | **{t['ratio']:.2f}** "
+                   f"| {peak} | ")
+            row += f"{mfb['peak_extra_mb']:.0f} | {rel} |" if mfb else f"- | {rel} |"
+            if (d, n, v) not in {(r[0], r[1], r[2]) for r in var_rows}:
+                var_rows.append((d, n, v, row))
+    if var_rows:
+        lines += ["", "## Variants (same process ratios; lambda_max vs the float32 matrix-free run)", "",
+                  "| d | images | solver / cache | capture+stats / t_fb | eigen / t_fb | derivative / t_fb "
+                  "| derivative peak MB | fb peak MB | max rel. diff lambda_max over sites |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [r[3] for r in var_rows]
+    # agreement
+    agree = []
+    for d, n in parse_at(args.dense_at):
+        t, dn = get("time", d, n, "mf", None), get("time", d, n, "dense", None)
+        if t and dn:
+            rel = [abs(a - b) / abs(b) for a, b in zip(t["lambda_max"], dn["lambda_max"])]
+            agree.append(f"| {d} | {n} | DenseStatistic + eigh, all 13 sites | {max(rel):.1e} | "
+                         f"{dn['lambda_max'][0]:.6g} / {t['lambda_max'][0]:.6g} |")
+    for d, n in parse_at(args.ref_at):
+        t, rf = get("time", d, n, "mf", None), get("ref", d, n, "ref", None)
+        if t and rf:
+            idx = {s: i for i, s in enumerate(t["sites"])}
+            rel = [abs(t["lambda_max"][idx[s]] - v) / abs(v) for s, v in rf["lambda_max"].items()]
+            first = next(iter(rf["lambda_max"]))
+            agree.append(f"| {d} | {n} | chunked blockwise eigvalsh, sites {', '.join(rf['lambda_max'])} "
+                         f"({statistics.mean(rf['seconds'].values()):.0f} s per site) | {max(rel):.1e} | "
+                         f"{rf['lambda_max'][first]:.6g} / {t['lambda_max'][idx[first]]:.6g} |")
+    if agree:
+        lines += ["", "## lambda_max: matrix-free vs dense (goal 1e-4 relative)", "",
+                  "| d | images | dense reference | max rel. diff over sites | first site: dense / matrix-free |",
+                  "|---:|---:|---|---:|---|"] + agree
+    # full Q
+    fq = sorted((r for r in by.values() if r["mode"] == "fullq"), key=lambda r: r["d"])
+    if fq:
+        lines += ["", "## Straightforward dense baseline: one site's full Q ((d(d+1))^2) + eigh", "",
+                  f"Built from the same cached Z, P ({args.fullq_images} images) at the middle site; float64.", "",
+                  "| d | M = d(d+1) | build [s] | eigh [s] | peak MB | lambda_max full / matrix-free |",
+                  "|---:|---:|---:|---:|---:|---|"]
+        for r in fq:
+            lines.append(f"| {r['d']} | {r['M']} | {r['t_build']:.2f} | {r['t_eigh']:.2f} | {r['peak_extra_mb']:.0f} "
+                         f"| {r['lambda_max']:.8g} / {r['lambda_max_mf']:.8g} |")
+        big = [r for r in fq if r["t_eigh"] > 0.05]
+        if len(big) >= 2:
+            a, b = fit_power([r["d"] for r in big], [r["t_eigh"] + r["t_build"] for r in big])
+            lines += ["", f"Fit over d = {', '.join(str(r['d']) for r in big)}: time per site ~ d^{b:.1f} "
+                      "(O(d^6) expected for eigh of the (d(d+1))^2 matrix). Extrapolated to the benchmark widths:", "",
+                      "| d | full Q float64 | est. time per site | est. for 13 sites | vs measured matrix-free eigen-solve (13 sites) |",
+                      "|---:|---:|---:|---:|---:|"]
+            for d in args.widths:
+                gb = (d * (d + 1)) ** 2 * 8 / 1e9
+                est = math.exp(a) * d**b
+                t = get("time", d, args.images[0], "mf", None)
+                mf = f"{t['pairs'][-1]['solve']:.1f} s ({args.images[0]} images)" if t else "-"
+                fits = "does not fit in 24 GB" if gb > 12 else "fits only alone (no room for the rest)"
+                lines.append(f"| {d} | {gb:,.0f} GB ({fits}) | {est / 3600:,.1f} h | {13 * est / 3600:,.0f} h | {mf} |")
+    # per-site detail of the largest mf run
+    det = [r for r in by.values() if r["mode"] == "time" and r["variant"] == "mf"]
+    if det:
+        r = max(det, key=lambda r: (r["d"], r["images"]))
+        p = r["pairs"][-1]
+        lines += ["", f"## Per site, d = {r['d']}, {r['images']} images (last repeat)", "",
+                  "| site | eigen-solve [s] | Lanczos steps | work (full products) | converged | lambda_max | k |",
+                  "|---|---:|---:|---:|---|---:|---:|"]
+        for i, s in enumerate(r["sites"]):
+            lines.append(f"| {s} | {p['site_solve'][i]:.2f} | {p['iters'][i]} | {p['work'][i]:.2f} | "
+                         f"{'yes' if p['converged'][i] else 'NO'} | {r['lambda_max'][i]:.6g} | {r['k'][i]} |")
+    if errors:
+        lines += ["", "## Not measured", ""] + [f"- {e['mode']} d={e['d']} images={e['images']} {e['variant']}: "
+                                                  f"{e['error']}" for e in errors]
+    if wall is not None:
+        lines += ["", f"Benchmark wall time: {wall / 60:.0f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--widths", type=int, nargs="+", default=[192, 384, 768])
+    ap.add_argument("--images", type=int, nargs="+", default=[64, 128, 256, 512])
+    ap.add_argument("--skip", nargs="*", default=[], metavar="D:IMAGES", help="(d, images) not to run (trimmed)")
+    ap.add_argument("--variants-at", nargs="*", default=["768:512"], metavar="D:IMAGES",
+                    help="also run the bf16-cache and subsampled variants here")
+    ap.add_argument("--dense-at", nargs="*", default=["192:64", "384:64"], metavar="D:IMAGES",
+                    help="blockwise dense (DenseStatistic) runs for timing and lambda_max agreement")
+    ap.add_argument("--ref-at", nargs="*", default=["768:64"], metavar="D:IMAGES",
+                    help="chunked blockwise dense lambda_max at three sites")
+    ap.add_argument("--fullq-widths", type=int, nargs="*", default=[16, 24, 32, 48, 64])
+    ap.add_argument("--fullq-images", type=int, default=64)
+    ap.add_argument("--sample-fraction", type=float, default=0.25)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeat-cap", type=float, default=120.0, help="no third repeat once a config ran this long [s]")
+    ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log", type=Path, default=Path("bench_vit_derivative.jsonl"))
+    ap.add_argument("--resume", action="store_true", help="skip measurements already in --log")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the report from --log")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child:
+        spec = json.loads(args.child)
+        print("RESULT " + json.dumps(CHILDREN[spec["mode"]](spec, args)), flush=True)
+        return
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # children: robust when other jobs share the cores
+    records: list[dict] = []
+    if (args.resume or args.report_only) and args.log.exists():
+        records = [json.loads(line) for line in args.log.read_text().splitlines() if line.strip()]
+    wall = None
+    if not args.report_only:
+        done = {key(r) for r in records if "error" not in r}
+        jobs = [j for j in plan(args) if key({**j}) not in done]
+        t_start = time.perf_counter()
+        for i, job in enumerate(jobs, 1):
+            print(f"[{i}/{len(jobs)}] {job}", file=sys.stderr, flush=True)
+            res = launch(job, args)
+            records.append(res)
+            with args.log.open("a") as f:
+                f.write(json.dumps(res) + "\n")
+            print(f"    -> {'ERROR ' + res['error'] if 'error' in res else 'ok'} "
+                  f"[{time.perf_counter() - t_start:.0f} s]", file=sys.stderr, flush=True)
+        wall = time.perf_counter() - t_start
+    text = report(records, args, argv, wall)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
