@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from topotransfer.config import load_config
 from topotransfer.data import load_task
 from topotransfer.models.hf import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD, ImageNormalization
+from topotransfer.plots import plot_method_comparison, plot_site_scores
 from topotransfer.preprocess import prepare_task
 from topotransfer.recipes.adapt import run_adapt
 from topotransfer.training.loop import evaluate, make_loader, train_epoch
@@ -176,6 +177,18 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str], pret
                 f"{statistics.mean(r['wall_time'] for r in runs):.1f} |"
             )
         lines.append("")
+    errors = {f"{shots} labels/class": {m: [100 * r["test_error"] for r in runs] for m, runs in by_method.items()}
+              for shots, by_method in results.items()}
+    bars = plot_method_comparison(errors, out / "transfer" / "test_error.png",
+                                  title=f"{pretrain_info['source']} -> {args.target}: test error, mean ± std over seeds")
+    lines += ["## Plots", "", f"![test error per method]({bars.relative_to(out).as_posix()})", ""]
+    for shots, by_method in results.items():
+        topo_runs = by_method.get("topo") or []
+        events = topo_runs[0].get("events", []) if topo_runs else []
+        if any(e.get("scores") for e in events):
+            png = plot_site_scores(events, out / "transfer" / f"scores_{shots}shot.png",
+                                   title=f"{shots} labels/class, seed {args.seeds[0]}: TD per site (red: chosen)")
+            lines += [f"![site scores, {shots} labels per class]({png.relative_to(out).as_posix()})", ""]
     (out / "transfer.md").write_text("\n".join(lines) + "\n")
     (out / "transfer" / "raw.json").write_text(json.dumps(
         {str(s): {m: [{k: v for k, v in r.items() if k != "history"} for r in rs] for m, rs in bm.items()}

@@ -29,3 +29,5 @@ def test_quick_run_writes_the_report(tmp_path):
     assert all(r[0]["backbone_unchanged"] for m, r in raw["5"].items() if m != "full_finetune")
     assert (tmp_path / "work" / "pretrained" / "preprocessor_config.json").is_file()
     assert module.matched_lora_rank(64, 4, 2) == 8
+    assert (tmp_path / "docs" / "transfer" / "test_error.png").stat().st_size > 5000
+    assert "transfer/test_error.png" in text and "transfer/scores_5shot.png" in text

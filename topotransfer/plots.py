@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["plot_learning_curves", "plot_site_scores"]
+__all__ = ["plot_learning_curves", "plot_method_comparison", "plot_site_scores"]
 
 
 def _plt():
@@ -76,7 +76,50 @@ def plot_site_scores(events: Sequence[dict], path: str | Path, title: str = "") 
         ax.bar(range(len(vals)), vals, color=colors)
         ax.set_xticks(range(len(vals)), [str(i) for i in range(len(vals))])
         ax.set_xlabel("site (depth order)")
-        ax.set_title(f"event {ev['event']} (epoch {ev['epoch']})", fontsize=9)
+        when = f" (epoch {ev['epoch']})" if "epoch" in ev else ""
+        ax.set_title(f"event {ev['event']}{when}", fontsize=9)
     axes[0][0].set_ylabel("TD = lambda_max(Q_t)")
     fig.suptitle(title or "topological derivative per site (red: chosen)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_method_comparison(
+    results: dict[str, dict[str, Sequence[float]]],
+    path: str | Path,
+    title: str = "",
+    ylabel: str = "test error [%]",
+    highlight: str | None = "topo",
+) -> Path:
+    """Grouped bars: one group per setting (e.g. labels per class), one bar per method, mean +- std over seeds.
+
+    Args:
+        results: setting -> method -> values over seeds (already in the unit of ``ylabel``).
+        path: output PNG.
+        highlight: method whose bars get a black edge (the method being argued for).
+    """
+    plt = _plt()
+    settings = list(results)
+    methods: list[str] = []
+    for by_method in results.values():
+        methods += [m for m in by_method if m not in methods and len(by_method[m])]
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(settings) * max(1, len(methods)) * 0.45, 3.8))
+    for j, method in enumerate(methods):
+        xs, means, stds = [], [], []
+        for i, setting in enumerate(settings):
+            vals = list(results[setting].get(method, []))
+            if not vals:
+                continue
+            mean = sum(vals) / len(vals)
+            std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+            xs.append(i - 0.4 + width * (j + 0.5))
+            means.append(mean)
+            stds.append(std)
+        edge = "black" if method == highlight else "none"
+        ax.bar(xs, means, width, yerr=stds, capsize=2, color=f"C{j % 10}", edgecolor=edge, linewidth=1.2,
+               label=method)
+    ax.set_xticks(range(len(settings)), [str(s) for s in settings])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or "mean +- std over seeds")
+    ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
