@@ -64,9 +64,13 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     from .recipes.adapt import run_adapt
 
     try:
-        run = run_adapt(cfg)
+        run = run_adapt(cfg, resume=args.resume)
     except (ConfigError, TopoTransferError) as e:  # user-fixable: a clear message, no traceback
         raise SystemExit(f"error: {e}") from None
+    except FloatingPointError as e:  # diverged: the message names the checkpoint that stays `latest`
+        raise SystemExit(f"error: {e}") from None
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun only rank 0 reports
+        return 0
     keys = ("method", "task", "val_error", "test_error", "insertions", "params", "trainable_params", "wall_time")
     print(json.dumps({k: run.results[k] for k in keys}, indent=2))
     print(f"results, adapter and merged export in {cfg.output_dir}")
@@ -116,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("adapt", help="adapt a pretrained backbone to a dataset (TopoLayer insertion or a baseline)")
     common(p)
+    p.add_argument("--resume", action="store_true", help="continue from output_dir/latest if present")
     p.set_defaults(func=_cmd_adapt)
 
     p = sub.add_parser("derivative", help="train the starting network briefly and print TD at every site")

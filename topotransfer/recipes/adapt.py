@@ -16,6 +16,8 @@ are an adapter over the untouched base (:mod:`topotransfer.adapter`).
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,17 +30,34 @@ from ..adapter import TopoAdapter, head_module_names, load_adapter, merge_and_sa
 from ..config import AdaptConfig, ConfigError, RunConfig, TrainConfig, to_dict
 from ..data import load_task
 from ..derivative.topological import topological_derivative
-from ..errors import ImageSizeError, LabelCountMismatchError
+from ..errors import CheckpointMismatchError, ImageSizeError, LabelCountMismatchError
 from ..growth import count_parameters
 from ..insertion import DEFAULT_EPSILONS, insert_layer, line_search_epsilon
 from ..models.hf import load_backbone, load_image_normalization
 from ..preprocess import backbone_image_size, prepare_task
 from ..surgery import get_family
-from ..training.checkpoint import write_json_atomic
+from ..training.checkpoint import (
+    check_finite,
+    divergence_error,
+    latest_checkpoint,
+    load_checkpoint,
+    replay_insertions,
+    save_checkpoint,
+    write_json_atomic,
+)
+from ..training.distributed import (
+    all_equal,
+    all_equal_digest,
+    build_accelerator,
+    prepare_again,
+    raw_optimizer,
+    shard,
+    value_digest,
+)
 from ..training.loop import evaluate, make_loader, train_epoch
-from .grow import _batches, _device, check_output_dir
+from .grow import _batches, _losses, check_output_dir
 
-__all__ = ["AdaptRun", "apply_lora", "lora_target_modules", "run_adapt"]
+__all__ = ["AdaptRun", "apply_lora", "load_adapt_checkpoint", "lora_target_modules", "run_adapt"]
 
 INSERTION_METHODS = ("topo", "random_site", "last_block")
 NON_IMAGE_TASKS = ("regression",)
@@ -150,9 +169,14 @@ def _fingerprint(params: list[tuple[str, nn.Parameter]]) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------- one insertion
 def _insertion_event(
-    model: nn.Module, method: str, probe: list, heldout: list, loss_sum: nn.Module, cfg: RunConfig, event: int
+    model: nn.Module, method: str, probe: list, heldout: list, loss_sum: nn.Module, cfg: RunConfig, event: int,
+    accelerator=None,
 ) -> dict:
-    """Compute TD, choose the site by ``method``, line-search eps, insert. Returns the event record."""
+    """Compute TD, choose the site by ``method``, line-search eps, insert. Returns the event record.
+
+    Under a multi-process ``accelerator``, ``probe`` and ``heldout`` are this rank's shards: the
+    statistics and the line-search losses are summed over the ranks, so every rank inserts the same layer.
+    """
     family = get_family(model)
     sites = family.sites(model)
     gen = torch.Generator().manual_seed(10_007 * (cfg.seed + 1) + event)
@@ -165,7 +189,7 @@ def _insertion_event(
     results = topological_derivative(
         model, probe, loss_sum, sites=chosen, rule=p.rule, c=p.c, k=p.k, solver=p.solver, tol=p.tol,
         sample_fraction=p.sample_fraction, max_samples_per_batch=p.max_samples_per_batch,
-        progress=cfg.progress,
+        progress=cfg.progress and getattr(accelerator, "is_main_process", True), accelerator=accelerator,
     )
     scores = {r.site.removeprefix(_PEFT_PREFIX): r.score for r in results}
     best = max(results, key=lambda r: r.score)
@@ -174,7 +198,8 @@ def _insertion_event(
         record["stopped"] = "score<=0"  # no insertion lowers the loss to second order
         return record
     grid = tuple(cfg.adapt.epsilons) if cfg.adapt.epsilons else DEFAULT_EPSILONS
-    ls = line_search_epsilon(model, best.site, heldout, loss_sum, best.weight, best.bias, epsilons=grid)
+    ls = line_search_epsilon(model, best.site, heldout, loss_sum, best.weight, best.bias, epsilons=grid,
+                             accelerator=accelerator)
     # eps = 0 would give a layer that never trains (sigma'(0) = 0 gives it zero gradient): when no eps
     # lowers the held-out loss, seed with the smallest eps of the grid and record it.
     eps = ls.epsilon if ls.epsilon > 0 else min(grid)
@@ -209,13 +234,34 @@ def _load_data(cfg: RunConfig, backbone_config: object):
     return prepare_task(task, size, channels, norm), norm
 
 
-def run_adapt(cfg: RunConfig) -> AdaptRun:
+def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRun:
     """Adapt ``cfg.model.name_or_path`` to ``cfg.data.name`` with ``cfg.adapt.method``.
+
+    Runs on one process or on every process of ``accelerate launch`` / ``torchrun`` (docs/distributed.md):
+    each rank trains on every N-th batch of the epoch's shared shuffle (DDP averages the gradients),
+    evaluates / probes its share of the validation and probe batches, and every sum a decision depends on
+    (validation loss, the derivative's statistics, line-search losses) is reduced over the ranks, so all
+    ranks insert the same layer; the parameter and score digests of every rank are compared after each
+    insertion. Only the main process writes files.
+
+    A resumable checkpoint (``output_dir/last``, :func:`load_adapt_checkpoint`) is written after every
+    insertion event, every ``train.checkpoint_every`` epochs and at the end: the trained tensors (head,
+    inserted layers, LoRA; everything for ``full_finetune``), the architecture manifest, the optimizer
+    state and the schedule position.
+
+    Args:
+        cfg: the run configuration.
+        resume: continue from ``output_dir/latest`` if it exists (same config).
+        accelerator: an ``accelerate.Accelerator`` to run under (default: one built from ``cfg.device``
+            and ``cfg.train.mixed_precision``, ended when the run finishes on several processes).
 
     Returns:
         :class:`AdaptRun` (results are also written to ``output_dir/results.json``).
 
     Raises:
+        FloatingPointError: a training / validation loss or a parameter became NaN or inf; nothing is
+            written after it, so ``output_dir/latest`` stays the last good checkpoint.
+        CheckpointMismatchError: ``resume`` found a checkpoint of another base model, method or adapter.
         ConfigError: no ``model.name_or_path``, or LoRA targets that match nothing.
         ImageSizeError: the task's images cannot be fed to the backbone.
         EmptyDatasetError: an empty train or validation split.
@@ -227,9 +273,13 @@ def run_adapt(cfg: RunConfig) -> AdaptRun:
     a, name, revision = cfg.adapt, cfg.model.name_or_path, cfg.model.revision
     if not name:
         raise ConfigError("the adapt recipe needs model.name_or_path (a hub name or a local save_pretrained dir)")
-    out = check_output_dir(cfg.output_dir)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    device = _device(cfg.device)
+    out = check_output_dir(cfg.output_dir)  # before anything slow: an unwritable directory fails at once
+    own_accelerator = accelerator is None
+    acc = accelerator if accelerator is not None else build_accelerator(cfg.device, cfg.train.mixed_precision)
+    main = acc.is_main_process
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    device = acc.device
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
 
@@ -258,54 +308,141 @@ def run_adapt(cfg: RunConfig) -> AdaptRun:
                        if id(p) not in head_ids and id(p) not in inserted_ids and "lora_" not in n]
     before = _fingerprint(backbone_params)
 
-    loss_mean, loss_sum = nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum")
-    val_batches = _batches(task.val, cfg.train.batch_size)
-    probe_batches = _batches(task.train, cfg.probe.batch_size, cfg.probe.batches)
-    state = {"epoch": 0, "steps": 0}
-    history: list[dict] = []
-    events: list[dict] = []
+    loss_mean, loss_sum = _losses("classification")
+    # Each rank evaluates / probes its share of fixed batch lists; the sums are reduced over the ranks.
+    val_batches = shard(_batches(task.val, cfg.train.batch_size), acc)
+    probe_batches = shard(_batches(task.train, cfg.probe.batch_size, cfg.probe.batches), acc)
+    test_batches = shard(_batches(task.test, cfg.train.batch_size), acc) if len(task.test) else None
+    use_lora = a.method == "lora" or (a.lora and a.method in INSERTION_METHODS)
+    full = a.method == "full_finetune"
+    # The frozen backbone never changes: checkpoints hold only the rest (everything for full_finetune).
+    frozen_ids = set() if full else {id(p) for _, p in backbone_params}
+    base_records = [dict(r) for r in records]  # the insertions of adapt.adapter_path (rebuilt by loading it)
+    manifest = {
+        "format": 1,
+        "recipe": "adapt",
+        "base_model": name,
+        "revision": revision,
+        "architecture": type(base).__name__,
+        "adapter_path": a.adapter_path,
+        "method": a.method,
+        "use_lora": use_lora,
+        "num_labels": task.num_outputs,
+        "id2label": {str(k): str(v) for k, v in getattr(base.config, "id2label", {}).items()},
+        "base_insertions": base_records,
+        "insertions": [],  # this run's, in order: {"site", "layer", "epoch"}
+        "lora": None,  # the peft LoRA config once this run applied LoRA
+    }
+    state = {"epoch": 0, "steps": 0, "phase": "head", "method_started": False, "history": [], "events": [],
+             "wall_time": 0.0}
 
-    def train(phase: str, epochs: int, optimizer: torch.optim.Optimizer) -> None:
-        for _ in range(epochs):
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:  # every rank reads the same checkpoint
+        saved = json.loads((ckpt / "manifest.json").read_text())
+        _check_resumable(saved, manifest, ckpt)
+        model = _rebuild(model, saved)
+        manifest = saved
+        state = json.loads((ckpt / "state.json").read_text())
+        records = base_records + [{"site": r["site"], "layer": r["layer"]} for r in manifest["insertions"]]
+        started_method = state["method_started"]
+        _set_trainable(model, head, backbone=full and started_method, lora=use_lora and started_method)
+        optimizer = _optimizer(model, head, a, cfg.train)
+        load_checkpoint(ckpt, model, optimizer, keys=set(_trained_tensors(model, frozen_ids)))
+    else:
+        # 1. the head alone (the backbone's features are what the derivative will probe)
+        _set_trainable(model, head, backbone=False, lora=False)
+        optimizer = _optimizer(model, head, a, cfg.train)
+    # `model` is the plain module (names, checkpoints, evaluation, surgery); `wrapped` is what accelerate
+    # prepared from it (DDP-wrapped on several processes) and is used only to train.
+    wrapped, optimizer = acc.prepare(model, optimizer)
+    started = time.perf_counter() - state["wall_time"]
+
+    def checkpoint() -> None:
+        state["wall_time"] = time.perf_counter() - started
+        check_finite(model)
+        if main:
+            save_checkpoint(out, "last", model, manifest, raw_optimizer(optimizer), state,
+                            tensors=_trained_tensors(model, frozen_ids))
+            write_json_atomic(out / "history.json", {"epochs": state["history"], "events": state["events"]})
+
+    def train(phase: str, until_epoch: int) -> None:
+        state["phase"] = phase
+        while state["epoch"] < until_epoch:
             left = None if cfg.train.max_steps is None else cfg.train.max_steps - state["steps"]
             if left is not None and left <= 0:
                 return
-            loader = make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + state["epoch"])
-            loss, steps = train_epoch(model, loader, optimizer, loss_mean, device, left)
+            epoch = state["epoch"]
+            # Dropout (LoRA's, the backbone's) draws from the global generator: seeded per (epoch, rank),
+            # a resumed run draws what the uninterrupted one did. The shuffle is the same on every rank;
+            # accelerate hands each rank every N-th batch.
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch, acc.process_index))
+            loader = acc.prepare_data_loader(
+                make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
+            )
+            try:
+                loss, steps = train_epoch(wrapped, loader, optimizer, loss_mean, device, left, accelerator=acc)
+            except FloatingPointError as e:
+                raise divergence_error(e, out, epoch + 1) from e
             state["steps"] += steps
-            state["epoch"] += 1
-            val = evaluate(model, val_batches, "classification", device)
-            history.append({"epoch": state["epoch"], "phase": phase, "train_loss": loss, "val_loss": val["loss"],
-                            "val_error": val["error"], "trainable_params": count_parameters(model, True),
-                            "time": time.perf_counter() - started})
+            state["epoch"] = epoch + 1
+            val = evaluate(model, val_batches, "classification", device, accelerator=acc)
+            if not math.isfinite(val["loss"]):
+                raise divergence_error(FloatingPointError(f"Validation loss is {val['loss']}"), out, epoch + 1)
+            state["history"].append({"epoch": epoch + 1, "phase": phase, "train_loss": loss, "val_loss": val["loss"],
+                                     "val_error": val["error"], "trainable_params": count_parameters(model, True),
+                                     "time": time.perf_counter() - started})
+            if (epoch + 1) % cfg.train.checkpoint_every == 0:
+                checkpoint()
 
-    # 1. the head alone (the backbone's features are what the derivative will probe)
-    _set_trainable(model, head, backbone=False, lora=False)
-    train("head", a.head_epochs, _optimizer(model, head, a, cfg.train))
+    if not state["method_started"]:
+        train("head", a.head_epochs)
+        # 2. the method: LoRA / the backbone join the trainable set -> a fresh optimizer, prepared again
+        acc.wait_for_everyone()
+        model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
+        if use_lora and unwrap_peft(model)[1] is None:
+            torch.manual_seed(cfg.seed)  # LoRA's A matrices: the same draw on every rank
+            model = apply_lora(model, a)
+            manifest["lora"] = _lora_config(model)
+        _set_trainable(model, head, backbone=full, lora=use_lora)
+        optimizer = _optimizer(model, head, a, cfg.train)
+        acc.free_memory()
+        wrapped, optimizer = prepare_again(acc, model, optimizer)
+        state["method_started"] = True
 
-    # 2. the method
     budget = a.insertions * a.epochs_per_insertion + a.final_epochs
-    use_lora = a.method == "lora" or (a.lora and a.method in INSERTION_METHODS)
-    if use_lora and unwrap_peft(model)[1] is None:
-        model = apply_lora(model, a)
-    full = a.method == "full_finetune"
-    _set_trainable(model, head, backbone=full, lora=use_lora)
-    optimizer = _optimizer(model, head, a, cfg.train)
     if a.method in INSERTION_METHODS:
-        unused = 0
         for event in range(a.insertions):
-            record = _insertion_event(model, a.method, probe_batches, val_batches, loss_sum, cfg, event)
-            events.append(record)
-            if record["site"] is None:  # TD <= 0 everywhere: growth stops, its epochs go to the final phase
-                unused = (a.insertions - event) * a.epochs_per_insertion
+            if event == len(state["events"]):  # not done before a resume
+                # Insertion event: sync, unwrap (and drop the autocast wrapper: the derivative and the
+                # line search run in float32+), insert in place, new optimizer carrying the surviving
+                # parameters' state, prepare again, checkpoint.
+                state["phase"] = f"insertion {event + 1}"
+                acc.wait_for_everyone()
+                model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
+                optimizer = raw_optimizer(optimizer)
+                record = _insertion_event(model, a.method, probe_batches, val_batches, loss_sum, cfg, event,
+                                          accelerator=acc)
+                record["epoch"] = state["epoch"]
+                record["score_checksums"] = all_equal(value_digest(record["scores"]), acc, "derivative scores")
+                if record["site"] is not None:
+                    # Identical reduced statistics give identical layers; prove it before DDP's re-wrap
+                    # broadcasts rank 0's weights and would hide a divergence.
+                    record["param_checksums"] = all_equal_digest(model, acc, "parameters")
+                    manifest["insertions"].append({"site": record["site"], "layer": record["layer"],
+                                                   "epoch": state["epoch"]})
+                    records.append({"site": record["site"], "layer": record["layer"]})
+                    _set_trainable(model, head, backbone=False, lora=use_lora)
+                    optimizer = _optimizer(model, head, a, cfg.train, old=optimizer)
+                state["events"].append(record)
+                acc.free_memory()
+                wrapped, optimizer = prepare_again(acc, model, optimizer)
+                checkpoint()
+            if state["events"][event]["site"] is None:  # TD <= 0 everywhere: growth stops, its epochs go to final
                 break
-            records.append({"site": record["site"], "layer": record["layer"]})
-            _set_trainable(model, head, backbone=False, lora=use_lora)
-            optimizer = _optimizer(model, head, a, cfg.train, old=optimizer)
-            train(f"insertion {event + 1}", a.epochs_per_insertion, optimizer)
-        train("final", a.final_epochs + unused, optimizer)  # every method gets the same epoch budget
+            train(f"insertion {event + 1}", a.head_epochs + (event + 1) * a.epochs_per_insertion)
+        train("final", a.head_epochs + budget)  # every method gets the same epoch budget
     else:
-        train(a.method, budget, optimizer)
+        train(a.method, a.head_epochs + budget)
     model.eval()
 
     after = _fingerprint(backbone_params)
@@ -313,10 +450,10 @@ def run_adapt(cfg: RunConfig) -> AdaptRun:
     if changed and not full:
         raise RuntimeError(f"backbone weights changed during {a.method} adaptation (a bug): {changed[:5]}")
 
-    val = evaluate(model, val_batches, "classification", device)
+    val = evaluate(model, val_batches, "classification", device, accelerator=acc)
     test = {"loss": None, "error": None}
-    if len(task.test):
-        test = evaluate(model, make_loader(task.test, cfg.train.batch_size), "classification", device)
+    if test_batches is not None:
+        test = evaluate(model, test_batches, "classification", device, accelerator=acc)
     base, _ = unwrap_peft(model)
     results = {
         "method": a.method,
@@ -333,7 +470,7 @@ def run_adapt(cfg: RunConfig) -> AdaptRun:
         "test_loss": test["loss"],
         "insertions": len(records),
         "insertion_records": records,
-        "events": events,
+        "events": state["events"],
         "depth": base.config.num_hidden_layers,
         "params": count_parameters(model),
         "trainable_params": count_parameters(model, trainable_only=True),
@@ -341,12 +478,98 @@ def run_adapt(cfg: RunConfig) -> AdaptRun:
         "normalization": {"mean": list(norm.mean), "std": list(norm.std), "source": norm.source},
         "epochs": state["epoch"],
         "steps": state["steps"],
-        "history": history,
+        "history": state["history"],
+        "num_processes": acc.num_processes,
         "wall_time": time.perf_counter() - started,
     }
-    if a.save_adapter and not full:
-        save_adapter(model, name, revision, records, out / "adapter", include_head=True)
-    if a.save_merged:
-        merge_and_save(model, out / "merged", base_name_or_path=name, revision=revision)
-    write_json_atomic(Path(out) / "results.json", results)
+    state["phase"] = "done"
+    checkpoint()
+    if main:
+        if a.save_adapter and not full:
+            save_adapter(model, name, revision, records, out / "adapter", include_head=True)
+        if a.save_merged:
+            merge_and_save(model, out / "merged", base_name_or_path=name, revision=revision)
+        write_json_atomic(Path(out) / "results.json", results)
+    # Every rank reaches here before the process group is torn down (STACK.md: gloo teardown aborts).
+    acc.wait_for_everyone()
+    if own_accelerator and acc.num_processes > 1:
+        acc.end_training()
     return AdaptRun(results=results, model=model, insertions=records)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
+
+
+def _trained_tensors(model: nn.Module, frozen_ids: set[int]) -> dict[str, torch.Tensor]:
+    """The state-dict entries a checkpoint holds: all but the frozen backbone's (head, inserted, LoRA)."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in frozen_ids}
+
+
+def _lora_config(model: nn.Module) -> dict:
+    from ..adapter import _json_default
+
+    _, peft_model = unwrap_peft(model)
+    return json.loads(json.dumps(peft_model.peft_config["default"].to_dict(), default=_json_default))
+
+
+def _rebuild(model: nn.Module, manifest: dict) -> nn.Module:
+    """Give a freshly loaded base (+ ``adapt.adapter_path``) the checkpoint's architecture: LoRA, then the
+    recorded insertions (zero layers) in order. The weights come from the checkpoint afterwards."""
+    if manifest.get("lora") is not None and unwrap_peft(model)[1] is None:
+        from peft import get_peft_config, get_peft_model
+
+        model = get_peft_model(model, get_peft_config(dict(manifest["lora"])))
+    replay_insertions(unwrap_peft(model)[0], manifest["insertions"])
+    return model
+
+
+_RESUME_KEYS = ("recipe", "base_model", "revision", "adapter_path", "method", "use_lora", "num_labels")
+
+
+def _check_resumable(saved: dict, current: dict, path: Path) -> None:
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {current[k]!r}" for k in _RESUME_KEYS if saved.get(k) != current[k]]
+    if diff:
+        raise CheckpointMismatchError(
+            f"--resume: {path} was written by another run ({'; '.join(diff)}); use the same config or another output_dir"
+        )
+
+
+def load_adapt_checkpoint(path: str | Path) -> nn.Module:
+    """The model of an adapt checkpoint (``output_dir/last``, or an ``output_dir`` with a ``latest`` pointer).
+
+    Loads the recorded base (and ``adapt.adapter_path``), applies LoRA and replays the recorded insertions,
+    then loads the checkpoint's tensors with an exact key check.
+
+    Returns:
+        The model in eval mode (a peft ``PeftModel`` when the run used LoRA).
+
+    Raises:
+        RuntimeError: the checkpoint's tensors do not match the rebuilt model.
+    """
+    from ..adapter import load_adapter as _load_adapter
+    from ..models.hf import load_backbone as _load_backbone
+
+    path = Path(path)
+    if not (path / "manifest.json").is_file() and latest_checkpoint(path) is not None:
+        path = latest_checkpoint(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    if manifest["adapter_path"]:
+        model = _load_adapter(manifest["base_model"], manifest["adapter_path"])
+    else:
+        id2label = {int(k): v for k, v in manifest["id2label"].items()} or None
+        model = _load_backbone(manifest["base_model"], manifest["revision"], id2label=id2label,
+                               architecture=manifest["architecture"])
+    frozen = set() if manifest["method"] == "full_finetune" else _backbone_ids(model)
+    model = _rebuild(model, manifest)
+    load_checkpoint(path, model, keys=set(_trained_tensors(model, frozen)))
+    return model.eval()
+
+
+def _backbone_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters of a freshly loaded model that are neither head, inserted layer nor LoRA."""
+    base, _ = unwrap_peft(model)
+    head = {id(p) for h in head_module_names(base) for p in base.get_submodule(h).parameters()}
+    inserted = {id(p) for _, layer in get_family(model).inserted(model) for p in layer.parameters()}
+    return {id(p) for n, p in model.named_parameters() if id(p) not in head | inserted and "lora_" not in n}

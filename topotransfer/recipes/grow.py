@@ -28,13 +28,15 @@ from ..data import load_task
 from ..growth import GrowthEvent, PlateauDetector, count_parameters, grow_once
 from ..models.build import build_model
 from ..training.checkpoint import (
+    check_finite,
+    divergence_error,
     latest_checkpoint,
     load_checkpoint,
     replay_insertions,
     save_checkpoint,
     write_json_atomic,
 )
-from ..training.distributed import all_equal_digest, build_accelerator, shard
+from ..training.distributed import all_equal_digest, build_accelerator, prepare_again, raw_optimizer, shard
 from ..training.loop import evaluate, make_loader, train_epoch
 from ..training.optim import build_optimizer, rebuild_after_growth
 
@@ -74,30 +76,6 @@ def _batches(dataset, batch_size: int, limit: int | None = None) -> list:
             break
         out.append(tuple(batch))
     return out
-
-
-def _raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside an accelerate ``AcceleratedOptimizer`` (never wrap one twice)."""
-    from accelerate.optimizer import AcceleratedOptimizer
-
-    return optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
-
-
-def _prepare_again(acc, net: nn.Module, optimizer: torch.optim.Optimizer):
-    """Re-``prepare`` a grown model and its new optimizer (new DDP wrapper, autocast wrapper again).
-
-    On one process ``prepare`` returns ``net`` itself and marks it prepared; a second ``prepare`` would
-    then skip it, leaving the autocast wrapper that the growth event removed un-restored (bf16 runs
-    would silently continue in float32). The mark is dropped first so ``net`` is prepared afresh.
-    """
-    net.__dict__.pop("_is_accelerate_prepared", None)
-    return acc.prepare(net, optimizer)
-
-
-def _check_finite(model: nn.Module) -> None:
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise FloatingPointError(f"Non-finite parameters {bad[:5]}; refusing to checkpoint them")
 
 
 def run_grow(
@@ -191,19 +169,13 @@ def run_grow(
         state["plateau"] = detector.state_dict()
         state["frozen"] = [n for n, p in net.named_parameters() if not p.requires_grad]
         state["wall_time"] = time.perf_counter() - started
-        _check_finite(net)
+        check_finite(net)
         if main:
             save_checkpoint(out, name, net, manifest, optimizer, state)
             write_json_atomic(out / "history.json", {"epochs": state["history"], "events": state["events"]})
 
     def diverged(e: Exception, epoch: int) -> FloatingPointError:
-        last = latest_checkpoint(out)
-        where = (
-            f"{last} stays the latest checkpoint (continue from it with --resume)"
-            if last is not None
-            else "no checkpoint was written yet"
-        )
-        return FloatingPointError(f"{e} (epoch {epoch}). The run diverged; {where}")
+        return divergence_error(e, out, epoch)
 
     epochs = range(state["epoch"], cfg.train.epochs)
     if cfg.progress and main:
@@ -260,7 +232,7 @@ def run_grow(
                     random_init_std=g.random_init_std, accelerator=acc, both_signs=g.both_signs,
                 )
                 record = ev.to_dict()
-                optimizer = _raw_optimizer(optimizer)
+                optimizer = raw_optimizer(optimizer)
                 if ev.site is None:
                     state["growth_done"] = True
                 else:
@@ -274,7 +246,7 @@ def run_grow(
                     grew = True
                 state["events"].append(record)
                 acc.free_memory()
-                model, optimizer = _prepare_again(acc, net, optimizer)
+                model, optimizer = prepare_again(acc, net, optimizer)
         if grew or (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
             checkpoint()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:

@@ -22,7 +22,15 @@ from torch import nn
 from ..layers import build_topo_layer
 from ..surgery import get_family
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "replay_insertions", "save_checkpoint", "write_json_atomic"]
+__all__ = [
+    "check_finite",
+    "divergence_error",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "replay_insertions",
+    "save_checkpoint",
+    "write_json_atomic",
+]
 
 LATEST = "latest"
 
@@ -33,6 +41,35 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=float))
     os.replace(tmp, path)
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise ``FloatingPointError`` if a parameter holds NaN / inf (never checkpoint such weights)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(f"Non-finite parameters {bad[:5]}; refusing to checkpoint them")
+
+
+def divergence_error(error: Exception, output_dir: str | Path, epoch: int) -> FloatingPointError:
+    """The error a diverged run raises: the cause, the epoch, and the checkpoint that stays ``latest``."""
+    last = latest_checkpoint(output_dir)
+    where = (
+        f"{last} stays the latest checkpoint (continue from it with --resume)"
+        if last is not None
+        else "no checkpoint was written yet"
+    )
+    return FloatingPointError(f"{error} (epoch {epoch}). The run diverged; {where}")
+
+
+def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached contiguous CPU tensors; ones sharing storage (tied weights) are cloned apart for safetensors."""
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        t = value.detach().contiguous().cpu()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
+        out[key] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
 
 
 def replay_insertions(model: nn.Module, insertions: list[dict]) -> nn.Module:
@@ -51,6 +88,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     state: dict | None = None,
     update_latest: bool = True,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Atomically write ``output_dir/name/{model.safetensors, optimizer.pt, manifest.json, state.json}``.
 
@@ -58,6 +96,9 @@ def save_checkpoint(
         manifest: JSON-able architecture description, including ``"insertions"``.
         state: JSON-able training state (epoch, history, frozen parameters...).
         update_latest: point ``output_dir/latest`` at this checkpoint (False for side copies like "best").
+        tensors: the weights to save (default: all of ``model.state_dict()``). A recipe that never
+            changes part of the model (a frozen pretrained backbone) saves only the rest and loads it
+            back with ``load_checkpoint(..., keys=...)`` into a model rebuilt from the same base.
 
     Returns:
         The checkpoint directory (also recorded in ``output_dir/latest``).
@@ -68,8 +109,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(tmp / "model.safetensors"))
+    save_file(_cpu_tensors(model.state_dict() if tensors is None else tensors), str(tmp / "model.safetensors"))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
@@ -98,8 +138,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return path if (path / "model.safetensors").is_file() else None
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    keys: set[str] | None = None,
+) -> dict:
     """Load weights into ``model`` (already rebuilt with :func:`replay_insertions`) and optimizer state.
+
+    Args:
+        keys: the checkpoint holds exactly these keys of ``model.state_dict()`` (saved with
+            ``save_checkpoint(..., tensors=...)``); the other weights must already be in place. Default:
+            it holds all of them (strict).
 
     Returns:
         ``{"manifest": ..., "state": ...}`` as saved.
@@ -108,6 +158,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     tensors = load_file(str(path / "model.safetensors"))
     ref = next(model.parameters())
     missing, unexpected = model.load_state_dict({k: v.to(ref.device) for k, v in tensors.items()}, strict=False)
+    if keys is not None:
+        missing = sorted(set(keys) - set(tensors))
+        unexpected = sorted(set(unexpected) | (set(tensors) - set(keys)))
     if missing or unexpected:
         raise RuntimeError(
             f"Checkpoint {path} does not match the rebuilt model: missing keys {missing[:5]}, "

@@ -10,6 +10,7 @@ rank 0's weights when it wraps the model again).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -18,12 +19,16 @@ import torch
 from torch import nn
 
 __all__ = [
+    "all_equal",
     "all_equal_digest",
     "build_accelerator",
     "is_multi_process",
     "param_digest",
+    "prepare_again",
+    "raw_optimizer",
     "reduce_sums",
     "shard",
+    "value_digest",
 ]
 
 
@@ -111,6 +116,30 @@ def param_digest(model: nn.Module) -> str:
     return h.hexdigest()[:15]  # 60 bits: fits an int64 for the all-gather
 
 
+def value_digest(value: Any) -> str:
+    """SHA-256 (first 15 hex digits) of a JSON-able value (floats by their exact ``repr``): equal iff equal."""
+    text = json.dumps(value, sort_keys=True, default=float)
+    return hashlib.sha256(text.encode()).hexdigest()[:15]
+
+
+def all_equal(digest: str, accelerator: Any | None, what: str = "values") -> list[str]:
+    """Gather a 15-hex-digit digest (:func:`param_digest`, :func:`value_digest`) from every rank.
+
+    Returns:
+        The digests in rank order (one entry for a single process).
+
+    Raises:
+        RuntimeError: the ranks' digests differ.
+    """
+    if not is_multi_process(accelerator):
+        return [digest]
+    t = torch.tensor([int(digest, 16)], dtype=torch.int64, device=accelerator.device)
+    digests = [f"{int(v):015x}" for v in accelerator.gather(t).cpu()]
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"The ranks' {what} differ after an architecture change (digests by rank: {digests})")
+    return digests
+
+
 def all_equal_digest(model: nn.Module, accelerator: Any | None, what: str = "parameters") -> list[str]:
     """Every rank's :func:`param_digest` (gathered); raises if they differ.
 
@@ -120,11 +149,28 @@ def all_equal_digest(model: nn.Module, accelerator: Any | None, what: str = "par
     Raises:
         RuntimeError: the ranks hold different parameters.
     """
-    digest = param_digest(model)
-    if not is_multi_process(accelerator):
-        return [digest]
-    t = torch.tensor([int(digest, 16)], dtype=torch.int64, device=accelerator.device)
-    digests = [f"{int(v):015x}" for v in accelerator.gather(t).cpu()]
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"The ranks' {what} differ after a growth event (digests by rank: {digests})")
-    return digests
+    return all_equal(param_digest(model), accelerator, what)
+
+
+def raw_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside an accelerate ``AcceleratedOptimizer`` (never wrap one twice)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    return optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
+
+
+def prepare_again(accelerator: Any, net: nn.Module, optimizer: torch.optim.Optimizer):
+    """Re-``prepare`` a changed model and its new optimizer (new DDP wrapper, autocast wrapper again).
+
+    Needed after every change of the architecture or of the trainable set (DDP registers the parameters
+    that require grad when it wraps). Pass the *unwrapped* model (``unwrap_model(...,
+    keep_fp32_wrapper=False)``) and a raw optimizer (:func:`raw_optimizer`). On one process ``prepare``
+    returns ``net`` itself and marks it prepared; a second ``prepare`` would then skip it, leaving the
+    autocast wrapper that the unwrap removed un-restored (bf16 runs would silently continue in float32).
+    The mark is dropped first so ``net`` is prepared afresh.
+
+    Returns:
+        ``(prepared model, prepared optimizer)``.
+    """
+    net.__dict__.pop("_is_accelerate_prepared", None)
+    return accelerator.prepare(net, optimizer)
