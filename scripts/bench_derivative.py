@@ -16,6 +16,8 @@ in float32 with a summed cross-entropy on random data (batches of ``--batch-size
 
 Usage::
 
+    python scripts/bench_derivative.py vit [...]     # the ViT benchmark (d 192/384/768, 12 blocks) of
+                                                    # docs/results/performance.md: scripts/bench_vit_derivative.py
     python scripts/bench_derivative.py [--widths 64 128 256 512 1024] [--samples 256 1024 4096]
         [--depth 4] [--repeats 3] [--quick] [--dense-budget-gb 8] [--out docs/results/bench_derivative.md]
 
@@ -361,6 +363,14 @@ def header(args: argparse.Namespace, argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["vit"]:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bench_vit_derivative", Path(__file__).with_name(
+            "bench_vit_derivative.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     p.add_argument("--samples", type=int, nargs="+", default=[256, 1024, 4096])

@@ -91,3 +91,41 @@ def test_line_search_never_raises_loss_and_leaves_model_unchanged(float64):
     assert all(loss == flat.baseline_loss for _, loss in flat.tried)
     with pytest.raises(ValueError, match="positive"):
         line_search_epsilon(model, best, held, loss_fn, epsilons=[0.0, 1.0])
+
+
+def test_fill_inactive_rows_keeps_the_decrease_and_makes_every_row_trainable(float64):
+    """Dead rows (w_r = b_r = 0) get exactly zero gradient (sigma'(0) = 0); filled rows train, and the
+    second-order decrease splits as theta^T Q theta + R^T Q R (no cross term: R lives on other rows)."""
+    from topotransfer import fill_inactive_rows
+
+    torch.manual_seed(0)
+    model = ResidualMLP(3, 6, 2, 2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 3, generator=g), torch.randint(0, 2, (40,), generator=g)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    res = topological_derivative(model, [(x, y)], loss_fn, sites=["layers.0"], rule="top1")[0]
+    w, b = fill_inactive_rows(res.weight, res.bias, 0.5, torch.Generator().manual_seed(2))
+    live = (res.weight.abs().sum(1) + res.bias.abs()) > 0
+    assert int(live.sum()) == 1  # one eigenvector = one row of Q's block structure
+    assert torch.equal(w[live], res.weight[live]) and torch.equal(b[live], res.bias[live])
+    r = torch.cat([w - res.weight, (b - res.bias)[:, None]], 1)
+    assert bool((r[~live].abs().sum(1) > 0).all())
+    assert float(r.norm()) == pytest.approx(0.5, rel=1e-12)  # ||theta|| = 1 for top1
+    assert fill_inactive_rows(res.weight, res.bias, 0.0) == (res.weight, res.bias)
+    with pytest.raises(ValueError, match=">= 0"):
+        fill_inactive_rows(res.weight, res.bias, -1.0)
+
+    def curvature(weight, bias, eps=1e-4):
+        j0 = float(loss_fn(model(x), y))
+        grown = insert_layer(copy.deepcopy(model), "layers.0", weight, bias, epsilon=eps)
+        return 2 * (j0 - float(loss_fn(grown(x), y))) / eps**2
+
+    both, eig, noise = curvature(w, b), curvature(res.weight, res.bias), curvature(w - res.weight, b - res.bias)
+    assert eig == pytest.approx(res.score, rel=1e-2)
+    assert both == pytest.approx(eig + noise, rel=1e-2)
+
+    for weight, bias, trainable_rows in ((res.weight, res.bias, live), (w, b, torch.ones_like(live))):
+        grown = insert_layer(copy.deepcopy(model), "layers.0", weight, bias, epsilon=0.1)
+        loss_fn(grown(x), y).backward()
+        grad = grown.layers[1].weight.grad.abs().sum(1) + grown.layers[1].bias.grad.abs()
+        assert torch.equal(grad > 0, trainable_rows)

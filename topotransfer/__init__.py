@@ -49,6 +49,7 @@ _EXPORTS = {
     "evaluate_loss": "insertion",
     "get_family": "surgery",
     "insert_layer": "insertion",
+    "fill_inactive_rows": "insertion",
     "lanczos_top_eigenpairs": "eigen",
     "line_search_epsilon": "insertion",
     "select_direction": "eigen",
@@ -87,7 +88,14 @@ if TYPE_CHECKING:  # pragma: no cover
         UnknownSiteError,
         UnsupportedModelError,
     )
-    from .insertion import DEFAULT_EPSILONS, LineSearchResult, evaluate_loss, insert_layer, line_search_epsilon
+    from .insertion import (
+        DEFAULT_EPSILONS,
+        LineSearchResult,
+        evaluate_loss,
+        fill_inactive_rows,
+        insert_layer,
+        line_search_epsilon,
+    )
     from .layers import TopoConv2d, TopoLayer, topo_activation
     from .models import ResidualCNN, ResidualMLP
     from .models.hf import load_backbone

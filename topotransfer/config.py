@@ -128,11 +128,17 @@ class GrowthConfig:
     both_signs: bool = field(default=True, metadata={"help": "line-search eps along +theta and -theta"})
     epsilons: list[float] | None = field(default=None, metadata={"help": "eps grid of the line search (None = default)"})
     random_init_std: float = field(default=0.01, metadata={"help": "std of random_init / random baselines' weights"})
+    fill_inactive: float = field(
+        default=0.0,
+        metadata={"help": "random direction on the rows the eigen direction leaves at zero (they never train "
+                          "otherwise), norm relative to the eigen direction's; 0 = off"},
+    )
 
     def __post_init__(self) -> None:
         methods = ("topo", "random_site", "random_init", "net2deeper", "forward_thinking", "fixed")
         _check(self.method in methods, f"growth.method must be one of {methods}, got {self.method!r}")
         _check(self.max_insertions >= 0, f"growth.max_insertions must be >= 0, got {self.max_insertions}")
+        _check(self.fill_inactive >= 0, f"growth.fill_inactive must be >= 0, got {self.fill_inactive}")
         _check(self.patience >= 1, f"growth.patience must be >= 1, got {self.patience}")
 
 

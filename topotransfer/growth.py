@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .derivative.topological import LossFn, topological_derivative
-from .insertion import DEFAULT_EPSILONS, line_search_epsilon
+from .insertion import DEFAULT_EPSILONS, fill_inactive_rows, line_search_epsilon
 from .layers import build_topo_layer
 from .surgery import get_family
 
@@ -133,6 +133,7 @@ def grow_once(
     random_init_std: float = 0.01,
     accelerator: object | None = None,
     both_signs: bool = True,
+    fill_inactive: float = 0.0,
 ) -> GrowthEvent:
     """Perform one growth event in place and describe it.
 
@@ -146,6 +147,8 @@ def grow_once(
         probe_cfg: a :class:`~topotransfer.config.ProbeConfig` (solver, rule, c, k, tol).
         epsilons: line-search grid.
         both_signs: line-search eps along +theta and -theta and keep the better (``GrowthEvent.sign``).
+        fill_inactive: for eigen directions (topo, random_site), add a random direction of this relative
+            norm on the rows the eigenvectors leave at zero (:func:`~topotransfer.insertion.fill_inactive_rows`).
         accelerator: a multi-process ``accelerate.Accelerator``; ``probe_data`` and ``heldout_data`` are
             this process's shards, the statistics and line-search losses are summed over processes, so
             every rank makes the same choice and inserts the same layer.
@@ -180,6 +183,8 @@ def grow_once(
         weight, bias = best.weight, best.bias
         if method == "random_init":
             weight, bias = _random_unit_direction(family.new_layer(model, family.site(model, best.site)), gen)
+        elif fill_inactive > 0:
+            weight, bias = fill_inactive_rows(weight, bias, fill_inactive, gen)
         rec.k = best.k if method != "random_init" else 1
         ls = line_search_epsilon(
             model, best.site, heldout_data, loss_fn, weight, bias, epsilons=eps_grid, accelerator=accelerator

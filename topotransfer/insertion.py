@@ -19,7 +19,14 @@ from .derivative.topological import ForwardFn, LossFn, SiteResult, _to_device, c
 from .surgery import get_family
 from .surgery.base import DownstreamUnsupportedError, Site
 
-__all__ = ["DEFAULT_EPSILONS", "LineSearchResult", "evaluate_loss", "insert_layer", "line_search_epsilon"]
+__all__ = [
+    "DEFAULT_EPSILONS",
+    "LineSearchResult",
+    "evaluate_loss",
+    "fill_inactive_rows",
+    "insert_layer",
+    "line_search_epsilon",
+]
 
 #: Default eps grid: log-spaced from 1e-3 to 1, three points per decade (the direction has unit norm per
 #: eigenvector). Capped at 1 because eps is chosen on held-out data: with a tiny held-out set (10 labels
@@ -27,6 +34,50 @@ __all__ = ["DEFAULT_EPSILONS", "LineSearchResult", "evaluate_loss", "insert_laye
 #: layer of Frobenius norm ~50 far outside the quadratic regime the derivative describes, and that run
 #: never recovered. Pass ``epsilons`` to search wider.
 DEFAULT_EPSILONS: tuple[float, ...] = tuple(float(x) for x in torch.logspace(-3, 0, 10, dtype=torch.float64))
+
+
+def fill_inactive_rows(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ratio: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Give the rows (neurons) an eigen direction leaves at exactly zero a small random direction.
+
+    Q_t is block-diagonal over output rows, so an eigenvector lives on one row and the "cluster" rule
+    activates only k rows. A row that starts at w_r = 0, b_r = 0 never trains: its gradient is
+    delta_r * sigma'(w_r . z + b_r) * z and sigma'(0) = 0, so (w_r, b_r) = 0 is a stationary point for
+    every optimiser. This adds a random direction R supported on the zero rows, scaled so that
+    ||R||_F = ratio * ||[weight | bias]||_F:
+
+        theta' = theta + R,   theta'^T Q theta' = theta^T Q theta + R^T Q R   (R and theta share no rows)
+
+    so the second-order decrease of the eigen rows is kept (R^T Q R of a random direction is small
+    next to lambda_max) and every neuron of the new layer can train.
+
+    Args:
+        weight: (d_out, d_in) direction (for convolutions d_in = C*k*k; any trailing shape works).
+        bias: (d_out,) or ``None``.
+        ratio: ||R|| / ||theta||; 0 returns the inputs unchanged.
+        generator: seeds R (pass the event's generator so every rank and every rerun draws the same R).
+
+    Returns:
+        (weight', bias') with the same shapes and dtypes.
+    """
+    if ratio < 0:
+        raise ValueError(f"fill ratio must be >= 0, got {ratio}")
+    if ratio == 0:
+        return weight, bias
+    rows = weight.reshape(weight.shape[0], -1)
+    full = rows if bias is None else torch.cat([rows, bias[:, None]], dim=1)  # (d_out, D)
+    dead = full.abs().sum(dim=1) == 0  # (d_out,)
+    if not bool(dead.any()):
+        return weight, bias
+    r = torch.randn(full.shape, generator=generator, dtype=torch.float64).to(full) * dead[:, None]
+    r = r * (ratio * full.norm() / r.norm())
+    new = full + r
+    w = new[:, : rows.shape[1]].reshape(weight.shape)
+    return w, (None if bias is None else new[:, -1].clone())
 
 
 def _direction(site: str | Site | SiteResult, weight: torch.Tensor | None, bias: torch.Tensor | None):
