@@ -230,3 +230,24 @@ def test_two_process_run_killed_after_a_growth_event_resumes_exactly(tmp_path):
     assert ra["test_error"] == rb["test_error"]
     assert [e["param_checksums"] for e in ra["events"]] == [e["param_checksums"] for e in rb["events"]]
     print(f"2-process run of KILL_RUN: {wall:.1f} s wall")
+
+
+def test_two_process_derivative_recipe_prints_the_one_process_scores(tmp_path):
+    """``topotransfer derivative`` under 2 processes: each rank probes its shard, the statistics are summed,
+    rank 0 alone prints, and the scores are those of one process on all the probe batches."""
+    from topotransfer.config import load_config
+    from topotransfer.recipes.derivative import run_derivative
+
+    args = ["data.name=regression", "data.num_train=120", "data.num_val=40", "data.num_test=40", "model.width=6",
+            "model.depth=2", "train.epochs=1", "probe.batch_size=40", "probe.batches=3", "probe.solver=dense",
+            "progress=false"]
+    # one warm-up step on the same 120 shuffled examples: 2 x 60 per process, or 120 in one process
+    run = launch_two_processes(["derivative", *args, "train.batch_size=60", f"output_dir={tmp_path / 'two'}"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("TD (lambda_max)") == 1, "only rank 0 prints the table"
+    printed = {line.split()[0]: float(line.split()[1]) for line in run.stdout.splitlines()
+               if line.startswith(("input_layer", "layers."))}
+    ref = run_derivative(load_config(None, [*args, "train.batch_size=120", f"output_dir={tmp_path / 'one'}"]))
+    assert list(printed) == [r.site for r in ref]
+    for r in ref:
+        assert printed[r.site] == pytest.approx(r.score, rel=1e-5), r.site

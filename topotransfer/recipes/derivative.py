@@ -9,35 +9,50 @@ from ..config import RunConfig
 from ..data import load_task
 from ..derivative.topological import topological_derivative
 from ..models.build import build_model
+from ..training.distributed import build_accelerator, shard
 from ..training.loop import evaluate, make_loader, train_epoch
 from ..training.optim import build_optimizer
-from .grow import _batches, _device, _losses, check_output_dir
+from .grow import _batches, _losses, check_output_dir
 
 __all__ = ["run_derivative"]
 
 
-def run_derivative(cfg: RunConfig) -> list:
-    """Returns the :class:`~topotransfer.derivative.topological.SiteResult` list (also printed)."""
+def run_derivative(cfg: RunConfig, accelerator: object | None = None) -> list:
+    """Returns the :class:`~topotransfer.derivative.topological.SiteResult` list (printed by the main process).
+
+    Under ``accelerate launch`` with N processes the warm-up training is data-parallel, and each process
+    probes its shard of the probe batches; the statistics are summed over processes before the one
+    solve, so every process returns the scores a single process gets on all the probe batches.
+    """
+    own_accelerator = accelerator is None
+    acc = accelerator if accelerator is not None else build_accelerator(cfg.device, cfg.train.mixed_precision)
     check_output_dir(cfg.output_dir)
-    device = _device(cfg.device)
+    device = acc.device
     torch.manual_seed(cfg.seed)
     d = cfg.data
     task = load_task(d.name, seed=cfg.seed, num_train=d.num_train, num_val=d.num_val, num_test=d.num_test,
                      grid=d.grid, noise=d.noise, image_size=d.image_size)
-    model = build_model(cfg.model, task.input_shape, task.num_outputs).to(device)
+    net = build_model(cfg.model, task.input_shape, task.num_outputs).to(device)
     loss_mean, loss_sum = _losses(task.kind)
-    optimizer = build_optimizer(model, cfg.train)
+    model, optimizer = acc.prepare(net, build_optimizer(net, cfg.train))
     for epoch in range(cfg.train.epochs):
-        loader = make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
-        train_epoch(model, loader, optimizer, loss_mean, device, cfg.train.max_steps)
-    val = evaluate(model, _batches(task.val, cfg.train.batch_size), task.kind, device)
+        loader = acc.prepare_data_loader(
+            make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
+        )
+        train_epoch(model, loader, optimizer, loss_mean, device, cfg.train.max_steps, accelerator=acc)
+    val = evaluate(net, shard(_batches(task.val, cfg.train.batch_size), acc), task.kind, device, accelerator=acc)
     p = cfg.probe
     results = topological_derivative(
-        model, _batches(task.train, p.batch_size, p.batches), loss_sum, rule=p.rule, c=p.c, k=p.k,
-        solver=p.solver, tol=p.tol, progress=cfg.progress, sample_fraction=p.sample_fraction,
-        max_samples_per_batch=p.max_samples_per_batch,
+        net, shard(_batches(task.train, p.batch_size, p.batches), acc), loss_sum, rule=p.rule, c=p.c, k=p.k,
+        solver=p.solver, tol=p.tol, progress=cfg.progress and acc.is_main_process, accelerator=acc,
+        sample_fraction=p.sample_fraction, max_samples_per_batch=p.max_samples_per_batch,
     )
-    print(f"{task.name}: {type(model).__name__} after {cfg.train.epochs} epochs, val loss {val['loss']:.4g}")
+    acc.wait_for_everyone()  # every rank gets here before the process group is torn down (STACK.md)
+    if own_accelerator and acc.num_processes > 1:
+        acc.end_training()
+    if not acc.is_main_process:
+        return results
+    print(f"{task.name}: {type(net).__name__} after {cfg.train.epochs} epochs, val loss {val['loss']:.4g}")
     print(f"{'site':28s} {'TD (lambda_max)':>16s} {'k':>4s} {'solver':>12s}")
     best = max(results, key=lambda r: r.score)
     for r in results:
