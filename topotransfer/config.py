@@ -67,18 +67,23 @@ class ModelConfig:
 class DataConfig:
     """The task: a generated, package-shipped, or user dataset."""
 
-    name: str = field(default="regression", metadata={"help": "regression | digits | mnist | fashion_mnist | hf:<name> | imagefolder:<dir>"})
+    name: str = field(default="regression", metadata={"help": "regression | digits | mnist | fashion_mnist | sentiment (text) | hf:<name> | imagefolder:<dir>"})
     num_train: int | None = field(default=None, metadata={"help": "cap on training examples (None = all)"})
     num_val: int | None = field(default=None, metadata={"help": "validation examples (held out from train)"})
     num_test: int | None = field(default=None, metadata={"help": "cap on test examples"})
     grid: bool = field(default=False, metadata={"help": "regression: grid instead of uniform random samples"})
     noise: float = field(default=0.0, metadata={"help": "regression: std of additive label noise"})
     image_size: int | None = field(default=None, metadata={"help": "resize images to this side"})
+    max_length: int | None = field(
+        default=None, metadata={"help": "text: most tokens per sentence (None = the backbone's limit, at most 512)"}
+    )
 
     def __post_init__(self) -> None:
         for key in ("num_train", "num_val", "num_test"):
             v = getattr(self, key)
             _check(v is None or v > 0, f"data.{key} must be positive, got {v}")
+        _check(self.max_length is None or self.max_length >= 2,
+               f"data.max_length must be >= 2 (room for the special tokens), got {self.max_length}")
 
 
 @dataclass

@@ -9,11 +9,14 @@ Names understood by :func:`load_task`:
 * ``"fashion_mnist"``: full Fashion-MNIST (60k/10k), the idx ``.gz`` files of the Debian package
   ``dataset-fashion-mnist`` under ``/usr/share/datasets/fashion-mnist`` (``apt-get install dataset-fashion-mnist``;
   the environment variable ``TOPOTRANSFER_FASHION_MNIST_DIR`` points elsewhere).
+* ``"sentiment"``: generated review sentences labelled negative / positive, with held-out phrasing and
+  vocabulary in the test split (:mod:`topotransfer.text_data`; no download). Inputs are strings.
 * ``"hf:<name>[:<config>]"``: a Hugging Face dataset through ``datasets.load_dataset`` (local cache only when
   ``HF_DATASETS_OFFLINE=1``).
 * ``"imagefolder:<dir>"``: ``<dir>/<class>/<image>`` files through ``datasets.load_dataset("imagefolder")``.
 
-Image inputs are float32 ``(N, C, H, W)`` in [0, 1]; class targets are int64 ``(N,)``. Every split is a
+Image inputs are float32 ``(N, C, H, W)`` in [0, 1]; text inputs are strings (``Task.modality == "text"``);
+class targets are int64 ``(N,)``. Every split is a
 deterministic function of ``seed``: carved splits are stratified by class, and the test split never depends on
 ``num_train`` or ``num_val``.
 """
@@ -35,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from .errors import TopoTransferError
+from .text_data import SENTIMENT_CLASSES, TEXT_TASKS, TextDataset, make_sentiment
 
 __all__ = [
     "AVAILABLE_TASKS",
@@ -47,7 +51,7 @@ __all__ = [
     "regression_target",
 ]
 
-AVAILABLE_TASKS: tuple[str, ...] = ("regression", "digits", "mnist", "fashion_mnist")
+AVAILABLE_TASKS: tuple[str, ...] = ("regression", "digits", "mnist", "fashion_mnist", *TEXT_TASKS)
 """Built-in task names; :data:`TASK_PREFIXES` adds ``hf:<name>[:<config>]`` and ``imagefolder:<dir>``."""
 
 TASK_PREFIXES: tuple[str, ...] = ("hf:", "imagefolder:")
@@ -79,22 +83,25 @@ class Task:
         name: the task name given to :func:`load_task`.
         kind: ``"regression"`` or ``"classification"``.
         train: ``TensorDataset(inputs, targets)``; inputs ``(N, *input_shape)`` float32, targets ``(N, num_outputs)``
-            float32 (regression) or ``(N,)`` int64 class indices (classification).
+            float32 (regression) or ``(N,)`` int64 class indices (classification). Text tasks hold a
+            :class:`~topotransfer.text_data.TextDataset` of ``(sentence, label)`` instead.
         val: validation split, same layout as ``train``.
         test: test split, same layout as ``train``.
-        input_shape: shape of one input, e.g. ``(2,)`` or ``(1, 8, 8)``.
+        input_shape: shape of one input, e.g. ``(2,)`` or ``(1, 8, 8)``; ``()`` for text.
         num_outputs: regression: output dimension; classification: number of classes.
         class_names: one name per class (classification), or ``None``.
+        modality: ``"tensor"`` (vectors, images) or ``"text"`` (strings that a tokenizer must encode).
     """
 
     name: str
     kind: str
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
+    train: TensorDataset | TextDataset
+    val: TensorDataset | TextDataset
+    test: TensorDataset | TextDataset
     input_shape: tuple[int, ...]
     num_outputs: int
     class_names: list[str] | None = None
+    modality: str = "tensor"
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -571,7 +578,7 @@ def load_task(
 ) -> Task:
     """Load a task by name as train/val/test ``TensorDataset``s.
 
-    Defaults per task: ``regression`` 1000/200/2000 points; ``digits`` 20% test, then 10% of the rest val
+    Defaults per task: ``regression`` 1000/200/2000 points; ``sentiment`` 2000/500/1000 sentences; ``digits`` 20% test, then 10% of the rest val
     (1294/144/359); ``mnist`` and ``fashion_mnist`` the official 10,000 test images and 5,000 val images carved
     from the 60,000 training images (55,000 train); ``hf:`` / ``imagefolder:`` use their ``validation`` and
     ``test`` splits when present and otherwise carve them like ``digits``. Carved splits are stratified by class
@@ -592,7 +599,7 @@ def load_task(
     Returns:
         A :class:`Task`. Regression: inputs ``(N, 2)`` float32, targets ``(N, 1)`` float32. Classification:
         inputs ``(N, C, H, W)`` float32 in [0, 1] (``(N, 1, 8, 8)`` digits, ``(N, 1, 28, 28)`` MNIST), targets
-        ``(N,)`` int64.
+        ``(N,)`` int64. Text (``sentiment``): :class:`~topotransfer.text_data.TextDataset` splits of strings.
 
     Raises:
         ValueError: unknown name, bad sizes (e.g. ``num_train`` larger than available), an empty dataset, or an
@@ -623,6 +630,17 @@ def load_task(
         )
     if grid or noise:
         raise ValueError(f"grid and noise apply to the regression task only, not to {name!r}")
+    if builtin in TEXT_TASKS:
+        if image_size is not None:
+            raise ValueError(f"image_size does not apply to the text task {builtin!r}")
+        train, val, test = make_sentiment(
+            num_train if num_train is not None else 2000,
+            num_val if num_val is not None else 500,
+            num_test if num_test is not None else 1000,
+            seed=seed,
+        )
+        return Task(name=builtin, kind="classification", train=train, val=val, test=test, input_shape=(),
+                    num_outputs=len(SENTIMENT_CLASSES), class_names=list(SENTIMENT_CLASSES), modality="text")
     sizes = {"seed": seed, "num_train": num_train, "num_val": num_val, "num_test": num_test}
     if builtin == "digits":
         return _load_digits(seed, num_train, num_val, num_test, image_size)

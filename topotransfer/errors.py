@@ -9,6 +9,7 @@ __all__ = [
     "EmptyDatasetError",
     "ImageSizeError",
     "LabelCountMismatchError",
+    "ModalityMismatchError",
     "NoSitesFoundError",
     "TopoTransferError",
     "UnknownSiteError",
@@ -49,6 +50,10 @@ class CheckpointMismatchError(TopoTransferError, ValueError):
 
 class ImageSizeError(TopoTransferError, ValueError):
     """Images that cannot be brought to the backbone's input size or channel count."""
+
+
+class ModalityMismatchError(TopoTransferError, ValueError):
+    """A task whose inputs the backbone cannot take: text for an image model, images for a text model."""
 
 
 class EmptyDatasetError(TopoTransferError, ValueError):

