@@ -39,7 +39,7 @@ CHOICES = [*METHODS, "full_finetune"]
 CONFIG = str(Path(__file__).parents[1] / "topotransfer" / "configs" / "adapt_sentiment_minilm.yaml")
 # Sentences are short (~10-25 tokens): batches of 8 give the head enough steps at 8 labels per class. The
 # merged export (a 90 MB copy of the backbone per run) is skipped; the adapter is kept.
-FULL = ["train.batch_size=8", "adapt.lr=0.005", "adapt.backbone_lr=0.001", "adapt.head_epochs=10",
+FULL = ["train.batch_size=8", "adapt.lr=0.005", "adapt.backbone_lr=0.001", "adapt.head_epochs=20",
         "adapt.insertions=1", "adapt.epochs_per_insertion=20", "adapt.final_epochs=0", "probe.batch_size=64",
         "probe.batches=1", "data.max_length=64", "adapt.save_merged=false", "train.checkpoint_every=1000"]
 QUICK = ["train.batch_size=8", "adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=1",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 
 import pytest
 import torch
@@ -206,3 +207,26 @@ def test_real_minilm_derivative_if_installed():
     real = int(task.train.encoding["attention_mask"].sum())
     assert all(r.num_samples == real and torch.isfinite(torch.tensor(r.score)) for r in results)
     assert all(r.weight.shape == (384, 384) for r in results)
+
+
+# ---------------------------------------------------------------------------------------------- 2 processes
+@pytest.mark.distributed
+def test_two_processes_shard_text_batches_and_sum_the_same_statistics(base, tmp_path):
+    """Under ``accelerate launch`` with 2 ranks each probes half the padded text batches; the summed statistics
+    give the one-process scores and the same held-out loss (head_epochs=0: no training before the derivative)."""
+    from test_distributed import LAUNCH_ENV, _launch_cmd
+
+    args = ["adapt", "--config", "adapt_sentiment_minilm", f"model.name_or_path={base}", *SMALL,
+            "adapt.head_epochs=0", "adapt.epochs_per_insertion=1", "train.batch_size=4", "probe.batch_size=4",
+            "probe.batches=4", "adapt.save_merged=false"]
+    assert main([*args, f"output_dir={tmp_path / 'one'}"]) == 0
+    proc = subprocess.run(_launch_cmd([*args, f"output_dir={tmp_path / 'two'}"]), capture_output=True, text=True,
+                          env=LAUNCH_ENV, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two["num_processes"] == 2
+    e1, e2 = one["events"][0], two["events"][0]
+    assert e1["scores"].keys() == e2["scores"].keys() and e1["site"] == e2["site"]
+    for site, score in e1["scores"].items():
+        assert e2["scores"][site] == pytest.approx(score, rel=1e-6)
+    assert e2["loss_before"] == pytest.approx(e1["loss_before"], rel=1e-6)
