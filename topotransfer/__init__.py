@@ -22,10 +22,13 @@ _EXPORTS = {
     "EmptyDatasetError": "errors",
     "ImageSizeError": "errors",
     "LabelCountMismatchError": "errors",
+    "ModalityMismatchError": "errors",
     "TopoAdapter": "adapter",
     "ViTFamily": "surgery",
     "load_adapter": "adapter",
     "load_backbone": "models.hf",
+    "load_tokenizer": "models.hf",
+    "packaged_model_dir": "models.hf",
     "load_merged": "adapter",
     "merge_and_save": "adapter",
     "save_adapter": "adapter",
@@ -83,6 +86,7 @@ if TYPE_CHECKING:  # pragma: no cover
         EmptyDatasetError,
         ImageSizeError,
         LabelCountMismatchError,
+        ModalityMismatchError,
         NoSitesFoundError,
         TopoTransferError,
         UnknownSiteError,
@@ -98,7 +102,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .layers import TopoConv2d, TopoLayer, topo_activation
     from .models import ResidualCNN, ResidualMLP
-    from .models.hf import load_backbone
+    from .models.hf import load_backbone, load_tokenizer, packaged_model_dir
     from .surgery import FAMILIES, BertFamily, ViTFamily, get_family
     from .surgery.base import Site
     from .surgery.hf import TopoBlock
