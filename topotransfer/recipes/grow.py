@@ -36,7 +36,7 @@ from ..training.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from ..training.distributed import all_equal_digest, build_accelerator, prepare_again, raw_optimizer, shard
+from ..training.distributed import all_equal_digest, build_accelerator, is_fsdp, plain_model, prepare_again, shard
 from ..training.loop import evaluate, make_loader, train_epoch
 from ..training.optim import build_optimizer, rebuild_after_growth
 
@@ -84,11 +84,12 @@ def run_grow(
     """Run growth (or a baseline) as configured; returns the results dict also written to disk.
 
     Runs on one process, or on every process of ``accelerate launch`` / ``torchrun`` (docs/distributed.md):
-    each rank trains on every N-th batch of the epoch's (shared) shuffle, DDP averaging the gradients,
+    each rank trains on every N-th batch of the epoch's (shared) shuffle, DDP (or FSDP) averaging the gradients,
     evaluates and probes its share of the validation / probe batches, and every quantity a decision depends on (validation loss,
     statistics of the derivative, line-search losses) is summed over the ranks first, so all ranks grow
     the same layer. A parameter digest is compared across ranks after every growth event. Only the
-    main process writes files.
+    main process writes files. Under FSDP every growth event, checkpoint and best-model copy works on
+    the full weights gathered into a plain module (:func:`~topotransfer.training.distributed.plain_model`).
 
     Args:
         cfg: the run configuration.
@@ -117,7 +118,8 @@ def run_grow(
     g = cfg.growth
     base_depth = cfg.model.depth + (g.max_insertions if g.method == "fixed" else 0)
     # `net` is the plain module (names, checkpoints, evaluation, surgery); `model` is what accelerate
-    # prepared from it (DDP-wrapped when there are several processes) and is used only to train.
+    # prepared from it (DDP-wrapped when there are several processes) and is used only to train. Under
+    # FSDP, `net` is sharded in place: events, checkpoints and best copies use `plain_model` instead.
     net = build_model(cfg.model, task.input_shape, task.num_outputs, depth=base_depth).to(device)
     loss_mean, loss_sum = _losses(task.kind)
     manifest = {
@@ -154,7 +156,8 @@ def run_grow(
         )
         if (best_dir / "model.safetensors").is_file():
             load_checkpoint(best_dir, best_model)
-    model, optimizer = acc.prepare(net, optimizer)
+    model, optimizer = prepare_again(acc, net, optimizer)
+    fsdp = is_fsdp(acc)
 
     detector = PlateauDetector(g.patience, g.min_delta)
     if state["plateau"]:
@@ -169,9 +172,11 @@ def run_grow(
         state["plateau"] = detector.state_dict()
         state["frozen"] = [n for n, p in net.named_parameters() if not p.requires_grad]
         state["wall_time"] = time.perf_counter() - started
-        check_finite(net)
+        # FSDP: the full weights and optimizer state, gathered on every rank (a collective)
+        full_net, full_opt = plain_model(acc, model, optimizer) if fsdp else (net, optimizer)
+        check_finite(full_net)
         if main:
-            save_checkpoint(out, name, net, manifest, optimizer, state)
+            save_checkpoint(out, name, full_net, manifest, full_opt, state)
             write_json_atomic(out / "history.json", {"epochs": state["history"], "events": state["events"]})
 
     def diverged(e: Exception, epoch: int) -> FloatingPointError:
@@ -206,7 +211,7 @@ def run_grow(
         if state["best_val"] is None or val["loss"] < state["best_val"]:
             state["best_val"], state["best_epoch"] = val["loss"], epoch + 1
             state["best_insertions"] = len(manifest["insertions"])
-            best_model = copy.deepcopy(net)
+            best_model = plain_model(acc, model)[0] if fsdp else copy.deepcopy(net)
             if main:
                 save_checkpoint(out, "best", best_model, manifest, None, {"epoch": epoch + 1}, update_latest=False)
         plateau = detector.update(val["loss"])
@@ -223,9 +228,10 @@ def run_grow(
                 state["growth_done"] = True
             else:
                 # Growth event (STYLE 7.5): sync, unwrap (and drop the autocast wrapper: the derivative
-                # and line search run in float32+), grow in place, new optimizer, re-prepare.
+                # and line search run in float32+; under FSDP: gather the full weights and optimizer
+                # state into a plain copy), grow in place, new optimizer, re-prepare (re-shard).
                 acc.wait_for_everyone()
-                net = acc.unwrap_model(model, keep_fp32_wrapper=False)
+                net, optimizer = plain_model(acc, model, optimizer)
                 ev: GrowthEvent = grow_once(
                     net, g.method, probe_batches, val_batches, loss_sum, event=len(state["events"]),
                     epoch=epoch + 1, seed=cfg.seed, probe_cfg=cfg.probe, epsilons=g.epsilons,
@@ -233,12 +239,12 @@ def run_grow(
                     fill_inactive=g.fill_inactive,
                 )
                 record = ev.to_dict()
-                optimizer = raw_optimizer(optimizer)
                 if ev.site is None:
                     state["growth_done"] = True
                 else:
                     # Identical reduced statistics give identical layers; prove it before DDP's
-                    # re-wrap broadcasts rank 0's weights and would hide a divergence.
+                    # re-wrap broadcasts rank 0's weights and would hide a divergence (FSDP shards
+                    # each rank's own copy, so there a divergence would go on silently).
                     record["param_checksums"] = all_equal_digest(net, acc, "parameters")
                     manifest["insertions"].append({"site": ev.site, "layer": ev.layer, "epoch": epoch + 1})
                     optimizer = rebuild_after_growth(optimizer, net, cfg.train)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..derivative.probes import default_forward
-from .distributed import is_multi_process, reduce_sums
+from .distributed import is_multi_process, is_sharded, reduce_sums
 
 __all__ = ["EvalResult", "evaluate", "make_loader", "train_epoch"]
 
@@ -99,12 +99,27 @@ def evaluate(
     Args:
         accelerator: when it spans several processes, ``loader`` is this process's shard and the sums
             (loss, correct, count) are added over processes: every rank returns the same result. Pass
-            an *unwrapped* model (a DDP forward is a collective; shards may differ in length).
+            an *unwrapped* model (a DDP forward is a collective; shards may differ in length). An
+            FSDP-sharded model cannot be unwrapped (its forward all-gathers the parameters): the ranks
+            then run the same number of forwards, a rank with fewer batches repeating its last one
+            without counting it.
+
+    Raises:
+        ValueError: an empty dataset, or (FSDP) a rank without any batch while others have some.
     """
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
+    extra = 0
+    if is_multi_process(accelerator) and is_sharded(model):
+        loader = list(loader)
+        counts = accelerator.gather(torch.tensor([len(loader)], device=accelerator.device)).tolist()
+        if min(counts) == 0 < max(counts):  # every rank sees the counts, so all raise together
+            raise ValueError(f"FSDP evaluation needs a batch on every process (batches per process: {counts})")
+        extra = max(counts) - len(loader)
     try:
+        for _ in range(extra):  # lockstep forwards (their all-gathers pair with the other ranks')
+            forward_fn(model, loader[-1][0].to(device))
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             out = forward_fn(model, x)
