@@ -147,16 +147,23 @@ def test_accelerate_configs_load(path):
     assert path.read_text().startswith("#"), "first lines document the launch command"
 
 
-def test_two_process_growth_run(tmp_path):
+@pytest.fixture(scope="module")
+def ddp_growth_run(tmp_path_factory):
+    """The TINY grow run on 2 DDP processes: (output dir, completed process, wall seconds)."""
+    out = tmp_path_factory.mktemp("ddp_grow")
+    t = time.perf_counter()
+    run = launch_two_processes(["grow", *TINY, f"output_dir={out}"])
+    return out, run, time.perf_counter() - t
+
+
+def test_two_process_growth_run(ddp_growth_run):
     from topotransfer.config import load_config
     from topotransfer.models.build import build_model
     from topotransfer.recipes.grow import load_checkpoint_manifest
     from topotransfer.training.checkpoint import latest_checkpoint, load_checkpoint, replay_insertions
     from topotransfer.training.distributed import param_digest
 
-    t = time.perf_counter()
-    run = launch_two_processes(["grow", *TINY, f"output_dir={tmp_path}"])
-    wall = time.perf_counter() - t
+    tmp_path, run, wall = ddp_growth_run
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count('"test_error"') == 1, "only rank 0 prints the summary"
     res = json.loads((tmp_path / "results.json").read_text())
@@ -175,7 +182,35 @@ def test_two_process_growth_run(tmp_path):
     assert len(param_digest(net)) == 15
     history = json.loads((tmp_path / "history.json").read_text())
     assert len(history["epochs"]) == 12 and history["epochs"][-1]["depth"] == 3
+    assert res["distributed"] == {"type": "MULTI_CPU", "sharded": False}
     print(f"2-process grow run: {wall:.1f} s wall")
+
+
+def test_fsdp_growth_run_shards_and_matches_ddp(ddp_growth_run, tmp_path):
+    """configs/accelerate/fsdp.yaml on 2 CPU processes: the model really is FSDP2-sharded, every growth
+    event gathers the full weights, grows the identical layer on both ranks and re-shards; the run
+    takes the DDP run's decisions and ends with its weights (up to the order of the gradient sums)."""
+    ddp_out, ddp, _ = ddp_growth_run
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run = launch_two_processes(["grow", *TINY, f"output_dir={tmp_path}"], "fsdp")
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    ref = json.loads((ddp_out / "results.json").read_text())
+    assert res["distributed"] == {"type": "FSDP", "sharded": True}
+    assert res["num_processes"] == 2 and res["insertions"] == ref["insertions"] == 2
+    for ev, ev_ref in zip(res["events"], ref["events"], strict=True):
+        assert ev["site"] == ev_ref["site"] and ev["epsilon"] == ev_ref["epsilon"]
+        sums = ev["param_checksums"]
+        assert len(sums) == 2 and sums[0] == sums[1], f"FSDP ranks differ after event {ev['event']}: {sums}"
+    h, h_ref = (json.loads((d / "history.json").read_text())["epochs"] for d in (tmp_path, ddp_out))
+    assert [e["depth"] for e in h] == [e["depth"] for e in h_ref]
+    torch.testing.assert_close([e["val_loss"] for e in h], [e["val_loss"] for e in h_ref], rtol=1e-5, atol=1e-7)
+    # the checkpoint holds full (gathered) tensors under the plain module's names
+    a = load_file(str(tmp_path / "last" / "model.safetensors"))
+    b = load_file(str(ddp_out / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
 def test_two_process_nan_stops_every_rank(tmp_path):

@@ -36,7 +36,15 @@ from ..training.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from ..training.distributed import all_equal_digest, build_accelerator, is_fsdp, plain_model, prepare_again, shard
+from ..training.distributed import (
+    all_equal_digest,
+    build_accelerator,
+    is_fsdp,
+    is_sharded,
+    plain_model,
+    prepare_again,
+    shard,
+)
 from ..training.loop import evaluate, make_loader, train_epoch
 from ..training.optim import build_optimizer, rebuild_after_growth
 
@@ -277,6 +285,7 @@ def run_grow(
         "insertions": len(manifest["insertions"]),
         "wall_time": time.perf_counter() - started,
         "num_processes": acc.num_processes,
+        "distributed": {"type": str(acc.distributed_type.value), "sharded": is_sharded(model)},
         "events": state["events"],
     }
     checkpoint()
