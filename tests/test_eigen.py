@@ -90,3 +90,87 @@ def test_direction_rules():
     # lambda_1 <= 0: no insertion lowers the loss; the rule falls back to the single top direction.
     neg = dense_top_eigenpairs(-Q.abs(), 6)
     assert select_direction(neg, 3, "cluster")[1] == 1
+
+
+def _mixed_sign_statistic(N=300, d=12, R=20, seed=6, chunks=(100, 200)):
+    """A statistic with adjoints of both signs and very different scales per block (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, d, generator=g, dtype=torch.float64)
+    p = (torch.randn(N, R, generator=g, dtype=torch.float64) + torch.linspace(-1.0, 0.5, R, dtype=torch.float64))
+    p = p * torch.logspace(-2, 1, R, dtype=torch.float64)
+    st = MatrixFreeStatistic(R, d, bias=True, cache_dtype=torch.float64)
+    start = 0
+    for stop in (*chunks, N):
+        st.update(z[start:stop], p[start:stop])
+        start = stop
+    return st
+
+
+def test_upper_bounds_bound_every_block_and_are_tight_for_rank_one():
+    st = _mixed_sign_statistic()
+    exact = np.array([np.linalg.eigvalsh(q)[-1] for q in st.dense().numpy()])  # numpy eigh, float64
+    ub = st.upper_bounds()
+    assert ub.shape == (st.R,) and ub.dtype == torch.float64
+    assert np.all(ub.numpy() >= exact - 1e-10 * np.abs(exact).max())
+    # the trace of the positive part, recomputed by hand, including the bias entry zh = [z, 1]
+    zh, p = st._rows()
+    assert torch.allclose(ub, (p.clamp_min(0) * (zh**2).sum(1, keepdim=True)).sum(0), rtol=1e-12)
+    # a single sample with p > 0: Q_r = p zh zh^T is rank one and the bound is its eigenvalue, exactly
+    one = MatrixFreeStatistic(3, 4, bias=False, cache_dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    one.update(torch.randn(1, 4, generator=g, dtype=torch.float64), torch.tensor([[2.0, 0.5, 3.0]], dtype=torch.float64))
+    lam = np.array([np.linalg.eigvalsh(q)[-1] for q in one.dense().numpy()])
+    np.testing.assert_allclose(one.upper_bounds().numpy(), lam, rtol=1e-12)
+    # an all-negative block has bound 0 and lambda_max <= 0
+    neg = MatrixFreeStatistic(2, 3, bias=True, cache_dtype=torch.float64)
+    neg.update(torch.randn(6, 3, generator=g, dtype=torch.float64), -torch.rand(6, 2, generator=g, dtype=torch.float64))
+    assert torch.equal(neg.upper_bounds(), torch.zeros(2, dtype=torch.float64))
+
+
+def test_upper_bounds_do_not_depend_on_batch_split():
+    a = _mixed_sign_statistic(chunks=(100, 200))
+    b = _mixed_sign_statistic(chunks=(7, 150, 299))
+    assert torch.allclose(a.upper_bounds(), b.upper_bounds(), rtol=1e-13)
+
+
+@pytest.mark.parametrize("num", [1, 4, 12])
+def test_bound_pruning_never_drops_a_top_block(num):
+    # Blocks of very different scales: the proven bounds drop most of them at the first test. The result
+    # must equal numpy eigh on every block (values and rows), and the blocks holding the top pairs survive.
+    st = _mixed_sign_statistic(N=400, d=15, R=40, seed=8)
+    Q = st.dense().numpy()
+    ref = sorted(((lam, r) for r in range(st.R) for lam in np.linalg.eigvalsh(Q[r])), reverse=True)[:num]
+    ub = st.upper_bounds()
+    seen = []
+
+    def matvec(v, rows=None):
+        seen.append(st.R if rows is None else rows.numel())
+        return st.matvec(v, rows=rows)
+
+    # prune_after beyond every test: only the proven bounds prune.
+    mf = lanczos_top_eigenpairs(matvec, st.R, st.D, num=num, tol=1e-9, upper_bounds=ub, prune_after=10**9)
+    assert mf.converged
+    np.testing.assert_allclose(mf.values.numpy(), [lam for lam, _ in ref], rtol=1e-9)
+    assert mf.rows.tolist() == [r for _, r in ref]
+    assert min(seen) < st.R  # the bounds did prune
+    # a block is only ever dropped when its bound is below the num-th eigenvalue
+    dropped_ok = ub.numpy() < ref[-1][0]
+    assert int(dropped_ok.sum()) >= st.R - min(seen)
+
+
+def test_invalid_bounds_are_refused():
+    st = _mixed_sign_statistic()
+    with pytest.raises(ValueError, match="upper_bounds"):
+        lanczos_top_eigenpairs(st.matvec, st.R, st.D, num=2, upper_bounds=torch.ones(3))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_default_pruning_keeps_the_top_blocks_on_random_statistics(seed):
+    # Heuristic (Zhou-Li + margin) and proven-bound pruning together, as solve_site runs them, vs numpy eigh.
+    st = _mixed_sign_statistic(N=500, d=20, R=32, seed=10 + seed)
+    Q = st.dense().numpy()
+    ref = sorted(((lam, r) for r in range(st.R) for lam in np.linalg.eigvalsh(Q[r])), reverse=True)[:6]
+    mf = lanczos_top_eigenpairs(st.matvec, st.R, st.D, num=6, tol=1e-9, upper_bounds=st.upper_bounds())
+    assert mf.converged
+    np.testing.assert_allclose(mf.values.numpy(), [lam for lam, _ in ref], rtol=1e-9)
+    assert mf.rows.tolist() == [r for _, r in ref]

@@ -160,6 +160,7 @@ def lanczos_top_eigenpairs(
     first_checks: tuple[int, ...] = (4, 6),
     prune_after: int = 6,
     prune_margin: float = 2.0,
+    upper_bounds: torch.Tensor | None = None,
 ) -> EigenResult:
     """Top eigenpairs of blockdiag(Q_1..Q_R) by batched Lanczos, given only ``matvec``.
 
@@ -179,6 +180,12 @@ def lanczos_top_eigenpairs(
     record. The products of the next steps cost only (active blocks / R) of a full one (``matvec`` is
     called with ``rows=`` when it accepts that keyword), and the basis memory freed lets the active
     blocks run a longer Krylov space before any restart. ``prune=False`` iterates every block.
+
+    Proven bounds (``upper_bounds``, shape (R,), e.g. :meth:`MatrixFreeStatistic.upper_bounds`): a block whose
+    bound lies below L cannot hold a wanted eigenpair, so it is dropped at the first convergence test already
+    (before ``prune_after``, without any margin); with ``prune=True`` the Zhou-Li test above still applies
+    from ``prune_after`` on. The bound must be valid (lambda_max(Q_r) <= upper_bounds[r]); it is compared with
+    a relative slack of 1e-6 for the rounding of float32 products.
 
     The basis holds at most R * (steps + 1) vectors of length D. When the active blocks reach their
     Krylov dimension without converging, Lanczos restarts them from the sum of their leading Ritz vectors.
@@ -202,6 +209,7 @@ def lanczos_top_eigenpairs(
         first_checks: extra early steps at which convergence is tested (cheap: R small tridiagonal eighs).
         prune_after: first step at which blocks may be pruned.
         prune_margin: safety factor on |beta_j| in the pruning test.
+        upper_bounds: (R,) proven upper bounds of each block's largest eigenvalue (see above), or ``None``.
 
     Returns:
         :class:`EigenResult` with ``converged`` telling whether the tolerance was met.
@@ -212,6 +220,12 @@ def lanczos_top_eigenpairs(
     budget = R * (k0 + 1)  # basis vectors of length D held at once
     with_rows = _accepts_rows(matvec)
     want = max(1, num)
+    bounds = None
+    if upper_bounds is not None:
+        bounds = upper_bounds.to(device=dev, dtype=torch.float64).reshape(-1)
+        if bounds.numel() != R:
+            raise ValueError(f"upper_bounds must have one entry per block ({R}), got {bounds.numel()}")
+        bounds = bounds + 1e-6 * bounds.abs()  # slack for the rounding of the (float32) products
 
     def apply(v: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         if act.numel() == R:
@@ -280,9 +294,15 @@ def lanczos_top_eigenpairs(
                 return _finish(vals[order], flat, order, basis, S, act, j, fr_rows, fr_vecs, converged, total, work)
             if j == cap:
                 break
-            if prune and Ra > 1 and j >= prune_after and lower > -math.inf:
-                upper = theta[:, -1] + (prune_margin * beta[:, j - 1].abs() if j < D else 0.0)
-                keep = upper >= lower
+            heuristic = prune and j >= prune_after
+            if Ra > 1 and lower > -math.inf and (heuristic or bounds is not None):
+                keep = torch.ones(Ra, dtype=torch.bool, device=dev)
+                if heuristic:
+                    upper = theta[:, -1] + (prune_margin * beta[:, j - 1].abs() if j < D else 0.0)
+                    keep &= upper >= lower
+                if bounds is not None:
+                    # Proven: lambda_max(Q_r) <= bound_r < L <= (num-th largest eigenvalue), no margin needed.
+                    keep &= bounds[act].to(dtype) >= lower
                 if not bool(keep.all()) and bool(keep.any()):
                     drop = (~keep).nonzero().squeeze(1)
                     top_vec = torch.bmm(S[drop, :, -1].unsqueeze(1), basis[drop, :j]).squeeze(1)

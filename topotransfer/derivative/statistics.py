@@ -193,6 +193,24 @@ class MatrixFreeStatistic(SiteStatistic):
         out = _reduce_sum(out, self._accelerator)
         return out.to(v.dtype)
 
+    def upper_bounds(self) -> torch.Tensor:
+        """Proven upper bounds of every block's largest eigenvalue, shape (R,), float64.
+
+        Q_r = Zh^T diag(p_r) Zh <= Zh^T diag(max(p_r, 0)) Zh =: Q_r^+ in the Loewner order (the dropped part
+        Zh^T diag(max(-p_r, 0)) Zh is positive semi-definite), and Q_r^+ is positive semi-definite, so
+
+            lambda_max(Q_r) <= lambda_max(Q_r^+) <= trace(Q_r^+) = sum_n max(p_nr, 0) ||zh_n||^2.
+
+        One pass over the cache (N*R flops, no GEMM with D); summed over processes like the products.
+        """
+        dev = self._z[0].device if self._z else getattr(self._accelerator, "device", "cpu")
+        out = torch.zeros(self.R, dtype=torch.float64, device=dev)
+        for zh, p in zip(self._z, self._p):
+            for i in range(0, zh.shape[0], self.convert_rows):
+                sq = zh[i : i + self.convert_rows].to(torch.float64).square().sum(1)  # ||zh_n||^2, (n,)
+                out += p[i : i + self.convert_rows].to(torch.float64).clamp_min(0).T @ sq  # sum_n p+_nr ||zh_n||^2
+        return _reduce_sum(out, self._accelerator)
+
     def all_reduce(self, accelerator: object | None) -> None:
         self._accelerator = accelerator  # products are summed lazily, one all-reduce per matvec
         # A rank with an empty shard has no cached rows: reduce on the accelerator's device (NCCL needs CUDA).

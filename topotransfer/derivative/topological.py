@@ -329,14 +329,18 @@ def solve_site(
 ) -> EigenResult:
     """Top eigenpairs of one site's Q: dense ``eigh`` or matrix-free Lanczos, by the statistic's kind.
 
+    With ``prune``, the matrix-free solve also uses the statistic's proven per-block upper bounds
+    (:meth:`~.statistics.MatrixFreeStatistic.upper_bounds`) to stop iterating blocks early.
     A matrix-free solve that misses ``tol`` warns (:class:`~topotransfer.errors.ConvergenceWarning`),
     naming ``site`` and the largest relative residual; the result is still returned (``converged=False``).
     """
     if isinstance(stat, DenseStatistic):
         return dense_top_eigenpairs(stat.Q, num_eigenvalues)
+    # Proven per-block bounds (trace of the positive part) let Lanczos drop hopeless blocks at its first test.
+    bounds = stat.upper_bounds() if prune and hasattr(stat, "upper_bounds") else None
     eig = lanczos_top_eigenpairs(
         stat.matvec, stat.R, stat.D, num=num_eigenvalues, steps=steps, tol=tol, max_restarts=max_restarts,
-        prune=prune,
+        prune=prune, upper_bounds=bounds,
     )
     if not eig.converged:
         scale = float(eig.values.abs().max().clamp_min(1e-300))
