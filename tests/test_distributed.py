@@ -225,13 +225,21 @@ KILL_RUN = [
     "data.name=regression", "data.num_train=1200", "data.num_val=100", "data.num_test=100", "model.width=8",
     "model.depth=1", "train.epochs=9", "train.batch_size=16", "train.lr=0.003", "growth.epochs_per_stage=3",
     "growth.max_insertions=2", "probe.batch_size=300", "probe.batches=2", "progress=false",
-    "train.checkpoint_every=100",
+    "train.checkpoint_every=100", "train.checkpoint_every_steps=5", "train.lr_schedule=cosine",
 ]
 
 
+def _latest_state(out: Path) -> dict | None:
+    try:
+        return json.loads((out / (out / "latest").read_text().strip() / "state.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being replaced right now
+        return None
+
+
 def test_two_process_run_killed_after_a_growth_event_resumes_exactly(tmp_path):
-    """SIGKILL the launcher's process group right after event 1's checkpoint; --resume on 2 processes
-    ends with the weights of an uninterrupted 2-process run."""
+    """SIGKILL the launcher's process group after event 1, once the latest checkpoint is a mid-epoch one
+    (every 5 steps: both ranks' RNG states gathered, the epoch's batches trained so far skipped on resume);
+    --resume on 2 processes ends with the weights of an uninterrupted 2-process run."""
     import signal
 
     t = time.perf_counter()
@@ -246,7 +254,8 @@ def test_two_process_run_killed_after_a_growth_event_resumes_exactly(tmp_path):
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if history.is_file() and json.loads(history.read_text())["events"]:
+            st = _latest_state(tmp_path / "killed")
+            if history.is_file() and st is not None and st["events"] and st["epoch_progress"]:
                 break
             time.sleep(0.01)
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -257,6 +266,8 @@ def test_two_process_run_killed_after_a_growth_event_resumes_exactly(tmp_path):
             pass
         proc.wait(timeout=30)
     assert not (tmp_path / "killed" / "results.json").exists()
+    st = _latest_state(tmp_path / "killed")
+    assert st["epoch_progress"] is not None and st["epoch"] < 9, "the kill did not land after a mid-epoch checkpoint"
 
     resumed = launch_two_processes(args + ["--resume"], "cpu_2proc")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -161,3 +161,93 @@ def test_matrix_free_solve_ignores_a_callers_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = solve_site(st, num_eigenvalues=4, tol=1e-10).values
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------- LR schedule, mid-epoch checkpoints, disk
+def test_lr_schedule_values():
+    from topotransfer.training.optim import lr_at
+
+    cos = load_config(None, ["train.lr=0.1", "train.lr_schedule=cosine", "train.warmup_steps=4"]).train
+    assert [lr_at(s, 20, cos) for s in range(4)] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    assert lr_at(4, 20, cos) == pytest.approx(0.1) and lr_at(12, 20, cos) == pytest.approx(0.05)
+    assert lr_at(20, 20, cos) == pytest.approx(0.0, abs=1e-12) and lr_at(99, 20, cos) == pytest.approx(0.0, abs=1e-12)
+    lin = load_config(None, ["train.lr=0.1", "train.lr_schedule=linear"]).train
+    assert lr_at(0, 10, lin) == pytest.approx(0.1) and lr_at(5, 10, lin) == pytest.approx(0.05)
+    const = load_config(None, ["train.lr=0.1"]).train
+    assert {lr_at(s, 10, const) for s in range(12)} == {0.1}
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        load_config(None, ["train.lr_schedule=step"])
+
+
+def test_lr_schedule_runs_over_global_steps_across_growth_events(tmp_path):
+    """The LR of every epoch's last step is the schedule at the run's global step: a growth event's new
+    optimizer continues on it instead of restarting at the peak."""
+    from topotransfer.training.optim import lr_at
+
+    cfg = _cfg(tmp_path, "train.lr_schedule=cosine", "train.warmup_steps=3")
+    res = run_grow(cfg)
+    assert res["insertions"] == 2
+    history = json.loads((tmp_path / "history.json").read_text())["epochs"]
+    total = cfg.train.epochs * 5  # 160 examples / batch 32
+    assert [h["steps"] for h in history] == [5 * (e + 1) for e in range(12)]
+    assert [h["lr"] for h in history] == pytest.approx([lr_at(h["steps"] - 1, total, cfg.train) for h in history])
+    assert history[4]["lr"] < history[3]["lr"] < 0.01, "the LR after the first growth event went back up"
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL right after a checkpoint was written (BaseException: nothing catches it)."""
+
+
+def test_mid_epoch_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """train.checkpoint_every_steps: a run stopped right after a mid-epoch checkpoint (7 steps: never at an
+    epoch boundary here, 5 steps per epoch) resumes by skipping the batches already trained on in that
+    epoch's shuffle, and ends bit-identical to the uninterrupted run (weights, history, LR schedule)."""
+    extra = ("train.checkpoint_every_steps=7", "train.lr_schedule=cosine")
+    real_save = grow_recipe.save_checkpoint
+    seen = []
+
+    def save_then_die(out, name, net, manifest, optimizer=None, state=None, **kw):
+        path = real_save(out, name, net, manifest, optimizer, state, **kw)
+        if state and state.get("epoch_progress") is not None:
+            seen.append(dict(state["epoch_progress"], epoch=state["epoch"], steps=state["steps"]))
+            if len(seen) == 4 and state["events"]:  # step 28: epoch 6, 3 of its 5 batches, after event 1
+                raise _Killed
+        return path
+
+    monkeypatch.setattr(grow_recipe, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        run_grow(_cfg(tmp_path / "run", *extra))
+    assert seen[-1]["steps"] == 28 and seen[-1]["epoch"] == 5 and seen[-1]["batches"] == 3
+    assert (latest_checkpoint(tmp_path / "run") / "rng.pt").is_file()
+    monkeypatch.setattr(grow_recipe, "save_checkpoint", real_save)
+    resumed = run_grow(_cfg(tmp_path / "run", *extra), resume=True)
+    full = run_grow(_cfg(tmp_path / "full", *extra))
+    assert _same_weights(tmp_path / "run" / "last", tmp_path / "full" / "last")
+    assert resumed["test_error"] == full["test_error"]
+    h_run, h_full = (json.loads((tmp_path / d / "history.json").read_text())["epochs"] for d in ("run", "full"))
+    strip = [{k: v for k, v in h.items() if k != "time"} for h in h_run]
+    assert strip == [{k: v for k, v in h.items() if k != "time"} for h in h_full]
+
+
+def test_rng_states_round_trip():
+    from topotransfer.training.checkpoint import gather_rng_states, restore_rng_state
+
+    torch.manual_seed(3)
+    (saved,) = gather_rng_states(None)
+    a = torch.rand(5)
+    torch.manual_seed(4)
+    restore_rng_state(saved)
+    assert torch.equal(torch.rand(5), a)
+
+
+def test_a_nearly_full_disk_fails_before_training(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    calls = []
+    monkeypatch.setattr(grow_recipe, "train_epoch", lambda *a, **k: calls.append(1))
+    with pytest.raises(OSError, match=r"MB free; this run's checkpoints need"):
+        run_grow(_cfg(tmp_path / "run"))
+    assert not calls and latest_checkpoint(tmp_path / "run") is None

@@ -158,11 +158,25 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     optimizer: str = field(default="adam", metadata={"help": "adam | adamw | sgd"})
     checkpoint_every: int = field(default=10, metadata={"help": "save a resumable checkpoint every N epochs (and at every growth event)"})
+    checkpoint_every_steps: int | None = field(
+        default=None,
+        metadata={"help": "also save a resumable checkpoint every N optimizer steps, mid-epoch (grow; None = off)"},
+    )
+    lr_schedule: str = field(
+        default="constant",
+        metadata={"help": "constant | cosine | linear: LR over the run's optimizer steps, continued across growth events"},
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "linear LR warm-up over the first N optimizer steps"})
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 (accelerate autocast; the derivative is always computed in float32+)"})
 
     def __post_init__(self) -> None:
         _check(self.mixed_precision in ("no", "bf16"), f"train.mixed_precision must be no|bf16, got {self.mixed_precision!r}")
         _check(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _check(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
+               f"train.checkpoint_every_steps must be >= 1 or null, got {self.checkpoint_every_steps}")
+        _check(self.lr_schedule in ("constant", "cosine", "linear"),
+               f"train.lr_schedule must be constant|cosine|linear, got {self.lr_schedule!r}")
+        _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _check(self.lr > 0, f"train.lr must be positive, got {self.lr}")
         _check(self.batch_size > 0, f"train.batch_size must be positive, got {self.batch_size}")

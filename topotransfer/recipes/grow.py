@@ -5,7 +5,10 @@
     budget; growth stops at the insertion / depth / parameter budget or when the best TD <= 0.
 
 Every epoch and growth event goes into ``output_dir/history.json``; resumable checkpoints are
-written at every growth event and every ``train.checkpoint_every`` epochs. The model with the best
+written at every growth event, every ``train.checkpoint_every`` epochs and, if set, every
+``train.checkpoint_every_steps`` optimizer steps (mid-epoch: the resumed run skips the batches of the
+epoch's shuffle already trained on and restores every rank's RNG state). The learning rate follows
+``train.lr_schedule`` over the run's global optimizer step, so it continues across growth events. The model with the best
 validation loss is evaluated on the test set at the end (``results.json``).
 
 The same code runs on one process or under ``accelerate launch`` (docs/distributed.md).
@@ -29,10 +32,14 @@ from ..growth import GrowthEvent, PlateauDetector, count_parameters, grow_once
 from ..models.build import build_model
 from ..training.checkpoint import (
     check_finite,
+    check_free_space,
     divergence_error,
+    gather_rng_states,
     latest_checkpoint,
     load_checkpoint,
+    load_rng_states,
     replay_insertions,
+    restore_rng_state,
     save_checkpoint,
     write_json_atomic,
 )
@@ -46,7 +53,7 @@ from ..training.distributed import (
     shard,
 )
 from ..training.loop import evaluate, make_loader, train_epoch
-from ..training.optim import build_optimizer, rebuild_after_growth
+from ..training.optim import build_optimizer, lr_at, rebuild_after_growth
 
 __all__ = ["check_output_dir", "run_grow"]
 
@@ -140,9 +147,12 @@ def run_grow(
         "num_outputs": task.num_outputs,
         "insertions": [],
     }
+    if main:  # refuse a disk that cannot take this run's checkpoints, before any training
+        check_free_space(out, _checkpoint_bytes(net, base_depth, g.max_insertions))
     state = {"epoch": 0, "steps": 0, "history": [], "events": [], "growth_done": g.method == "fixed",
              "last_event_epoch": 0, "plateau": None, "frozen": [], "best_val": None, "best_epoch": None,
-             "best_insertions": 0, "wall_time": 0.0}
+             "best_insertions": 0, "wall_time": 0.0, "epoch_progress": None}
+    rng_states = None  # per-rank RNG states of a mid-epoch checkpoint being resumed
     optimizer = build_optimizer(net, cfg.train)
     best_model = copy.deepcopy(net)
 
@@ -156,7 +166,14 @@ def run_grow(
             p.requires_grad_(name not in set(st["frozen"]))
         optimizer = build_optimizer(net, cfg.train)
         load_checkpoint(ckpt, net, optimizer)
-        state = st
+        state = {"epoch_progress": None, **st}
+        if state["epoch_progress"] is not None:
+            rng_states = load_rng_states(ckpt)
+            if rng_states is None or len(rng_states) != acc.num_processes:
+                raise RuntimeError(
+                    f"{ckpt} was written mid-epoch by {0 if rng_states is None else len(rng_states)} processes; "
+                    f"resume it with the same number of processes (this run has {acc.num_processes})"
+                )
         best_dir = out / "best"
         best_model = replay_insertions(
             build_model(cfg.model, task.input_shape, task.num_outputs, depth=base_depth).to(device),
@@ -183,12 +200,21 @@ def run_grow(
         # FSDP: the full weights and optimizer state, gathered on every rank (a collective)
         full_net, full_opt = plain_model(acc, model, optimizer) if fsdp else (net, optimizer)
         check_finite(full_net)
+        # mid-epoch: every rank's RNG state (a collective too), so dropout / augmentation draws continue
+        rngs = gather_rng_states(acc) if state["epoch_progress"] is not None else None
         if main:
-            save_checkpoint(out, name, full_net, manifest, full_opt, state)
+            save_checkpoint(out, name, full_net, manifest, full_opt, state, rng_states=rngs)
             write_json_atomic(out / "history.json", {"epochs": state["history"], "events": state["events"]})
 
     def diverged(e: Exception, epoch: int) -> FloatingPointError:
         return divergence_error(e, out, epoch)
+
+    # The LR schedule runs over the run's optimizer steps (each rank takes one step per N batches).
+    steps_per_epoch = math.ceil(math.ceil(len(task.train) / cfg.train.batch_size) / acc.num_processes)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    every_steps = cfg.train.checkpoint_every_steps
 
     epochs = range(state["epoch"], cfg.train.epochs)
     if cfg.progress and main:
@@ -203,11 +229,36 @@ def run_grow(
         loader = acc.prepare_data_loader(
             make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
         )
+        progress = state["epoch_progress"]  # set when resuming a mid-epoch checkpoint of this epoch
+        if progress is None:
+            # Per (epoch, rank) RNG (dropout, if a model has it): a resumed run draws what the full one did.
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch, acc.process_index))
+            initial, done_before = (0.0, 0), 0
+        else:
+            from accelerate import skip_first_batches
+
+            loader = skip_first_batches(loader, progress["batches"])
+            restore_rng_state(rng_states[acc.process_index])
+            initial, done_before = (progress["loss_sum"], progress["count"]), progress["batches"]
+        first_step = state["steps"]
+
+        def lr_fn(i: int, first_step: int = first_step) -> float:
+            return lr_at(first_step + i, total_steps, cfg.train)
+
+        def on_step(k: int, loss_sum: float, count: int, first_step: int = first_step,
+                    done_before: int = done_before) -> None:
+            if every_steps is not None and (first_step + k) % every_steps == 0:
+                state["steps"] = first_step + k
+                state["epoch_progress"] = {"batches": done_before + k, "loss_sum": loss_sum, "count": count}
+                checkpoint()
+
         try:
-            train_loss, steps = train_epoch(model, loader, optimizer, loss_mean, device, steps_left, accelerator=acc)
+            train_loss, steps = train_epoch(model, loader, optimizer, loss_mean, device, steps_left, accelerator=acc,
+                                            lr_fn=lr_fn, on_step=on_step, initial=initial)
         except FloatingPointError as e:
             raise diverged(e, epoch + 1) from e
-        state["steps"] += steps
+        state["steps"] = first_step + steps
+        state["epoch_progress"] = None
         val = evaluate(net, val_batches, task.kind, device, accelerator=acc)
         if not math.isfinite(val["loss"]):
             raise diverged(FloatingPointError(f"Validation loss is {val['loss']}"), epoch + 1)
@@ -215,6 +266,7 @@ def run_grow(
         depth = len(manifest["insertions"]) + base_depth
         state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                                  "val_error": val["error"], "depth": depth, "params": count_parameters(net),
+                                 "lr": optimizer.param_groups[0]["lr"], "steps": state["steps"],
                                  "time": time.perf_counter() - started})
         if state["best_val"] is None or val["loss"] < state["best_val"]:
             state["best_val"], state["best_epoch"] = val["loss"], epoch + 1
@@ -303,3 +355,14 @@ def load_checkpoint_manifest(path: Path) -> dict:
     import json
 
     return json.loads((Path(path) / "manifest.json").read_text())
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
+
+
+def _checkpoint_bytes(net: nn.Module, base_depth: int, max_insertions: int) -> int:
+    """A generous estimate of the disk the run's checkpoints take at the final depth: ``last`` (weights +
+    two Adam moments) and ``best`` (weights), each briefly twice while it is atomically replaced."""
+    grown = count_parameters(net) * (base_depth + max_insertions) / max(base_depth, 1)
+    return int(2 * 4 * grown * next(net.parameters()).element_size()) + (1 << 20)

@@ -24,10 +24,14 @@ from ..surgery import get_family
 
 __all__ = [
     "check_finite",
+    "check_free_space",
     "divergence_error",
+    "gather_rng_states",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_rng_states",
     "replay_insertions",
+    "restore_rng_state",
     "save_checkpoint",
     "write_json_atomic",
 ]
@@ -41,6 +45,46 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=float))
     os.replace(tmp, path)
+
+
+def check_free_space(output_dir: str | Path, need_bytes: int) -> None:
+    """Raise ``OSError`` before training when ``output_dir``'s file system has less than ``need_bytes`` free.
+
+    Called with an estimate of what the run's checkpoints will take, so a nearly full disk fails at
+    once instead of at the first checkpoint, hours in.
+    """
+    free = shutil.disk_usage(output_dir).free
+    if free < need_bytes:
+        raise OSError(
+            f"Output directory {str(output_dir)!r} has {free / 1e6:.1f} MB free; this run's checkpoints need "
+            f"about {need_bytes / 1e6:.1f} MB. Free some space or choose another output_dir"
+        )
+
+
+def gather_rng_states(accelerator: Any | None = None) -> list[dict[str, torch.Tensor]]:
+    """Every process's RNG states (CPU, and CUDA when present), in rank order; a collective on several
+    processes (every rank calls it at the same point)."""
+    own = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        own["cuda"] = torch.cuda.get_rng_state()
+    if accelerator is None or accelerator.num_processes == 1:
+        return [own]
+    from accelerate.utils import gather_object
+
+    return gather_object([own])
+
+
+def load_rng_states(path: str | Path) -> list[dict[str, torch.Tensor]] | None:
+    """The per-rank RNG states of a checkpoint (``None`` when it holds none)."""
+    f = Path(path) / "rng.pt"
+    return torch.load(f, weights_only=True) if f.is_file() else None
+
+
+def restore_rng_state(states: dict[str, torch.Tensor]) -> None:
+    """Set this process's RNG states from one entry of :func:`gather_rng_states`."""
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def check_finite(model: nn.Module) -> None:
@@ -89,6 +133,7 @@ def save_checkpoint(
     state: dict | None = None,
     update_latest: bool = True,
     tensors: dict[str, torch.Tensor] | None = None,
+    rng_states: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Atomically write ``output_dir/name/{model.safetensors, optimizer.pt, manifest.json, state.json}``.
 
@@ -99,6 +144,7 @@ def save_checkpoint(
         tensors: the weights to save (default: all of ``model.state_dict()``). A recipe that never
             changes part of the model (a frozen pretrained backbone) saves only the rest and loads it
             back with ``load_checkpoint(..., keys=...)`` into a model rebuilt from the same base.
+        rng_states: every rank's RNG states (:func:`gather_rng_states`), for a mid-epoch checkpoint.
 
     Returns:
         The checkpoint directory (also recorded in ``output_dir/latest``).
@@ -112,6 +158,8 @@ def save_checkpoint(
     save_file(_cpu_tensors(model.state_dict() if tensors is None else tensors), str(tmp / "model.safetensors"))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if rng_states is not None:
+        torch.save(rng_states, tmp / "rng.pt")
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
     (tmp / "state.json").write_text(json.dumps(state or {}, indent=2, default=float))
     if final.exists():  # replace an older checkpoint of the same name: move aside, then delete

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..derivative.probes import default_forward
 from .distributed import is_multi_process, is_sharded, reduce_sums
+from .optim import set_lr
 
 __all__ = ["EvalResult", "evaluate", "make_loader", "train_epoch"]
 
@@ -33,6 +34,9 @@ def train_epoch(
     max_steps: int | None = None,
     forward_fn: Callable = default_forward,
     accelerator: Any | None = None,
+    lr_fn: Callable[[int], float] | None = None,
+    on_step: Callable[[int, float, int], None] | None = None,
+    initial: tuple[float, int] = (0.0, 0),
 ) -> tuple[float, int]:
     """One pass of mini-batch training with a mean-reduced ``loss_fn``.
 
@@ -41,16 +45,21 @@ def train_epoch(
             by it; every step's loss is summed over the processes before the update, so a NaN on any
             rank stops *every* rank at the same step (a lone rank raising would leave the others
             blocked in the gradient all-reduce), and the returned loss is over all ranks' examples.
+        lr_fn: learning rate of the i-th step of this call (i = 0, 1, ...), set before the update
+            (the recipe maps i to the run's global step: :func:`~topotransfer.training.optim.lr_at`).
+        on_step: called after every update with (steps of this call, summed loss, examples) so far, e.g.
+            to write a mid-epoch checkpoint (every rank calls it at the same step).
+        initial: (summed loss, examples) already seen in this epoch before a mid-epoch resume.
 
     Returns:
-        (mean training loss over the examples seen, optimizer steps taken).
+        (mean training loss over the examples seen, optimizer steps taken by this call).
 
     Raises:
         FloatingPointError: the loss became NaN / inf (the step is not applied).
     """
     model.train()
     multi = is_multi_process(accelerator)
-    total, count, steps = 0.0, 0, 0
+    (total, count), steps = initial, 0
     for x, y in loader:
         if max_steps is not None and steps >= max_steps:
             break
@@ -70,6 +79,8 @@ def train_epoch(
             accelerator.backward(loss)
         else:
             loss.backward()
+        if lr_fn is not None:
+            set_lr(optimizer, lr_fn(steps))
         optimizer.step()
         if multi:
             total += batch_sum
@@ -78,6 +89,8 @@ def train_epoch(
             total += float(loss.detach()) * len(y)
             count += len(y)
         steps += 1
+        if on_step is not None:
+            on_step(steps, total, count)
     return total / max(count, 1), steps
 
 

@@ -1,11 +1,21 @@
-"""Optimizers built from config, and rebuilt after growth with the surviving parameters' state."""
+"""Optimizers built from config, rebuilt after growth with the surviving parameters' state, and the
+learning-rate schedule.
+
+The schedule is a pure function of the run's global optimizer step (:func:`lr_at`), not a stateful
+``torch.optim.lr_scheduler`` object: a growth event replaces the optimizer, and a resumed run builds a
+new one, and both simply continue on the schedule from the step counter kept in the run state. So there
+is no scheduler state to carry across a growth event, to checkpoint, or to keep in step with accelerate's
+``AcceleratedScheduler`` (which steps a wrapped scheduler once per *process* per optimizer step).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-__all__ = ["build_optimizer", "rebuild_after_growth"]
+__all__ = ["build_optimizer", "lr_at", "rebuild_after_growth", "set_lr"]
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -35,3 +45,29 @@ def rebuild_after_growth(old: torch.optim.Optimizer, model: nn.Module, cfg) -> t
             if p in old.state:
                 new.state[p] = old.state[p]
     return new
+
+
+def lr_at(step: int, total_steps: int, cfg) -> float:
+    """The learning rate of optimizer step ``step`` (0-based, counted over the whole run) of ``total_steps``.
+
+    ``lr * w(step) * s(step)`` with the linear warm-up ``w = min(1, (step + 1) / warmup_steps)`` and the
+    decay ``s`` over the steps after the warm-up, progress ``q = (step - warmup) / (total - warmup)`` in [0, 1]:
+    constant ``1``, cosine ``(1 + cos(pi q)) / 2``, linear ``1 - q``. (``cfg`` is a TrainConfig.)
+    """
+    lr = cfg.lr
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return lr
+    q = min(1.0, max(0.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)))
+    if cfg.lr_schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * q))
+    if cfg.lr_schedule == "linear":
+        return lr * (1.0 - q)
+    raise ValueError(f"Unknown lr_schedule {cfg.lr_schedule!r}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate (works through accelerate's optimizer wrapper)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
