@@ -53,7 +53,7 @@ from ..training.distributed import (
     shard,
 )
 from ..training.loop import evaluate, make_loader, train_epoch
-from ..training.optim import build_optimizer, lr_at, rebuild_after_growth
+from ..training.optim import build_optimizer, lr_factor, rebuild_after_growth
 
 __all__ = ["check_output_dir", "run_grow"]
 
@@ -243,7 +243,7 @@ def run_grow(
         first_step = state["steps"]
 
         def lr_fn(i: int, first_step: int = first_step) -> float:
-            return lr_at(first_step + i, total_steps, cfg.train)
+            return lr_factor(first_step + i, total_steps, cfg.train)
 
         def on_step(k: int, loss_sum: float, count: int, first_step: int = first_step,
                     done_before: int = done_before) -> None:
@@ -254,7 +254,7 @@ def run_grow(
 
         try:
             train_loss, steps = train_epoch(model, loader, optimizer, loss_mean, device, steps_left, accelerator=acc,
-                                            lr_fn=lr_fn, on_step=on_step, initial=initial)
+                                            lr_factor_fn=lr_fn, on_step=on_step, initial=initial)
         except FloatingPointError as e:
             raise diverged(e, epoch + 1) from e
         state["steps"] = first_step + steps

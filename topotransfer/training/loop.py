@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..derivative.probes import default_forward
 from .distributed import is_multi_process, is_sharded, reduce_sums
-from .optim import set_lr
+from .optim import scale_lr
 
 __all__ = ["EvalResult", "evaluate", "make_loader", "train_epoch"]
 
@@ -34,7 +34,7 @@ def train_epoch(
     max_steps: int | None = None,
     forward_fn: Callable = default_forward,
     accelerator: Any | None = None,
-    lr_fn: Callable[[int], float] | None = None,
+    lr_factor_fn: Callable[[int], float] | None = None,
     on_step: Callable[[int, float, int], None] | None = None,
     initial: tuple[float, int] = (0.0, 0),
 ) -> tuple[float, int]:
@@ -45,8 +45,9 @@ def train_epoch(
             by it; every step's loss is summed over the processes before the update, so a NaN on any
             rank stops *every* rank at the same step (a lone rank raising would leave the others
             blocked in the gradient all-reduce), and the returned loss is over all ranks' examples.
-        lr_fn: learning rate of the i-th step of this call (i = 0, 1, ...), set before the update
-            (the recipe maps i to the run's global step: :func:`~topotransfer.training.optim.lr_at`).
+        lr_factor_fn: learning-rate multiplier of the i-th step of this call (i = 0, 1, ...), applied to
+            every group's base rate before the update (the recipe maps i to the run's global step:
+            :func:`~topotransfer.training.optim.lr_factor`).
         on_step: called after every update with (steps of this call, summed loss, examples) so far, e.g.
             to write a mid-epoch checkpoint (every rank calls it at the same step).
         initial: (summed loss, examples) already seen in this epoch before a mid-epoch resume.
@@ -79,8 +80,8 @@ def train_epoch(
             accelerator.backward(loss)
         else:
             loss.backward()
-        if lr_fn is not None:
-            set_lr(optimizer, lr_fn(steps))
+        if lr_factor_fn is not None:
+            scale_lr(optimizer, lr_factor_fn(steps))
         optimizer.step()
         if multi:
             total += batch_sum

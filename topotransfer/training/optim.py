@@ -1,7 +1,7 @@
 """Optimizers built from config, rebuilt after growth with the surviving parameters' state, and the
 learning-rate schedule.
 
-The schedule is a pure function of the run's global optimizer step (:func:`lr_at`), not a stateful
+The schedule is a pure function of the run's global optimizer step (:func:`lr_factor`), not a stateful
 ``torch.optim.lr_scheduler`` object: a growth event replaces the optimizer, and a resumed run builds a
 new one, and both simply continue on the schedule from the step counter kept in the run state. So there
 is no scheduler state to carry across a growth event, to checkpoint, or to keep in step with accelerate's
@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["build_optimizer", "lr_at", "rebuild_after_growth", "set_lr"]
+__all__ = ["build_optimizer", "lr_factor", "rebuild_after_growth", "scale_lr"]
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -47,27 +47,32 @@ def rebuild_after_growth(old: torch.optim.Optimizer, model: nn.Module, cfg) -> t
     return new
 
 
-def lr_at(step: int, total_steps: int, cfg) -> float:
-    """The learning rate of optimizer step ``step`` (0-based, counted over the whole run) of ``total_steps``.
+def lr_factor(step: int, total_steps: int, cfg) -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (0-based, counted over the whole run) of ``total_steps``.
 
-    ``lr * w(step) * s(step)`` with the linear warm-up ``w = min(1, (step + 1) / warmup_steps)`` and the
-    decay ``s`` over the steps after the warm-up, progress ``q = (step - warmup) / (total - warmup)`` in [0, 1]:
+    ``w(step) * s(step)`` with the linear warm-up ``w = min(1, (step + 1) / warmup_steps)`` and the decay
+    ``s`` over the steps after the warm-up, progress ``q = (step - warmup) / (total - warmup)`` in [0, 1]:
     constant ``1``, cosine ``(1 + cos(pi q)) / 2``, linear ``1 - q``. (``cfg`` is a TrainConfig.)
     """
-    lr = cfg.lr
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return lr * (step + 1) / cfg.warmup_steps
+        return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
-        return lr
+        return 1.0
     q = min(1.0, max(0.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)))
     if cfg.lr_schedule == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * q))
+        return 0.5 * (1.0 + math.cos(math.pi * q))
     if cfg.lr_schedule == "linear":
-        return lr * (1.0 - q)
+        return 1.0 - q
     raise ValueError(f"Unknown lr_schedule {cfg.lr_schedule!r}")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every parameter group's learning rate (works through accelerate's optimizer wrapper)."""
+def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set every parameter group's learning rate to its base rate times ``factor``.
+
+    The base rate is the group's ``lr`` when it is first scaled, kept as ``initial_lr`` (the key torch's
+    schedulers use; it is saved and restored with ``optimizer.state_dict()``), so groups with different
+    rates (adapt: head + inserted layers vs LoRA / backbone) keep their ratio.
+    """
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * factor
