@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
             "bench_vit_derivative.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module.main(argv[1:])
+        return module.main([*argv[1:], "--prog", "scripts/bench_derivative.py vit"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     p.add_argument("--samples", type=int, nargs="+", default=[256, 1024, 4096])

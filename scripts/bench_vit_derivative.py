@@ -170,15 +170,26 @@ def child_time(spec: dict, args: argparse.Namespace) -> dict:
     pairs = []
     t_start = time.perf_counter()
     results = phase = None
+    mem: dict = {}
     for rep in range(args.repeats):
+        if rep == 0:  # inline peak memory: RSS high-water mark reset right before each phase
+            gc.collect()
+            base, mem["reset"] = current_rss(), reset_peak()
         t0, c0 = time.perf_counter(), time.process_time()
         forward_backward(model, data, loss_fn)
         t_fb, c_fb = time.perf_counter() - t0, time.process_time() - c0
+        if rep == 0:
+            mem["peak_fb_mb"] = (peak_rss() - base) / MB
         model.zero_grad(set_to_none=True)
         gc.collect()
+        if rep == 0:
+            base = current_rss()
+            reset_peak()
         t0, c0 = time.perf_counter(), time.process_time()
         results, phase = timed_derivative(model, data, loss_fn, kw)
         t_d, c_d = time.perf_counter() - t0, time.process_time() - c0
+        if rep == 0:
+            mem["peak_deriv_mb"] = (peak_rss() - base) / MB
         pairs.append({"t_fb": t_fb, "cpu_fb": c_fb, "t_deriv": t_d, "cpu_deriv": c_d, **{
             k: (list(v) if isinstance(v, list) else v) for k, v in phase.items()}})
         print(f"    d={spec['d']} images={spec['images']} {spec['variant']} rep {rep + 1}: fb {t_fb:.2f} s, "
@@ -197,7 +208,7 @@ def child_time(spec: dict, args: argparse.Namespace) -> dict:
         "cpu_ratio": statistics.median(p["cpu_deriv"] / p["cpu_fb"] for p in pairs),
         "lambda_max": [float(r.score) for r in results], "sites": [r.site for r in results],
         "k": [int(r.k) for r in results], "num_samples": [int(r.num_samples) for r in results],
-        "load": os.getloadavg()[0],
+        "load": os.getloadavg()[0], **mem,
     }
 
 
@@ -310,18 +321,20 @@ def plan(args: argparse.Namespace) -> list[dict]:
             if f"{d}:{n}" in args.skip:
                 continue
             jobs.append({"mode": "time", "d": d, "images": n, "variant": "mf"})
-            jobs.append({"mode": "mem", "d": d, "images": n, "variant": "mf", "what": "fb"})
-            jobs.append({"mode": "mem", "d": d, "images": n, "variant": "mf", "what": "deriv"})
+            if args.mem == "fresh":
+                jobs.append({"mode": "mem", "d": d, "images": n, "variant": "mf", "what": "fb"})
+                jobs.append({"mode": "mem", "d": d, "images": n, "variant": "mf", "what": "deriv"})
     for d, n in parse_at(args.variants_at):
         for v in ("mf_bf16", "mf_sub"):
             jobs.append({"mode": "time", "d": d, "images": n, "variant": v})
-            jobs.append({"mode": "mem", "d": d, "images": n, "variant": v, "what": "deriv"})
+            if args.mem == "fresh":
+                jobs.append({"mode": "mem", "d": d, "images": n, "variant": v, "what": "deriv"})
     for d, n in parse_at(args.dense_at):
         jobs.append({"mode": "time", "d": d, "images": n, "variant": "dense"})
-        if 13 * d * (d + 1) ** 2 * 8 <= 2e9:  # larger: the 13 sites' blocks alone need 13 d (d+1)^2 8 bytes
+        if args.mem == "fresh" and 13 * d * (d + 1) ** 2 * 8 <= 2e9:  # larger: the 13 sites' blocks alone need 13 d (d+1)^2 8 bytes
             jobs.append({"mode": "mem", "d": d, "images": n, "variant": "dense", "what": "deriv"})
     for d, n in parse_at(args.ref_at):
-        sites = ["vit.embeddings", "vit.layers.5", "vit.layers.11"]
+        sites = list(args.ref_sites)
         jobs.append({"mode": "ref", "d": d, "images": n, "variant": "ref", "sites": sites})
     for d in args.fullq_widths:
         jobs.append({"mode": "fullq", "d": d, "images": args.fullq_images, "variant": "fullq"})
@@ -330,6 +343,28 @@ def plan(args: argparse.Namespace) -> list[dict]:
 
 def key(r: dict) -> tuple:
     return (r["mode"], r["d"], r["images"], r["variant"], r.get("what"))
+
+
+def ram_gb() -> float:
+    """Total RAM of this machine in GB (decimal)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def cache_mb(d: int, images: int, variant: str, fraction: float, batch: int) -> float:
+    """MB of the matrix-free caches of all 13 sites: rows x (Zh: d + 1, P: d) x dtype size."""
+    sizes = [min(batch, images - i) for i in range(0, images, batch)]
+    rows = sum(math.ceil(fraction * b * TOKENS) if variant == "mf_sub" else b * TOKENS for b in sizes)
+    return (DEPTH + 1) * rows * (2 * d + 1) * (2 if variant == "mf_bf16" else 4) / MB
+
+
+def fullq_fit(records: list[dict]) -> tuple[float, float, list[int]] | None:
+    """Power-law fit of one site's full-Q build + eigh time over the measured widths: (a, b, widths)."""
+    big = sorted((r for r in records if r.get("mode") == "fullq" and "error" not in r and r["t_eigh"] > 0.05),
+                 key=lambda r: r["d"])
+    if len(big) < 2:
+        return None
+    a, b = fit_power([r["d"] for r in big], [r["t_eigh"] + r["t_build"] for r in big])
+    return a, b, [r["d"] for r in big]
 
 
 def fit_power(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -346,11 +381,18 @@ def report(records: list[dict], args: argparse.Namespace, argv: list[str], wall:
         if "error" not in r:
             by[key(r)] = r
     errors = [r for r in records if "error" in r]
-    get = lambda *k: by.get(k)  # noqa: E731
+    def get(*k):
+        r = by.get(k)
+        if r is None and k[0] == "mem":  # --mem inline: the peaks recorded by the timing process
+            t = by.get(("time", k[1], k[2], k[3], None))
+            if t and f"peak_{k[4]}_mb" in t:
+                r = {"peak_extra_mb": t[f"peak_{k[4]}_mb"], "inline": True}
+        return r
+
     lines = [
         "# Performance: the topological derivative of a ViT vs one forward + backward pass",
         "",
-        f"- command: `python {shlex.join(['scripts/bench_vit_derivative.py', *argv])}`",
+        f"- command: `python {shlex.join([*shlex.split(args.prog), *argv])}`",
         f"- torch threads {records[0].get('threads', '?') if records else '?'}, `nproc` = {os.cpu_count()}, "
         f"{platform.machine()}, Python {platform.python_version()}; other jobs shared the 2 cores "
         f"(load average {os.getloadavg()[0]:.1f} at the end), so only same-process ratios are meaningful",
@@ -365,26 +407,55 @@ def report(records: list[dict], args: argparse.Namespace, argv: list[str], wall:
         "## Matrix-free derivative over all 13 sites",
         "",
         "| d | images | rows N | t_fb [s] | reps | capture+stats / t_fb | eigen / t_fb | **derivative / t_fb** "
-        "| CPU-time ratio | fb peak MB | derivative peak MB | deriv / fb memory | Lanczos steps (work) per site |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| CPU-time ratio | blockwise dense / t_fb | full-Q dense / t_fb | Lanczos steps (work) per site |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
+    fit = fullq_fit(records)
     for d in args.widths:
         for n in args.images:
             t = get("time", d, n, "mf", None)
-            mfb, mde = get("mem", d, n, "mf", "fb"), get("mem", d, n, "mf", "deriv")
-            if t is None and mfb is None:
-                lines.append(f"| {d} | {n} | {n * TOKENS} | not run (trimmed) | | | | | | | | | |")
+            if t is None:
+                lines.append(f"| {d} | {n} | {n * TOKENS} | not run (time budget) | | | | | | | | |")
                 continue
-            steps = "-"
-            if t:
-                p = t["pairs"][-1]
-                its = sorted(set(p["iters"]))
-                steps = f"{'/'.join(map(str, its))} ({statistics.mean(p['work']):.1f})"
-            mem_ratio = f"{mde['peak_extra_mb'] / mfb['peak_extra_mb']:.2f}" if mfb and mde else "-"
-            mem = lambda r: f"{r['peak_extra_mb']:.0f}" if r else "-"  # noqa: E731
-            timing = (f"{t['t_fb']:.2f} | {t['reps']} | {t['ratio_stats']:.2f} | {t['ratio_solve']:.2f} | "
-                      f"**{t['ratio']:.2f}** | {t['cpu_ratio']:.2f}") if t else "- | - | - | - | - | -"
-            lines.append(f"| {d} | {n} | {n * TOKENS} | {timing} | {mem(mfb)} | {mem(mde)} | {mem_ratio} | {steps} |")
+            p = t["pairs"][-1]
+            its = sorted(set(p["iters"]))
+            steps = f"{'/'.join(map(str, its))} ({statistics.mean(p['work']):.1f})"
+            dn = get("time", d, n, "dense", None)
+            blocks_gb = (DEPTH + 1) * d * (d + 1) ** 2 * 8 / 1e9
+            if dn:
+                bdense = f"{dn['ratio']:.1f}"
+            elif blocks_gb > ram_gb():
+                bdense = f"does not fit ({blocks_gb:.0f} GB of blocks)"
+            else:
+                bdense = "not run"
+            full_gb = (d * (d + 1)) ** 2 * 8 / 1e9
+            if full_gb > ram_gb():
+                fq = f"does not fit ({full_gb:,.0f} GB per site)"
+            elif fit:
+                fq = f"~{(DEPTH + 1) * math.exp(fit[0]) * d ** fit[1] / t['t_fb']:,.0f} (extrapolated, not run)"
+            else:
+                fq = "-"
+            lines.append(f"| {d} | {n} | {n * TOKENS} | {t['t_fb']:.2f} | {t['reps']} | {t['ratio_stats']:.2f} | "
+                         f"{t['ratio_solve']:.2f} | **{t['ratio']:.2f}** | {t['cpu_ratio']:.2f} | {bdense} | {fq} | "
+                         f"{steps} |")
+    lines += ["", "## Memory (peak RSS increase, fresh process per measurement)", "",
+              "fb = one forward + backward over the probe in batches (activations of one batch + weight gradients); "
+              "states = the 13 site states h_t of the whole probe in float32 (13 N d 4 bytes); "
+              "cache = the matrix-free Zh, P caches of the 13 sites (computed from N).", "",
+              "| d | images | fb peak MB | derivative peak MB | derivative / fb | states MB | cache MB | "
+              "derivative / states |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for d in args.widths:
+        for n in args.images:
+            mfb, mde = get("mem", d, n, "mf", "fb"), get("mem", d, n, "mf", "deriv")
+            if not (mfb or mde):
+                continue
+            states = (DEPTH + 1) * n * TOKENS * d * 4 / MB
+            f = lambda r: f"{r['peak_extra_mb']:.0f}" if r else "-"  # noqa: E731
+            ratio = f"{mde['peak_extra_mb'] / mfb['peak_extra_mb']:.2f}" if mfb and mde else "-"
+            rs = f"{mde['peak_extra_mb'] / states:.2f}" if mde else "-"
+            lines.append(f"| {d} | {n} | {f(mfb)} | {f(mde)} | {ratio} | {states:.0f} | "
+                         f"{cache_mb(d, n, 'mf', 1.0, args.batch_size):.0f} | {rs} |")
     # variants
     var_rows = []
     for d, n in parse_at(args.variants_at) + parse_at(args.dense_at):
@@ -460,7 +531,8 @@ def report(records: list[dict], args: argparse.Namespace, argv: list[str], wall:
                 est = math.exp(a) * d**b
                 t = get("time", d, args.images[0], "mf", None)
                 mf = f"{t['pairs'][-1]['solve']:.1f} s ({args.images[0]} images)" if t else "-"
-                fits = "does not fit in 24 GB" if gb > 12 else "fits only alone (no room for the rest)"
+                fits = (f"does not fit in {ram_gb():.0f} GB RAM" if gb > ram_gb() else
+                        f"fits alone in {ram_gb():.0f} GB RAM; eigh needs a second copy" if 2 * gb > ram_gb() else "fits")
                 lines.append(f"| {d} | {gb:,.0f} GB ({fits}) | {est / 3600:,.1f} h | {13 * est / 3600:,.0f} h | {mf} |")
     # per-site detail of the largest mf run
     det = [r for r in by.values() if r["mode"] == "time" and r["variant"] == "mf"]
@@ -493,12 +565,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="blockwise dense (DenseStatistic) runs for timing and lambda_max agreement")
     ap.add_argument("--ref-at", nargs="*", default=["768:64"], metavar="D:IMAGES",
                     help="chunked blockwise dense lambda_max at three sites")
+    ap.add_argument("--ref-sites", nargs="+", default=["vit.embeddings", "vit.layers.5", "vit.layers.11"],
+                    help="sites of the chunked blockwise dense reference")
     ap.add_argument("--fullq-widths", type=int, nargs="*", default=[16, 24, 32, 48, 64])
     ap.add_argument("--fullq-images", type=int, default=64)
     ap.add_argument("--sample-fraction", type=float, default=0.25)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--repeat-cap", type=float, default=120.0, help="no third repeat once a config ran this long [s]")
+    ap.add_argument("--mem", choices=("fresh", "inline"), default="fresh",
+                    help="peak memory in fresh processes (separate jobs) or inline in the timing process "
+                         "(high-water mark reset before the first fb and the first derivative)")
+    ap.add_argument("--prog", default="scripts/bench_vit_derivative.py", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log", type=Path, default=Path("bench_vit_derivative.jsonl"))
@@ -531,7 +609,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    -> {'ERROR ' + res['error'] if 'error' in res else 'ok'} "
                   f"[{time.perf_counter() - t_start:.0f} s]", file=sys.stderr, flush=True)
         wall = time.perf_counter() - t_start
-    text = report(records, args, argv, wall)
+    shown = list(argv)
+    if "--prog" in shown:  # set by the bench_derivative.py dispatcher, which is already named in the command
+        i = shown.index("--prog")
+        del shown[i : i + 2]
+    text = report(records, args, shown, wall)
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
