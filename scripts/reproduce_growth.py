@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
     ap.add_argument("--quick", action="store_true", help="tiny budgets (smoke test)")
     ap.add_argument("--reuse", action="store_true", help="reuse runs whose results.json already exists")
+    ap.add_argument("--notes", type=Path, default=None,
+                    help="markdown appended to the report after the tables (the hand-written reading of the results)")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every run")
     args = ap.parse_args()
     extra = (QUICK if args.quick else []) + args.overrides
@@ -101,7 +103,8 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str]) -> N
         "",
         f"Command: `{cmd}`  ",
         f"Machine: {nproc} CPU cores, torch {torch.__version__}, Python {platform.python_version()}; "
-        f"date {time.strftime('%Y-%m-%d')}. Seeds: {args.seeds}. Extra overrides: `{' '.join(extra) or 'none'}`.",
+        f"date {time.strftime('%Y-%m-%d')}, torch threads per run: {torch.get_num_threads()}. Seeds: {args.seeds}. "
+        f"Extra overrides: `{' '.join(extra) or 'none'}`.",
         "",
         "Test error = MSE (regression) or 1 − accuracy in % (classification) of the best-validation model, "
         "mean ± std over seeds. Params = final parameter count. Depth = hidden residual layers at the end. "
@@ -130,6 +133,8 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str]) -> N
                                   title=f"{task}: TD per site at each growth event (red = chosen)")
             lines.append(f"![TD per site]({sc.relative_to(out)})")
         lines.append("")
+    if args.notes is not None:
+        lines += [args.notes.read_text().rstrip(), ""]
     (out / "growth.md").write_text("\n".join(lines) + "\n")
     (out / "growth" / "raw.json").write_text(json.dumps(
         {t: {m: [{k: v for k, v in r.items() if k != "events"} for r in rs] for m, rs in bm.items()}

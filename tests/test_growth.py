@@ -73,3 +73,14 @@ def test_unwritable_output_dir_fails_before_training(tmp_path):
 def test_plateau_detector():
     d = PlateauDetector(patience=2, min_delta=0.1)
     assert [d.update(v) for v in (1.0, 0.95, 0.94, 0.5, 0.49, 0.48)] == [False, False, True, False, False, True]
+
+
+@pytest.mark.parametrize("extra", [["probe.rule=rowwise"], ["probe.rule=rowwise", "probe.whiten=true"]])
+def test_rowwise_rule_in_the_growth_loop(tmp_path, extra):
+    """The row-wise rule keeps the site choice (argmax TD) and activates more than one row per event."""
+    res = run_grow(_cfg(tmp_path, *extra))
+    assert res["insertions"] == 2
+    for ev in res["events"]:
+        assert ev["site"] == max(ev["scores"], key=ev["scores"].get)
+        assert ev["k"] >= 1 and ev["quadratic"] > 0
+    assert any(ev["k"] > 1 for ev in res["events"])

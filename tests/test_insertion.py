@@ -129,3 +129,113 @@ def test_fill_inactive_rows_keeps_the_decrease_and_makes_every_row_trainable(flo
         loss_fn(grown(x), y).backward()
         grad = grown.layers[1].weight.grad.abs().sum(1) + grown.layers[1].bias.grad.abs()
         assert torch.equal(grad > 0, trainable_rows)
+
+
+@pytest.mark.parametrize("weighting", ["equal", "sqrt", "lambda"])
+def test_rowwise_rule_quadratic_and_finite_differences(float64, weighting):
+    """Row-wise rule: row r = a_r v_r (v_r the top eigenvector of block Q_r) on every row with lambda_r > 0.
+    theta^T Q theta must equal the predicted sum a_r^2 lambda_r, the loss must drop by (eps^2/2) theta^T Q theta
+    at small eps (finite differences, float64), and eps = 0 must be the identity."""
+    from topotransfer.derivative.topological import compute_site_statistics
+    from topotransfer.init_rules import block_top_eigenpairs, rowwise_direction, rowwise_site_results
+
+    torch.manual_seed(0)
+    model = ResidualMLP(3, 6, 2, 2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(50, 3, generator=g), torch.randint(0, 2, (50,), generator=g)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    data = [(x[:25], y[:25]), (x[25:], y[25:])]
+    _, stats, _, _ = compute_site_statistics(model, data, loss_fn, sites=["layers.0"], solver="dense")
+    st = stats["layers.0"]
+    vals, vecs = block_top_eigenpairs(st)
+    ref = torch.linalg.eigvalsh(st.Q)[:, -1]
+    assert torch.allclose(vals, ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(torch.bmm(st.Q, vecs[:, :, None]).squeeze(-1), vals[:, None] * vecs, atol=1e-10)
+    theta, k, quad = rowwise_direction(vals, vecs, weighting)
+    assert float(theta.norm()) == pytest.approx(1.0, rel=1e-12)
+    assert k == int((vals > 0).sum()) and k >= 2  # every row with positive curvature starts active
+    assert torch.equal((theta.abs().sum(1) > 0), vals > 0)
+    assert quad > 0
+
+    (res,) = rowwise_site_results(model, data, loss_fn, sites=["layers.0"], weighting=weighting)
+    assert res.score == pytest.approx(float(ref.max()), rel=1e-12)  # same TD as the other rules
+    assert res.quadratic == pytest.approx(quad, rel=1e-12)
+    assert res.quadratic == pytest.approx(st.quadratic(res.weight, res.bias), rel=1e-10)  # theta^T Q theta
+
+    with torch.no_grad():
+        j0 = sum(float(loss_fn(model(a), b)) for a, b in data)
+    same = insert_layer(copy.deepcopy(model), "layers.0", res.weight, res.bias, epsilon=0.0)
+    assert torch.equal(same(x), model(x))  # identity at eps = 0
+    fd = []
+    for eps in (1e-2, 1e-3, 1e-4):
+        grown = insert_layer(copy.deepcopy(model), "layers.0", res.weight, res.bias, epsilon=eps)
+        with torch.no_grad():
+            j = sum(float(loss_fn(grown(a), b)) for a, b in data)
+        fd.append(2 * (j0 - j) / eps**2)
+    assert fd[-1] == pytest.approx(res.quadratic, rel=1e-3)
+    assert abs(fd[-1] - res.quadratic) < abs(fd[0] - res.quadratic) + 1e-9  # converges as eps -> 0
+
+    with pytest.raises(ValueError, match="weighting"):
+        rowwise_direction(vals, vecs, "bogus")
+    neg, k1, q1 = rowwise_direction(-vals.abs() - 1, vecs)  # no positive curvature: the best row only
+    assert k1 == 1 and q1 < 0
+
+
+def test_rowwise_block_eigenpairs_matrix_free_and_lanczos_match_dense(float64, monkeypatch):
+    """The per-block top eigenpairs from a matrix-free statistic (densified, and by batched Lanczos) agree
+    with the dense statistic's."""
+    import topotransfer.init_rules as ir
+    from topotransfer.derivative.topological import compute_site_statistics
+
+    torch.manual_seed(2)
+    model = ResidualMLP(4, 7, 1, 3)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g))]
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    _, dense, _, _ = compute_site_statistics(model, data, loss_fn, sites=["layers.0"], solver="dense")
+    _, free, _, _ = compute_site_statistics(model, data, loss_fn, sites=["layers.0"], solver="matrix_free")
+    v0, u0 = ir.block_top_eigenpairs(dense["layers.0"])
+    v1, u1 = ir.block_top_eigenpairs(free["layers.0"])
+    monkeypatch.setattr(ir, "DENSE_LIMIT", 0)  # force the Lanczos path
+    v2, u2 = ir.block_top_eigenpairs(free["layers.0"])
+    for v, u in ((v1, u1), (v2, u2)):
+        assert torch.allclose(v, v0, rtol=1e-8, atol=1e-10)
+        assert torch.allclose((u * u0).sum(1).abs(), torch.ones(7), atol=1e-6)  # same vectors up to sign
+
+
+def test_whitened_rowwise_rule_is_a_generalised_eigenvector_with_unit_preactivation(float64):
+    """whiten=True: Q_r v_r = mu_r M v_r with v_r^T M v_r = 1 (M = mean zh zh^T); the direction has mean-square
+    pre-activation 1, theta^T Q theta = sum a_r^2 mu_r, and finite differences confirm the decrease."""
+    from topotransfer.derivative.statistics import append_bias
+    from topotransfer.derivative.topological import compute_site_statistics
+    from topotransfer.init_rules import input_second_moments, rowwise_site_results, whitened_block_top_eigenpairs
+
+    torch.manual_seed(0)
+    model = ResidualMLP(3, 6, 2, 2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(50, 3, generator=g), torch.randint(0, 2, (50,), generator=g)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    data = [(x[:20], y[:20]), (x[20:], y[20:])]
+    sites, stats, layers, _ = compute_site_statistics(model, data, loss_fn, sites=["layers.0"], solver="dense")
+    M = input_second_moments(model, data, sites, layers)["layers.0"]
+    with torch.no_grad():
+        h = model.layers[0](model.input_layer(x)) if hasattr(model, "input_layer") else None
+    st = stats["layers.0"]
+    mu, v = whitened_block_top_eigenpairs(st, M, ridge=0.0)
+    Mv = (M @ v.T).T
+    assert torch.allclose((v * Mv).sum(1), torch.ones(6), atol=1e-10)  # unit M-norm
+    assert torch.allclose(torch.bmm(st.Q, v[:, :, None]).squeeze(-1), mu[:, None] * Mv, atol=1e-8)
+    assert torch.equal(mu > 0, torch.linalg.eigvalsh(st.Q)[:, -1] > 0)  # same rows have positive curvature
+
+    (res,) = rowwise_site_results(model, data, loss_fn, sites=["layers.0"], whiten=True)
+    assert res.score == pytest.approx(float(torch.linalg.eigvalsh(st.Q)[:, -1].max()), rel=1e-12)
+    assert res.quadratic == pytest.approx(st.quadratic(res.weight, res.bias), rel=1e-12) and res.quadratic > 0
+    if h is not None:  # mean-square pre-activation of the unit-scale direction is 1
+        pre = append_bias(h, True) @ torch.cat([res.weight, res.bias[:, None]], 1).T
+        assert float(pre.square().sum(1).mean()) == pytest.approx(1.0, rel=1e-4)
+    with torch.no_grad():
+        j0 = sum(float(loss_fn(model(a), b)) for a, b in data)
+        eps = 1e-4
+        grown = insert_layer(copy.deepcopy(model), "layers.0", res.weight, res.bias, epsilon=eps)
+        j = sum(float(loss_fn(grown(a), b)) for a, b in data)
+    assert 2 * (j0 - j) / eps**2 == pytest.approx(res.quadratic, rel=1e-3)

@@ -93,9 +93,19 @@ class ProbeConfig:
     batches: int | None = field(default=None, metadata={"help": "probe batches (None = the whole train set)"})
     batch_size: int = field(default=256, metadata={"help": "probe batch size"})
     solver: str = field(default="auto", metadata={"help": "auto | dense | matrix_free"})
-    rule: str = field(default="cluster", metadata={"help": "top1 | cluster | topk"})
+    rule: str = field(
+        default="cluster",
+        metadata={"help": "top1 | cluster | topk | rowwise (every row's own top eigenvector, growth only)"},
+    )
     c: float = field(default=0.5, metadata={"help": "cluster rule: keep lambda >= (1-c) lambda_1"})
     k: int | None = field(default=None, metadata={"help": "topk rule: directions summed"})
+    row_weighting: str = field(
+        default="equal", metadata={"help": "rowwise rule: weight of row r's eigenvector, equal | sqrt | lambda"}
+    )
+    whiten: bool = field(
+        default=False,
+        metadata={"help": "rowwise rule: generalised eigenvectors of (Q_r, input second moment): eps = RMS pre-activation"},
+    )
     tol: float = field(default=1e-4, metadata={"help": "matrix-free relative residual tolerance"})
     sample_fraction: float | None = field(
         default=None, metadata={"help": "keep this fraction of the tokens / pixels of each probe batch (seeded)"}
@@ -106,7 +116,10 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         _check(self.solver in ("auto", "dense", "matrix_free"), f"probe.solver must be auto|dense|matrix_free, got {self.solver!r}")
-        _check(self.rule in ("top1", "cluster", "topk"), f"probe.rule must be top1|cluster|topk, got {self.rule!r}")
+        _check(self.rule in ("top1", "cluster", "topk", "rowwise"),
+               f"probe.rule must be top1|cluster|topk|rowwise, got {self.rule!r}")
+        _check(self.row_weighting in ("equal", "sqrt", "lambda"),
+               f"probe.row_weighting must be equal|sqrt|lambda, got {self.row_weighting!r}")
         _check(0.0 <= self.c <= 1.0, f"probe.c must lie in [0, 1], got {self.c}")
         _check(self.rule != "topk" or (self.k or 0) >= 1, "probe.rule=topk needs probe.k >= 1")
         _check(self.batch_size > 0, f"probe.batch_size must be positive, got {self.batch_size}")

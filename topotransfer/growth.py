@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .derivative.topological import LossFn, topological_derivative
+from .init_rules import rowwise_site_results
 from .insertion import DEFAULT_EPSILONS, fill_inactive_rows, line_search_epsilon
 from .layers import build_topo_layer
 from .surgery import get_family
@@ -82,6 +83,9 @@ class GrowthEvent:
         layer: config of the inserted layer (to replay the insertion on load).
         stopped: why growth stopped at this event ("score<=0"), else ``None``.
         sign: +1 or -1, the sign of the eigen direction the line search preferred.
+        quadratic: theta^T Q_t theta of the unit-scale direction (eigen methods; NaN otherwise): the
+            second-order model predicts loss_before - loss_after ~ (eps^2 / 2) * quadratic (on the probe
+            data, which the line search does not use).
     """
 
     event: int
@@ -99,6 +103,7 @@ class GrowthEvent:
     layer: dict = field(default_factory=dict)
     stopped: str | None = None
     sign: int = 1
+    quadratic: float = math.nan
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,13 +173,18 @@ def grow_once(
                   max_samples_per_batch=getattr(probe_cfg, "max_samples_per_batch", None))
 
     if method in ("topo", "random_site", "random_init"):
+        only = None
         if method == "random_site":
-            choice = sites[int(torch.randint(len(sites), (1,), generator=gen))]
-            results = topological_derivative(
-                model, probe_data, loss_fn, sites=[choice.name], accelerator=accelerator, **kw
+            only = [sites[int(torch.randint(len(sites), (1,), generator=gen))].name]
+        if kw.get("rule") == "rowwise":
+            # every row's own top eigenvector (topotransfer.init_rules); same scores TD_t = max_r lambda_r
+            results = rowwise_site_results(
+                model, probe_data, loss_fn, sites=only, weighting=getattr(probe_cfg, "row_weighting", "equal"),
+                accelerator=accelerator, solver=kw["solver"], tol=kw["tol"], sample_fraction=kw["sample_fraction"],
+                max_samples_per_batch=kw["max_samples_per_batch"], whiten=getattr(probe_cfg, "whiten", False),
             )
         else:
-            results = topological_derivative(model, probe_data, loss_fn, accelerator=accelerator, **kw)
+            results = topological_derivative(model, probe_data, loss_fn, sites=only, accelerator=accelerator, **kw)
         rec.scores = {r.site: r.score for r in results}
         best = max(results, key=lambda r: r.score)
         if method != "random_site" and best.score <= 0:
@@ -186,6 +196,8 @@ def grow_once(
         elif fill_inactive > 0:
             weight, bias = fill_inactive_rows(weight, bias, fill_inactive, gen)
         rec.k = best.k if method != "random_init" else 1
+        if method != "random_init":
+            rec.quadratic = float(best.quadratic)
         ls = line_search_epsilon(
             model, best.site, heldout_data, loss_fn, weight, bias, epsilons=eps_grid, accelerator=accelerator
         )
