@@ -40,10 +40,14 @@ from ..surgery import get_family
 from ..text_data import TEXT_TASKS
 from ..training.checkpoint import (
     check_finite,
+    check_free_space,
     divergence_error,
+    gather_rng_states,
     latest_checkpoint,
     load_checkpoint,
+    load_rng_states,
     replay_insertions,
+    restore_rng_state,
     save_checkpoint,
     write_json_atomic,
 )
@@ -51,12 +55,14 @@ from ..training.distributed import (
     all_equal,
     all_equal_digest,
     build_accelerator,
+    is_fsdp,
     prepare_again,
     raw_optimizer,
     shard,
     value_digest,
 )
 from ..training.loop import evaluate, make_loader, train_epoch
+from ..training.optim import lr_factor
 from .grow import _batches, _losses, check_output_dir
 
 __all__ = [
@@ -356,6 +362,13 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
     out = check_output_dir(cfg.output_dir)  # before anything slow: an unwritable directory fails at once
     own_accelerator = accelerator is None
     acc = accelerator if accelerator is not None else build_accelerator(cfg.device, cfg.train.mixed_precision)
+    if is_fsdp(acc):
+        # The backbone is frozen: DDP keeps one copy of it per device and gradients / optimizer state
+        # only for the small trained part, which is what FSDP would otherwise save memory on.
+        raise ConfigError(
+            "the adapt recipe runs under DDP, not FSDP (the frozen backbone takes no gradients or optimizer "
+            "state): launch with configs/accelerate/multi_gpu.yaml or cpu_2proc.yaml (FSDP2 is supported by grow)"
+        )
     main = acc.is_main_process
     if main:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -398,6 +411,9 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
     # The frozen backbone never changes: checkpoints hold only the rest (everything for full_finetune).
     frozen_ids = set() if full else {id(p) for _, p in backbone_params}
     base_records = [dict(r) for r in records]  # the insertions of adapt.adapter_path (rebuilt by loading it)
+    if main:  # checkpoints: the trained tensors + 2 Adam moments, twice while one is replaced (+ margin)
+        trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in frozen_ids)
+        check_free_space(out, 6 * trained_bytes + (64 << 20))
     manifest = {
         "format": 1,
         "recipe": "adapt",
@@ -414,7 +430,8 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
         "lora": None,  # the peft LoRA config once this run applied LoRA
     }
     state = {"epoch": 0, "steps": 0, "phase": "head", "method_started": False, "history": [], "events": [],
-             "wall_time": 0.0}
+             "wall_time": 0.0, "epoch_progress": None}
+    rng_states = None  # every rank's RNG state of a mid-epoch checkpoint being resumed
 
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:  # every rank reads the same checkpoint
@@ -422,7 +439,14 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
         _check_resumable(saved, manifest, ckpt)
         model = _rebuild(model, saved)
         manifest = saved
-        state = json.loads((ckpt / "state.json").read_text())
+        state = {"epoch_progress": None, **json.loads((ckpt / "state.json").read_text())}
+        if state["epoch_progress"] is not None:
+            rng_states = load_rng_states(ckpt)
+            if rng_states is None or len(rng_states) != acc.num_processes:
+                raise CheckpointMismatchError(
+                    f"{ckpt} was written mid-epoch by {0 if rng_states is None else len(rng_states)} processes; "
+                    f"resume it with the same number of processes (this run has {acc.num_processes})"
+                )
         records = base_records + [{"site": r["site"], "layer": r["layer"]} for r in manifest["insertions"]]
         started_method = state["method_started"]
         _set_trainable(model, head, backbone=full and started_method, lora=use_lora and started_method)
@@ -437,12 +461,22 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
     wrapped, optimizer = acc.prepare(model, optimizer)
     started = time.perf_counter() - state["wall_time"]
 
+    # The LR schedule runs over the optimizer steps of the whole run, head phase included (each rank
+    # takes one step per N batches); groups keep their ratio (adapt.lr vs adapt.backbone_lr).
+    epochs_total = a.head_epochs + a.insertions * a.epochs_per_insertion + a.final_epochs
+    steps_per_epoch = math.ceil(math.ceil(len(task.train) / cfg.train.batch_size) / acc.num_processes)
+    total_steps = epochs_total * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
     def checkpoint() -> None:
         state["wall_time"] = time.perf_counter() - started
         check_finite(model)
+        # mid-epoch: every rank's RNG state (a collective), so dropout draws continue where they stopped
+        rngs = gather_rng_states(acc) if state["epoch_progress"] is not None else None
         if main:
             save_checkpoint(out, "last", model, manifest, raw_optimizer(optimizer), state,
-                            tensors=_trained_tensors(model, frozen_ids))
+                            tensors=_trained_tensors(model, frozen_ids), rng_states=rngs)
             write_json_atomic(out / "history.json", {"epochs": state["history"], "events": state["events"]})
 
     def train(phase: str, until_epoch: int) -> None:
@@ -455,21 +489,46 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
             # Dropout (LoRA's, the backbone's) draws from the global generator: seeded per (epoch, rank),
             # a resumed run draws what the uninterrupted one did. The shuffle is the same on every rank;
             # accelerate hands each rank every N-th batch.
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch, acc.process_index))
             loader = acc.prepare_data_loader(
                 make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
             )
+            progress = state["epoch_progress"]  # set when resuming a mid-epoch checkpoint of this epoch
+            if progress is None:
+                torch.manual_seed(_epoch_seed(cfg.seed, epoch, acc.process_index))
+                initial, done_before = (0.0, 0), 0
+            else:  # skip the batches of this epoch's shuffle already trained on; continue the RNG
+                from accelerate import skip_first_batches
+
+                loader = skip_first_batches(loader, progress["batches"])
+                restore_rng_state(rng_states[acc.process_index])
+                initial, done_before = (progress["loss_sum"], progress["count"]), progress["batches"]
+            first_step = state["steps"]
+
+            def lr_fn(i: int, first_step: int = first_step) -> float:
+                return lr_factor(first_step + i, total_steps, cfg.train)
+
+            def on_step(k: int, loss_sum: float, count: int, first_step: int = first_step,
+                        done_before: int = done_before) -> None:
+                every = cfg.train.checkpoint_every_steps
+                if every is not None and (first_step + k) % every == 0:
+                    state["steps"] = first_step + k
+                    state["epoch_progress"] = {"batches": done_before + k, "loss_sum": loss_sum, "count": count}
+                    checkpoint()
+
             try:
-                loss, steps = train_epoch(wrapped, loader, optimizer, loss_mean, device, left, accelerator=acc)
+                loss, steps = train_epoch(wrapped, loader, optimizer, loss_mean, device, left, accelerator=acc,
+                                          lr_factor_fn=lr_fn, on_step=on_step, initial=initial)
             except FloatingPointError as e:
                 raise divergence_error(e, out, epoch + 1) from e
-            state["steps"] += steps
+            state["steps"] = first_step + steps
+            state["epoch_progress"] = None
             state["epoch"] = epoch + 1
             val = evaluate(model, val_batches, "classification", device, accelerator=acc)
             if not math.isfinite(val["loss"]):
                 raise divergence_error(FloatingPointError(f"Validation loss is {val['loss']}"), out, epoch + 1)
             state["history"].append({"epoch": epoch + 1, "phase": phase, "train_loss": loss, "val_loss": val["loss"],
                                      "val_error": val["error"], "trainable_params": count_parameters(model, True),
+                                     "lr": optimizer.param_groups[0]["lr"],
                                      "time": time.perf_counter() - started})
             if (epoch + 1) % cfg.train.checkpoint_every == 0:
                 checkpoint()
