@@ -100,3 +100,28 @@ def test_fsdp_launch_of_adapt_is_refused_with_a_clear_error(base, tmp_path):  # 
     assert proc.returncode != 0
     assert "the adapt recipe runs under DDP, not FSDP" in proc.stderr, proc.stderr[-3000:]
     assert latest_checkpoint(tmp_path / "run") is None
+
+
+def test_bf16_adapt_trains_in_bf16_and_probes_in_float32(base, tmp_path, monkeypatch):  # noqa: F811
+    from topotransfer.derivative.statistics import DenseStatistic
+
+    train_dtypes, probe_dtypes = set(), set()
+    real_load, real_update = adapt_recipe.load_backbone, DenseStatistic.update
+
+    def load_backbone(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        model.vit.embeddings.register_forward_hook(lambda m, i, o: train_dtypes.add(o.dtype) if m.training else None)
+        model.classifier.register_forward_hook(lambda m, i, o: train_dtypes.add(o.dtype) if m.training else None)
+        return model
+
+    def update(self, z, p, represents=None):
+        probe_dtypes.update({z.dtype, p.dtype})
+        return real_update(self, z, p, represents)
+
+    monkeypatch.setattr(adapt_recipe, "load_backbone", load_backbone)
+    monkeypatch.setattr(DenseStatistic, "update", update)
+    res = run(base, tmp_path / "run", "train.mixed_precision=bf16", "adapt.head_epochs=1", "adapt.insertions=1",
+              "adapt.epochs_per_insertion=1", "adapt.final_epochs=1")
+    assert res.results["insertions"] == 1
+    assert torch.bfloat16 in train_dtypes, "training forwards should run under bf16 autocast"
+    assert probe_dtypes == {torch.float32}, "the derivative's states must not be bf16"
