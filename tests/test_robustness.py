@@ -250,7 +250,7 @@ def test_a_nearly_full_disk_fails_before_training(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     calls = []
-    monkeypatch.setattr(grow_recipe, "train_epoch", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(grow_recipe, "train_run_epoch", lambda *a, **k: calls.append(1))
     with pytest.raises(OSError, match=r"MB free; this run's checkpoints need"):
         run_grow(_cfg(tmp_path / "run"))
     assert not calls and latest_checkpoint(tmp_path / "run") is None

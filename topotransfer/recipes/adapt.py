@@ -47,7 +47,6 @@ from ..training.checkpoint import (
     load_checkpoint,
     load_rng_states,
     replay_insertions,
-    restore_rng_state,
     save_checkpoint,
     write_json_atomic,
 )
@@ -61,8 +60,7 @@ from ..training.distributed import (
     shard,
     value_digest,
 )
-from ..training.loop import evaluate, make_loader, train_epoch
-from ..training.optim import lr_factor
+from ..training.loop import evaluate, make_loader, train_run_epoch
 from .grow import _batches, _losses, check_output_dir
 
 __all__ = [
@@ -492,36 +490,14 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
             loader = acc.prepare_data_loader(
                 make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
             )
-            progress = state["epoch_progress"]  # set when resuming a mid-epoch checkpoint of this epoch
-            if progress is None:
-                torch.manual_seed(_epoch_seed(cfg.seed, epoch, acc.process_index))
-                initial, done_before = (0.0, 0), 0
-            else:  # skip the batches of this epoch's shuffle already trained on; continue the RNG
-                from accelerate import skip_first_batches
-
-                loader = skip_first_batches(loader, progress["batches"])
-                restore_rng_state(rng_states[acc.process_index])
-                initial, done_before = (progress["loss_sum"], progress["count"]), progress["batches"]
-            first_step = state["steps"]
-
-            def lr_fn(i: int, first_step: int = first_step) -> float:
-                return lr_factor(first_step + i, total_steps, cfg.train)
-
-            def on_step(k: int, loss_sum: float, count: int, first_step: int = first_step,
-                        done_before: int = done_before) -> None:
-                every = cfg.train.checkpoint_every_steps
-                if every is not None and (first_step + k) % every == 0:
-                    state["steps"] = first_step + k
-                    state["epoch_progress"] = {"batches": done_before + k, "loss_sum": loss_sum, "count": count}
-                    checkpoint()
-
             try:
-                loss, steps = train_epoch(wrapped, loader, optimizer, loss_mean, device, left, accelerator=acc,
-                                          lr_factor_fn=lr_fn, on_step=on_step, initial=initial)
+                loss, steps = train_run_epoch(
+                    wrapped, loader, optimizer, loss_mean, device, left, accelerator=acc, state=state,
+                    seed=cfg.seed, epoch=epoch, total_steps=total_steps, train_cfg=cfg.train, rng_states=rng_states,
+                    checkpoint=checkpoint,
+                )
             except FloatingPointError as e:
                 raise divergence_error(e, out, epoch + 1) from e
-            state["steps"] = first_step + steps
-            state["epoch_progress"] = None
             state["epoch"] = epoch + 1
             val = evaluate(model, val_batches, "classification", device, accelerator=acc)
             if not math.isfinite(val["loss"]):
@@ -639,10 +615,6 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch) * 1_009 + rank
-
-
 def _trained_tensors(model: nn.Module, frozen_ids: set[int]) -> dict[str, torch.Tensor]:
     """The state-dict entries a checkpoint holds: all but the frozen backbone's (head, inserted, LoRA)."""
     return {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in frozen_ids}

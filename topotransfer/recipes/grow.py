@@ -39,7 +39,6 @@ from ..training.checkpoint import (
     load_checkpoint,
     load_rng_states,
     replay_insertions,
-    restore_rng_state,
     save_checkpoint,
     write_json_atomic,
 )
@@ -52,8 +51,8 @@ from ..training.distributed import (
     prepare_again,
     shard,
 )
-from ..training.loop import evaluate, make_loader, train_epoch
-from ..training.optim import build_optimizer, lr_factor, rebuild_after_growth
+from ..training.loop import evaluate, make_loader, train_run_epoch
+from ..training.optim import build_optimizer, rebuild_after_growth
 
 __all__ = ["check_output_dir", "run_grow"]
 
@@ -214,7 +213,6 @@ def run_grow(
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-    every_steps = cfg.train.checkpoint_every_steps
 
     epochs = range(state["epoch"], cfg.train.epochs)
     if cfg.progress and main:
@@ -229,36 +227,14 @@ def run_grow(
         loader = acc.prepare_data_loader(
             make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
         )
-        progress = state["epoch_progress"]  # set when resuming a mid-epoch checkpoint of this epoch
-        if progress is None:
-            # Per (epoch, rank) RNG (dropout, if a model has it): a resumed run draws what the full one did.
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch, acc.process_index))
-            initial, done_before = (0.0, 0), 0
-        else:
-            from accelerate import skip_first_batches
-
-            loader = skip_first_batches(loader, progress["batches"])
-            restore_rng_state(rng_states[acc.process_index])
-            initial, done_before = (progress["loss_sum"], progress["count"]), progress["batches"]
-        first_step = state["steps"]
-
-        def lr_fn(i: int, first_step: int = first_step) -> float:
-            return lr_factor(first_step + i, total_steps, cfg.train)
-
-        def on_step(k: int, loss_sum: float, count: int, first_step: int = first_step,
-                    done_before: int = done_before) -> None:
-            if every_steps is not None and (first_step + k) % every_steps == 0:
-                state["steps"] = first_step + k
-                state["epoch_progress"] = {"batches": done_before + k, "loss_sum": loss_sum, "count": count}
-                checkpoint()
-
         try:
-            train_loss, steps = train_epoch(model, loader, optimizer, loss_mean, device, steps_left, accelerator=acc,
-                                            lr_factor_fn=lr_fn, on_step=on_step, initial=initial)
+            train_loss, _ = train_run_epoch(
+                model, loader, optimizer, loss_mean, device, steps_left, accelerator=acc, state=state,
+                seed=cfg.seed, epoch=epoch, total_steps=total_steps, train_cfg=cfg.train, rng_states=rng_states,
+                checkpoint=checkpoint,
+            )
         except FloatingPointError as e:
             raise diverged(e, epoch + 1) from e
-        state["steps"] = first_step + steps
-        state["epoch_progress"] = None
         val = evaluate(net, val_batches, task.kind, device, accelerator=acc)
         if not math.isfinite(val["loss"]):
             raise diverged(FloatingPointError(f"Validation loss is {val['loss']}"), epoch + 1)
@@ -355,10 +331,6 @@ def load_checkpoint_manifest(path: Path) -> dict:
     import json
 
     return json.loads((Path(path) / "manifest.json").read_text())
-
-
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch) * 1_009 + rank
 
 
 def _checkpoint_bytes(net: nn.Module, base_depth: int, max_insertions: int) -> int:

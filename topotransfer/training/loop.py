@@ -11,10 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..derivative.probes import default_forward
+from .checkpoint import restore_rng_state
 from .distributed import is_multi_process, is_sharded, reduce_sums
-from .optim import scale_lr
+from .optim import lr_factor, scale_lr
 
-__all__ = ["EvalResult", "evaluate", "make_loader", "train_epoch"]
+__all__ = ["EvalResult", "epoch_seed", "evaluate", "make_loader", "train_epoch", "train_run_epoch"]
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
@@ -93,6 +94,76 @@ def train_epoch(
         if on_step is not None:
             on_step(steps, total, count)
     return total / max(count, 1), steps
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The global RNG seed of (run seed, epoch, rank): a run resumed at an epoch boundary draws what the
+    uninterrupted one did (dropout), and ranks draw differently."""
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
+
+
+def train_run_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device | str,
+    max_steps: int | None,
+    *,
+    accelerator: Any,
+    state: dict,
+    seed: int,
+    epoch: int,
+    total_steps: int,
+    train_cfg: Any,
+    rng_states: list[dict] | None,
+    checkpoint: Callable[[], None],
+) -> tuple[float, int]:
+    """:func:`train_epoch` with a recipe's run bookkeeping (grow and adapt share it).
+
+    - Start: seed the global RNG by :func:`epoch_seed`; or, when ``state["epoch_progress"]`` says a
+      mid-epoch checkpoint of this epoch is being resumed, skip the batches of the epoch's (seeded)
+      shuffle already trained on and restore this rank's RNG state from ``rng_states``.
+    - Every step: the learning rate is ``lr_factor(global step)`` times each group's base rate.
+    - Every ``train_cfg.checkpoint_every_steps`` global steps: record the progress in ``state`` and call
+      ``checkpoint()`` (on every rank: it may gather).
+    - End: ``state["steps"]`` holds the global step count, ``state["epoch_progress"]`` is cleared.
+
+    Args:
+        loader: this epoch's (prepared) training loader, from its first batch.
+        state: the recipe's JSON-able run state, with ``"steps"`` and ``"epoch_progress"``.
+        rng_states: every rank's RNG states of the checkpoint being resumed (needed with a progress).
+
+    Returns:
+        (mean training loss over the epoch's examples, resumed part included; steps taken by this call).
+    """
+    progress = state["epoch_progress"]
+    rank = 0 if accelerator is None else accelerator.process_index
+    if progress is None:
+        torch.manual_seed(epoch_seed(seed, epoch, rank))
+        initial, done_before = (0.0, 0), 0
+    else:
+        from accelerate import skip_first_batches
+
+        loader = skip_first_batches(loader, progress["batches"])
+        restore_rng_state(rng_states[rank])
+        initial, done_before = (progress["loss_sum"], progress["count"]), progress["batches"]
+    first_step, every = state["steps"], train_cfg.checkpoint_every_steps
+
+    def lr(i: int) -> float:
+        return lr_factor(first_step + i, total_steps, train_cfg)
+
+    def on_step(k: int, loss_sum: float, count: int) -> None:
+        if every is not None and (first_step + k) % every == 0:
+            state["steps"] = first_step + k
+            state["epoch_progress"] = {"batches": done_before + k, "loss_sum": loss_sum, "count": count}
+            checkpoint()
+
+    loss, steps = train_epoch(model, loader, optimizer, loss_fn, device, max_steps, accelerator=accelerator,
+                              lr_factor_fn=lr, on_step=on_step, initial=initial)
+    state["steps"] = first_step + steps
+    state["epoch_progress"] = None
+    return loss, steps
 
 
 class EvalResult(dict):
