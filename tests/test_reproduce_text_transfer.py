@@ -32,3 +32,13 @@ def test_quick_run_writes_the_report(tmp_path):
     assert all(r[0]["backbone_unchanged"] for r in raw["4"].values())
     assert (tmp_path / "docs" / "transfer_text" / "test_error.png").stat().st_size > 0
     assert module.matched_lora_rank(384, 6, 1) == 16
+
+    # --reuse reads the finished runs back (same configs) instead of running them again
+    def no_run(cfg):
+        raise AssertionError(f"{cfg.output_dir} was run again")
+
+    module.run_adapt = no_run
+    again = module.main(["--quick", "--model", model, "--work-dir", str(tmp_path / "work"),
+                         "--out-dir", str(tmp_path / "again"), "--reuse", "train.max_steps=2"])
+    assert json.loads((tmp_path / "again" / "transfer_text" / "raw.json").read_text()) == raw
+    assert "Partial report" not in again.read_text() and "| seeds |" in again.read_text()

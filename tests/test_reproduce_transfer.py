@@ -31,3 +31,17 @@ def test_quick_run_writes_the_report(tmp_path):
     assert module.matched_lora_rank(64, 4, 2) == 8
     assert (tmp_path / "docs" / "transfer" / "test_error.png").stat().st_size > 5000
     assert "transfer/test_error.png" in text and "transfer/scores_5shot.png" in text
+
+    # --reuse reads the finished runs back (same configs) instead of running them again
+    def no_run(cfg):
+        raise AssertionError(f"{cfg.output_dir} was run again")
+
+    module.run_adapt = no_run
+    again = module.main(["--quick", "--source", "digits", "--target", "digits", "--work-dir", str(tmp_path / "work"),
+                         "--out-dir", str(tmp_path / "again"), "--reuse", "train.max_steps=3"])
+    assert json.loads((tmp_path / "again" / "transfer" / "raw.json").read_text()) == raw
+    assert "Partial report" not in again.read_text() and "| seeds |" in again.read_text()
+    # another config in the same run directory is not mistaken for a finished run
+    with pytest.raises(AssertionError, match="was run again"):
+        module.main(["--quick", "--source", "digits", "--target", "digits", "--work-dir", str(tmp_path / "work"),
+                     "--out-dir", str(tmp_path / "other"), "--reuse", "train.max_steps=2"])
