@@ -3,6 +3,8 @@ every site: the quickest way to see where a network wants depth."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import RunConfig
@@ -10,7 +12,7 @@ from ..data import load_task
 from ..derivative.topological import topological_derivative
 from ..models.build import build_model
 from ..training.distributed import build_accelerator, shard
-from ..training.loop import evaluate, make_loader, train_epoch
+from ..training.loop import evaluate, make_loader, train_run_epoch
 from ..training.optim import build_optimizer
 from .grow import _batches, _losses, check_output_dir
 
@@ -35,11 +37,22 @@ def run_derivative(cfg: RunConfig, accelerator: object | None = None) -> list:
     net = build_model(cfg.model, task.input_shape, task.num_outputs).to(device)
     loss_mean, loss_sum = _losses(task.kind)
     model, optimizer = acc.prepare(net, build_optimizer(net, cfg.train))
+    # the warm-up training follows train.lr_schedule like the other recipes (no checkpoints here)
+    state = {"steps": 0, "epoch_progress": None}
+    steps_per_epoch = math.ceil(math.ceil(len(task.train) / cfg.train.batch_size) / acc.num_processes)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
     for epoch in range(cfg.train.epochs):
+        left = None if cfg.train.max_steps is None else cfg.train.max_steps - state["steps"]
+        if left is not None and left <= 0:
+            break
         loader = acc.prepare_data_loader(
             make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
         )
-        train_epoch(model, loader, optimizer, loss_mean, device, cfg.train.max_steps, accelerator=acc)
+        train_run_epoch(model, loader, optimizer, loss_mean, device, left, accelerator=acc, state=state,
+                        seed=cfg.seed, epoch=epoch, total_steps=total_steps, train_cfg=cfg.train, rng_states=None,
+                        checkpoint=lambda: None)
     val = evaluate(net, shard(_batches(task.val, cfg.train.batch_size), acc), task.kind, device, accelerator=acc)
     p = cfg.probe
     results = topological_derivative(
