@@ -54,9 +54,12 @@ def matched_lora_rank(width: int, depth: int, insertions: int, targets: int = 2)
 
 
 def run_one(model: str, method: str, shots: int, seed: int, work: Path, extra: list[str], lora_rank: int,
-            num_test: int, reuse: bool = False) -> dict:
+            num_test: int, reuse: bool = False,
+            report_only: bool = False) -> dict | None:
     """One adapt run (its directory: ``work/<shots>shot/<method>/seed<seed>``); with ``reuse``, a finished run
-    of the same config there is read back instead of rerun (an interrupted benchmark continues)."""
+    of the same config there is read back instead of rerun (an interrupted benchmark continues); with
+    ``report_only``, a run that is not finished there is skipped (``None``), and so is, with ``reuse``, a run
+    another process has claimed."""
     n = 2 * shots  # two classes
     out = work / f"{shots}shot" / method / f"seed{seed}"
     over = [f"model.name_or_path={model}", f"data.num_train={n}", f"data.num_val={n}", f"data.num_test={num_test}",
@@ -68,7 +71,33 @@ def run_one(model: str, method: str, shots: int, seed: int, work: Path, extra: l
     if reuse and (out / "results.json").is_file() and (out / "config.yaml").is_file():
         if yaml.safe_load((out / "config.yaml").read_text()) == to_dict(cfg):
             return json.loads((out / "results.json").read_text())
-    return run_adapt(cfg).results
+    if report_only:
+        return None  # not finished (or another config): left out of the report
+    if not reuse:
+        return run_adapt(cfg).results
+    # Several benchmark processes may share a work dir (--reuse): a lock file claims the run, a process that
+    # finds it claimed skips it (its report then lacks that run; --report-only at the end collects them all).
+    lock = out.parent / f"{out.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return None
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return run_adapt(cfg).results
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _wall_text(results: dict, args: argparse.Namespace, wall: float) -> str:
+    """The wall time line: this command's, or (``--report-only``) the sum over the runs read back."""
+    if not getattr(args, "report_only", False):
+        return f"total wall time {wall / 60:.1f} min"
+    runs = [r for bm in results.values() for rs in bm.values() for r in rs]
+    return (f"report written with --report-only from {len(runs)} finished runs; sum of their wall times "
+            f"{sum(r['wall_time'] for r in runs) / 60:.1f} min")
 
 
 def _fmt(xs: list[float]) -> str:
@@ -90,6 +119,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--quick", action="store_true", help="tiny budgets, one seed, 4 shots, 40 test sentences")
     ap.add_argument("--reuse", action="store_true",
                     help="read back runs already finished in --work-dir with the same config instead of rerunning them")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: write the report from the runs finished in --work-dir with the same config")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every adapt run")
     args = ap.parse_args(argv)
     args.command = " ".join(["python", "scripts/reproduce_text_transfer.py", *(sys.argv[1:] if argv is None else argv)])
@@ -113,13 +144,18 @@ def main(argv: list[str] | None = None) -> Path:
         for seed in args.seeds:
             for method in args.methods:
                 bar.set_postfix_str(f"{shots}shot/{method}/seed{seed}")
-                results[shots][method].append(run_one(model, method, shots, seed, args.work_dir, extra, rank,
-                                                      args.num_test, args.reuse))
+                result = run_one(model, method, shots, seed, args.work_dir, extra, rank,
+                                 args.num_test, args.reuse or args.report_only,
+                                 args.report_only)
+                if result is not None:
+                    results[shots][method].append(result)
                 bar.update()
             # a report after every seed: an interrupted benchmark still leaves the seeds it finished
             write_report(results, args, extra, model, config, rank, time.perf_counter() - t0, final=False)
     bar.close()
-    return write_report(results, args, extra, model, config, rank, time.perf_counter() - t0)
+    complete = sum(len(v) for bm in results.values() for v in bm.values()) == (
+        len(args.shots) * len(args.methods) * len(args.seeds))
+    return write_report(results, args, extra, model, config, rank, time.perf_counter() - t0, final=complete)
 
 
 def write_report(results: dict, args: argparse.Namespace, extra: list[str], model: str, config: object, rank: int,
@@ -133,7 +169,7 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str], mode
         "",
         f"Command: `{args.command}`  ",
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python "
-        f"{platform.python_version()}; date {time.strftime('%Y-%m-%d')}; total wall time {wall / 60:.1f} min. "
+        f"{platform.python_version()}; date {time.strftime('%Y-%m-%d')}; {_wall_text(results, args, wall)}. "
         f"Seeds: {args.seeds}. Overrides: `{' '.join(extra) or 'none'}`.",
         "",
         *([] if final else ["**Partial report**: the benchmark was still running (or was stopped); the tables hold "

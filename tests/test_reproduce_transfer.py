@@ -45,3 +45,12 @@ def test_quick_run_writes_the_report(tmp_path):
     with pytest.raises(AssertionError, match="was run again"):
         module.main(["--quick", "--source", "digits", "--target", "digits", "--work-dir", str(tmp_path / "work"),
                      "--out-dir", str(tmp_path / "other"), "--reuse", "train.max_steps=2"])
+    # --report-only runs nothing: finished runs are read back, missing ones left out (a partial report)
+    (tmp_path / "work" / "5shot" / "lora" / "seed0" / "results.json").unlink()
+    only = module.main(["--quick", "--source", "digits", "--target", "digits", "train.max_steps=3", "--work-dir",
+                        str(tmp_path / "work"), "--out-dir", str(tmp_path / "only"), "--report-only", "--methods",
+                        "topo", "lora"])
+    text = only.read_text()
+    assert "Partial report" in text and "from 1 finished runs" in text and "| lora |" not in text
+    only_raw = json.loads((tmp_path / "only" / "transfer" / "raw.json").read_text())
+    assert only_raw["5"] == {"lora": [], "topo": raw["5"]["topo"]}
