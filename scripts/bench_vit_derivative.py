@@ -428,6 +428,9 @@ def report(records: list[dict], args: argparse.Namespace, argv: list[str], wall:
             full_gb = (d * (d + 1)) ** 2 * 8 / 1e9
             if full_gb > ram_gb():
                 fq = f"does not fit ({full_gb:,.0f} GB per site)"
+            elif 4 * full_gb > ram_gb() and fit:
+                fq = (f"~{(DEPTH + 1) * math.exp(fit[0]) * d ** fit[1] / t['t_fb']:,.0f} (extrapolated, not run: "
+                      f"eigh needs ~{4 * full_gb:.0f} GB)")
             elif fit:
                 fq = f"~{(DEPTH + 1) * math.exp(fit[0]) * d ** fit[1] / t['t_fb']:,.0f} (extrapolated, not run)"
             else:
@@ -528,8 +531,10 @@ def report(records: list[dict], args: argparse.Namespace, argv: list[str], wall:
                 est = math.exp(a) * d**b
                 t = get("time", d, args.images[0], "mf", None)
                 mf = f"{t['pairs'][-1]['solve']:.1f} s ({args.images[0]} images)" if t else "-"
+                # eigh with eigenvectors (LAPACK syevd): input copy + eigenvectors + a 2 M^2 workspace ~ 4 M^2 floats
                 fits = (f"does not fit in {ram_gb():.0f} GB RAM" if gb > ram_gb() else
-                        f"fits alone in {ram_gb():.0f} GB RAM; eigh needs a second copy" if 2 * gb > ram_gb() else "fits")
+                        f"the matrix fits in {ram_gb():.0f} GB RAM, eigh's ~{4 * gb:.0f} GB do not" if 4 * gb > ram_gb()
+                        else "fits")
                 lines.append(f"| {d} | {gb:,.0f} GB ({fits}) | {est / 3600:,.1f} h | {13 * est / 3600:,.0f} h | {mf} |")
     # per-site detail of the largest mf run
     det = [r for r in by.values() if r["mode"] == "time" and r["variant"] == "mf"]
