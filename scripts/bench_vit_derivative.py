@@ -24,8 +24,10 @@ rows per batch), ``dense`` (``solver="dense"``), ``ref`` (chunked blockwise dens
 Usage::
 
     python scripts/bench_vit_derivative.py [--widths 192 384 768] [--images 64 128 256 512]
-        [--variants-at 768:512] [--dense-at 192:64 384:64] [--ref-at 768:64] [--fullq-widths 16 32 48 64]
-        [--log results.jsonl] [--out docs/results/performance.md]
+        [--variants-at 768:512] [--dense-at 192:64 384:64] [--ref-at 768:64] [--ref-sites SITE ...]
+        [--fullq-widths 16 32 48 64] [--mem fresh|inline] [--resume] [--log results.jsonl]
+        [--out docs/results/performance.md]
+    python scripts/bench_derivative.py vit ...   # the same, through the common benchmark entry point
     python scripts/bench_vit_derivative.py --report-only --log results.jsonl --out ...   # rebuild the report
 
 Every measurement runs in a child process (``--child JSON``) that prints one ``RESULT {...}`` line;
