@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,7 +97,7 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str]) -> N
     out = args.out_dir
     (out / "growth").mkdir(parents=True, exist_ok=True)
     cmd = " ".join(["python", "scripts/reproduce_growth.py", *sys.argv[1:]])
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    nproc = os.cpu_count()  # not `nproc`: it reports OMP_NUM_THREADS when that is set
     lines = [
         "# Growth from scratch: results",
         "",
