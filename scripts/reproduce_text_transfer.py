@@ -212,7 +212,7 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str], mode
         events = topo_runs[0].get("events", []) if topo_runs else []
         if any(e.get("scores") for e in events):
             png = plot_site_scores(events, out / "transfer_text" / f"scores_{shots}shot.png",
-                                   title=f"{shots} labels/class, seed {args.seeds[0]}: TD per site (red: chosen)")
+                                   title=f"{shots} labels/class, seed {topo_runs[0]['seed']}: TD per site (red: chosen)")
             lines += [f"![site scores, {shots} labels per class]({png.relative_to(out).as_posix()})", ""]
     (out / "transfer_text.md").write_text("\n".join(lines) + "\n")
     (out / "transfer_text" / "raw.json").write_text(json.dumps(
