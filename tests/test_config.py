@@ -63,3 +63,16 @@ def test_cli_help_is_fast_and_validate_prints_config():
     assert "lr: 0.5" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "topotransfer", "grow", "train.nope=1"], capture_output=True, text=True)
     assert bad.returncode != 0 and "Unknown config key" in bad.stderr
+
+
+def test_growth_only_rule_is_refused_by_derivative_recipes(tmp_path):
+    from topotransfer.config import ConfigError
+    from topotransfer.recipes.adapt import run_adapt
+    from topotransfer.recipes.derivative import run_derivative
+
+    cfg = load_config(None, ["probe.rule=rowwise", f"output_dir={tmp_path}", "train.epochs=1"])
+    with pytest.raises(ConfigError, match="probe.rule=rowwise is a growth rule.*derivative recipe"):
+        run_derivative(cfg)
+    cfg = load_config(None, ["probe.rule=rowwise", f"output_dir={tmp_path}", "model.name_or_path=/nonexistent"])
+    with pytest.raises(ConfigError, match="probe.rule=rowwise is a growth rule.*adapt recipe"):
+        run_adapt(cfg)

@@ -160,6 +160,20 @@ class GrowthConfig:
         _check(self.patience >= 1, f"growth.patience must be >= 1, got {self.patience}")
 
 
+def check_rule_supported(probe: ProbeConfig, recipe: str) -> None:
+    """Refuse a growth-only direction rule in a recipe that takes its directions from
+    ``topological_derivative`` (adapt, derivative).
+
+    Raises:
+        ConfigError: ``probe.rule`` is ``rowwise``.
+    """
+    if probe.rule == "rowwise":
+        raise ConfigError(
+            f"probe.rule=rowwise is a growth rule (the grow recipe's topotransfer.init_rules); the {recipe} recipe "
+            "takes its directions from topological_derivative: use probe.rule=top1 | cluster | topk"
+        )
+
+
 @dataclass
 class TrainConfig:
     """Optimisation."""

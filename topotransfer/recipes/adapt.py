@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 
 from ..adapter import TopoAdapter, head_module_names, load_adapter, merge_and_save, save_adapter, unwrap_peft
-from ..config import AdaptConfig, ConfigError, RunConfig, TrainConfig, to_dict
+from ..config import AdaptConfig, ConfigError, RunConfig, TrainConfig, check_rule_supported, to_dict
 from ..data import Task, load_task
 from ..derivative.topological import topological_derivative
 from ..errors import CheckpointMismatchError, ImageSizeError, LabelCountMismatchError, ModalityMismatchError
@@ -357,6 +357,7 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
     a, name, revision = cfg.adapt, cfg.model.name_or_path, cfg.model.revision
     if not name:
         raise ConfigError("the adapt recipe needs model.name_or_path (a hub name or a local save_pretrained dir)")
+    check_rule_supported(cfg.probe, "adapt")
     out = check_output_dir(cfg.output_dir)  # before anything slow: an unwritable directory fails at once
     own_accelerator = accelerator is None
     acc = accelerator if accelerator is not None else build_accelerator(cfg.device, cfg.train.mixed_precision)

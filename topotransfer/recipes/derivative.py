@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, check_rule_supported
 from ..data import load_task
 from ..derivative.topological import topological_derivative
 from ..models.build import build_model
@@ -26,6 +26,7 @@ def run_derivative(cfg: RunConfig, accelerator: object | None = None) -> list:
     probes its shard of the probe batches; the statistics are summed over processes before the one
     solve, so every process returns the scores a single process gets on all the probe batches.
     """
+    check_rule_supported(cfg.probe, "derivative")
     own_accelerator = accelerator is None
     acc = accelerator if accelerator is not None else build_accelerator(cfg.device, cfg.train.mixed_precision)
     check_output_dir(cfg.output_dir)
