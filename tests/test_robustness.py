@@ -254,3 +254,18 @@ def test_a_nearly_full_disk_fails_before_training(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"MB free; this run's checkpoints need"):
         run_grow(_cfg(tmp_path / "run"))
     assert not calls and latest_checkpoint(tmp_path / "run") is None
+
+
+def test_mid_epoch_checkpoint_of_another_process_count_is_refused(tmp_path):
+    from topotransfer.errors import CheckpointMismatchError
+    from topotransfer.training.checkpoint import gather_rng_states, resume_rng_states, save_checkpoint
+
+    model = ResidualMLP(2, 4, 1, 1)
+    two_ranks = gather_rng_states(None) * 2
+    save_checkpoint(tmp_path, "last", model, {"insertions": []}, None, {"epoch_progress": {"batches": 3}},
+                    rng_states=two_ranks)
+    ckpt = latest_checkpoint(tmp_path)
+    assert len(resume_rng_states(ckpt, {"epoch_progress": {"batches": 3}}, 2)) == 2
+    assert resume_rng_states(ckpt, {"epoch_progress": None}, 1) is None  # epoch boundary: any count
+    with pytest.raises(CheckpointMismatchError, match="written mid-epoch by 2 processes.*this run has 1"):
+        resume_rng_states(ckpt, {"epoch_progress": {"batches": 3}}, 1)

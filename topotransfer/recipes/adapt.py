@@ -45,8 +45,8 @@ from ..training.checkpoint import (
     gather_rng_states,
     latest_checkpoint,
     load_checkpoint,
-    load_rng_states,
     replay_insertions,
+    resume_rng_states,
     save_checkpoint,
     write_json_atomic,
 )
@@ -439,13 +439,7 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
         model = _rebuild(model, saved)
         manifest = saved
         state = {"epoch_progress": None, **json.loads((ckpt / "state.json").read_text())}
-        if state["epoch_progress"] is not None:
-            rng_states = load_rng_states(ckpt)
-            if rng_states is None or len(rng_states) != acc.num_processes:
-                raise CheckpointMismatchError(
-                    f"{ckpt} was written mid-epoch by {0 if rng_states is None else len(rng_states)} processes; "
-                    f"resume it with the same number of processes (this run has {acc.num_processes})"
-                )
+        rng_states = resume_rng_states(ckpt, state, acc.num_processes)
         records = base_records + [{"site": r["site"], "layer": r["layer"]} for r in manifest["insertions"]]
         started_method = state["method_started"]
         _set_trainable(model, head, backbone=full and started_method, lora=use_lora and started_method)

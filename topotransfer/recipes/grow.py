@@ -37,8 +37,8 @@ from ..training.checkpoint import (
     gather_rng_states,
     latest_checkpoint,
     load_checkpoint,
-    load_rng_states,
     replay_insertions,
+    resume_rng_states,
     save_checkpoint,
     write_json_atomic,
 )
@@ -166,13 +166,7 @@ def run_grow(
         optimizer = build_optimizer(net, cfg.train)
         load_checkpoint(ckpt, net, optimizer)
         state = {"epoch_progress": None, **st}
-        if state["epoch_progress"] is not None:
-            rng_states = load_rng_states(ckpt)
-            if rng_states is None or len(rng_states) != acc.num_processes:
-                raise RuntimeError(
-                    f"{ckpt} was written mid-epoch by {0 if rng_states is None else len(rng_states)} processes; "
-                    f"resume it with the same number of processes (this run has {acc.num_processes})"
-                )
+        rng_states = resume_rng_states(ckpt, state, acc.num_processes)
         best_dir = out / "best"
         best_model = replay_insertions(
             build_model(cfg.model, task.input_shape, task.num_outputs, depth=base_depth).to(device),

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import CheckpointMismatchError
 from ..layers import build_topo_layer
 from ..surgery import get_family
 
@@ -32,6 +33,7 @@ __all__ = [
     "load_rng_states",
     "replay_insertions",
     "restore_rng_state",
+    "resume_rng_states",
     "save_checkpoint",
     "write_json_atomic",
 ]
@@ -78,6 +80,24 @@ def load_rng_states(path: str | Path) -> list[dict[str, torch.Tensor]] | None:
     """The per-rank RNG states of a checkpoint (``None`` when it holds none)."""
     f = Path(path) / "rng.pt"
     return torch.load(f, weights_only=True) if f.is_file() else None
+
+
+def resume_rng_states(path: str | Path, state: dict, num_processes: int) -> list[dict[str, torch.Tensor]] | None:
+    """The RNG states a resumed run needs: every rank's, when ``state`` is a mid-epoch checkpoint's, else ``None``.
+
+    Raises:
+        CheckpointMismatchError: a mid-epoch checkpoint written by another number of processes (its ranks'
+            shards of the epoch and RNG streams cannot be continued by this run's ranks).
+    """
+    if state.get("epoch_progress") is None:
+        return None
+    rng_states = load_rng_states(path)
+    if rng_states is None or len(rng_states) != num_processes:
+        raise CheckpointMismatchError(
+            f"{path} was written mid-epoch by {0 if rng_states is None else len(rng_states)} processes; "
+            f"resume it with the same number of processes (this run has {num_processes})"
+        )
+    return rng_states
 
 
 def restore_rng_state(states: dict[str, torch.Tensor]) -> None:
