@@ -26,14 +26,16 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from topotransfer.config import load_config, to_dict
+from topotransfer.config import load_config
 from topotransfer.data import load_task
 from topotransfer.models.hf import packaged_model_dir
 from topotransfer.plots import plot_method_comparison, plot_site_scores
 from topotransfer.recipes.adapt import run_adapt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _benchrun import run_or_reuse, wall_text  # noqa: E402  (the scripts folder: shared benchmark helpers)
 
 METHODS = ["linear_probe", "lora", "random_site", "last_block", "topo"]
 CHOICES = [*METHODS, "full_finetune"]
@@ -68,36 +70,7 @@ def run_one(model: str, method: str, shots: int, seed: int, work: Path, extra: l
     if method == "full_finetune":
         over.append("adapt.backbone_lr=0.00005")
     cfg = load_config(CONFIG, over)
-    if reuse and (out / "results.json").is_file() and (out / "config.yaml").is_file():
-        if yaml.safe_load((out / "config.yaml").read_text()) == to_dict(cfg):
-            return json.loads((out / "results.json").read_text())
-    if report_only:
-        return None  # not finished (or another config): left out of the report
-    if not reuse:
-        return run_adapt(cfg).results
-    # Several benchmark processes may share a work dir (--reuse): a lock file claims the run, a process that
-    # finds it claimed skips it (its report then lacks that run; --report-only at the end collects them all).
-    lock = out.parent / f"{out.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return None
-    try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return run_adapt(cfg).results
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _wall_text(results: dict, args: argparse.Namespace, wall: float) -> str:
-    """The wall time line: this command's, or (``--report-only``) the sum over the runs read back."""
-    if not getattr(args, "report_only", False):
-        return f"total wall time {wall / 60:.1f} min"
-    runs = [r for bm in results.values() for rs in bm.values() for r in rs]
-    return (f"report written with --report-only from {len(runs)} finished runs; sum of their wall times "
-            f"{sum(r['wall_time'] for r in runs) / 60:.1f} min")
+    return run_or_reuse(cfg, out, reuse, report_only, run_adapt)  # looked up here: tests replace run_adapt
 
 
 def _fmt(xs: list[float]) -> str:
@@ -169,7 +142,7 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str], mode
         "",
         f"Command: `{args.command}`  ",
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python "
-        f"{platform.python_version()}; date {time.strftime('%Y-%m-%d')}; {_wall_text(results, args, wall)}. "
+        f"{platform.python_version()}; date {time.strftime('%Y-%m-%d')}; {wall_text(results, args, wall)}. "
         f"Seeds: {args.seeds}. Overrides: `{' '.join(extra) or 'none'}`.",
         "",
         *([] if final else ["**Partial report**: the benchmark was still running (or was stopped); the tables hold "
