@@ -120,6 +120,21 @@ def test_adapter_and_merged_reload_equal_live_model(base, tmp_path):
     assert fresh.keys() == now.keys() and all(torch.equal(fresh[k], now[k]) for k in fresh)
 
 
+@pytest.mark.parametrize("whiten", ["false", "true"])
+def test_rowwise_rule_in_the_adapt_recipe(base, tmp_path, whiten):
+    """probe.rule=rowwise in adapt: every row with positive curvature starts active (cluster: a few), the
+    site is still the argmax of TD, and the adapter reloads to the live model's logits."""
+    common = ("adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=1", "train.max_steps=3")
+    cluster = run(base, tmp_path / "cluster", *common).results["events"][0]
+    result = run(base, tmp_path / "rowwise", "probe.rule=rowwise", f"probe.whiten={whiten}", *common)
+    (event,) = result.results["events"]
+    assert event["scores"] == pytest.approx(cluster["scores"], rel=1e-5)  # TD does not depend on the rule
+    assert event["site"] == cluster["site"] == max(event["scores"], key=event["scores"].get)
+    assert event["k"] > cluster["k"] and event["epsilon"] > 0
+    x = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(logits(load_adapter(base, tmp_path / "rowwise" / "adapter"), x), logits(result.model, x))
+
+
 def test_lora_and_inserted_layers_train_backbone_unchanged(base, tmp_path):
     result = run(base, tmp_path, "adapt.lora=true", "adapt.lora_r=2", "adapt.head_epochs=1", "adapt.insertions=1",
                  "adapt.epochs_per_insertion=2", "train.max_steps=5", "adapt.backbone_lr=0.01")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from topotransfer.cli import BUILTIN_CONFIGS
 from topotransfer.config import ConfigError, RunConfig, load_config, to_dict
 
 CONFIGS = sorted((Path(__file__).parents[1] / "topotransfer" / "configs").glob("*.yaml"))
@@ -65,14 +66,16 @@ def test_cli_help_is_fast_and_validate_prints_config():
     assert bad.returncode != 0 and "Unknown config key" in bad.stderr
 
 
-def test_growth_only_rule_is_refused_by_derivative_recipes(tmp_path):
-    from topotransfer.config import ConfigError
-    from topotransfer.recipes.adapt import run_adapt
+def test_every_rule_runs_in_the_derivative_recipe_with_the_same_scores(tmp_path):
+    """probe.rule changes the direction, never the score TD_t = lambda_max(Q_t) (init_rules.probe_site_results)."""
     from topotransfer.recipes.derivative import run_derivative
 
-    cfg = load_config(None, ["probe.rule=rowwise", f"output_dir={tmp_path}", "train.epochs=1"])
-    with pytest.raises(ConfigError, match="probe.rule=rowwise is a growth rule.*derivative recipe"):
-        run_derivative(cfg)
-    cfg = load_config(None, ["probe.rule=rowwise", f"output_dir={tmp_path}", "model.name_or_path=/nonexistent"])
-    with pytest.raises(ConfigError, match="probe.rule=rowwise is a growth rule.*adapt recipe"):
-        run_adapt(cfg)
+    out = {}
+    for rule in ("cluster", "rowwise"):
+        cfg = load_config(BUILTIN_CONFIGS / "grow_regression.yaml", [f"probe.rule={rule}", f"output_dir={tmp_path / rule}", "train.epochs=2",
+                                              "data.num_train=200", "progress=false"])
+        out[rule] = run_derivative(cfg)
+    assert [r.site for r in out["cluster"]] == [r.site for r in out["rowwise"]]
+    for a, b in zip(out["cluster"], out["rowwise"], strict=True):
+        assert b.score == pytest.approx(a.score, rel=1e-6)
+    assert any(b.k > a.k for a, b in zip(out["cluster"], out["rowwise"], strict=True))  # more rows start active

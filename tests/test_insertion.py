@@ -203,6 +203,28 @@ def test_rowwise_block_eigenpairs_matrix_free_and_lanczos_match_dense(float64, m
         assert torch.allclose((u * u0).sum(1).abs(), torch.ones(7), atol=1e-6)  # same vectors up to sign
 
 
+def test_whitened_eigenpairs_by_matrix_free_lanczos_match_dense(float64, monkeypatch):
+    """Above DENSE_LIMIT (ViT-Base) the whitened blocks L^{-1} Q_r L^{-T} are applied matrix-free and solved by
+    batched Lanczos: same mu_r and v_r as the dense generalised eigh."""
+    import topotransfer.init_rules as ir
+    from topotransfer.derivative.topological import compute_site_statistics
+
+    torch.manual_seed(4)
+    model = ResidualMLP(4, 7, 1, 3)
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(60, 4, generator=g), torch.randint(0, 3, (60,), generator=g))]
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    sites, free, layers, _ = compute_site_statistics(model, data, loss_fn, sites=["layers.0"], solver="matrix_free")
+    M = ir.input_second_moments(model, data, sites, layers)["layers.0"]
+    mu0, v0 = ir.whitened_block_top_eigenpairs(free["layers.0"], M, ridge=0.0)
+    monkeypatch.setattr(ir, "DENSE_LIMIT", 0)  # force the matrix-free Lanczos path
+    mu1, v1 = ir.whitened_block_top_eigenpairs(free["layers.0"], M, ridge=0.0)
+    assert torch.allclose(mu1, mu0, rtol=1e-8, atol=1e-10)
+    Mv = (M @ v1.T).T
+    assert torch.allclose((v1 * Mv).sum(1), torch.ones(7), atol=1e-6)  # unit M-norm
+    assert torch.allclose((v1 * (M @ v0.T).T).sum(1).abs(), torch.ones(7), atol=1e-6)  # same vectors up to sign
+
+
 def test_whitened_rowwise_rule_is_a_generalised_eigenvector_with_unit_preactivation(float64):
     """whiten=True: Q_r v_r = mu_r M v_r with v_r^T M v_r = 1 (M = mean zh zh^T); the direction has mean-square
     pre-activation 1, theta^T Q theta = sum a_r^2 mu_r, and finite differences confirm the decrease."""

@@ -181,6 +181,39 @@ def test_score_matches_finite_differences_at_every_site():
         assert fd == pytest.approx(r.score, rel=1e-2), (r.site, fd, r.score)
 
 
+@pytest.mark.parametrize("whiten", [False, True], ids=["rowwise", "rowwise-whitened"])
+def test_rowwise_rule_matches_finite_differences_at_every_site(whiten):
+    """The row-wise rule on token-wise pre-LayerNorm sites (the adapt recipe's probe.rule=rowwise): the
+    score is lambda_max(Q_t) as under every rule, theta^T Q theta matches finite differences, every row
+    with positive curvature starts active, and whitened directions have unit mean-square pre-activation
+    over the tokens."""
+    from topotransfer.derivative.statistics import append_bias
+    from topotransfer.init_rules import rowwise_site_results
+
+    model, data = make_vit(), make_data()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    top1 = {r.site: r for r in topological_derivative(model, data, loss_fn, rule="top1")}
+    results = rowwise_site_results(model, data, loss_fn, whiten=whiten)
+    _, stats, layers, _ = compute_site_statistics(model, data, loss_fn)
+    for r in results:
+        assert r.score == pytest.approx(top1[r.site].score, rel=1e-8)
+        lam = torch.linalg.eigvalsh(stats[r.site].Q)[:, -1]
+        assert r.k == int((lam > 0).sum()) and r.k > 1  # every positive-curvature row, not a few
+        assert r.quadratic > 0
+        fd = fd_quadratic(model, r.site, r.weight, r.bias, data, loss_fn)
+        assert fd == pytest.approx(r.quadratic, rel=1e-2), (r.site, fd, r.quadratic)
+        if whiten:  # eps is the RMS pre-activation of the new layer over the tokens
+            captured = {}
+            handle = model.get_submodule(r.site).register_forward_hook(
+                lambda m, a, out: captured.setdefault("h", get_family(model).capture(out)))
+            with torch.no_grad():
+                model(data[0][0])
+            handle.remove()
+            z, _ = layers[r.site].samples(captured["h"], torch.zeros_like(captured["h"]))
+            pre = append_bias(z, True) @ torch.cat([r.weight, r.bias[:, None]], 1).T
+            assert float(pre.square().sum(1).mean()) == pytest.approx(1.0, rel=1e-3)
+
+
 def test_random_direction_matches_quadratic_form():
     model, data = make_vit(), make_data()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")

@@ -95,7 +95,7 @@ class ProbeConfig:
     solver: str = field(default="auto", metadata={"help": "auto | dense | matrix_free"})
     rule: str = field(
         default="cluster",
-        metadata={"help": "top1 | cluster | topk | rowwise (every row's own top eigenvector, growth only)"},
+        metadata={"help": "top1 | cluster | topk | rowwise (every row's own top eigenvector)"},
     )
     c: float = field(default=0.5, metadata={"help": "cluster rule: keep lambda >= (1-c) lambda_1"})
     k: int | None = field(default=None, metadata={"help": "topk rule: directions summed"})
@@ -158,20 +158,6 @@ class GrowthConfig:
         _check(self.max_insertions >= 0, f"growth.max_insertions must be >= 0, got {self.max_insertions}")
         _check(self.fill_inactive >= 0, f"growth.fill_inactive must be >= 0, got {self.fill_inactive}")
         _check(self.patience >= 1, f"growth.patience must be >= 1, got {self.patience}")
-
-
-def check_rule_supported(probe: ProbeConfig, recipe: str) -> None:
-    """Refuse a growth-only direction rule in a recipe that takes its directions from
-    ``topological_derivative`` (adapt, derivative).
-
-    Raises:
-        ConfigError: ``probe.rule`` is ``rowwise``.
-    """
-    if probe.rule == "rowwise":
-        raise ConfigError(
-            f"probe.rule=rowwise is a growth rule (the grow recipe's topotransfer.init_rules); the {recipe} recipe "
-            "takes its directions from topological_derivative: use probe.rule=top1 | cluster | topk"
-        )
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .derivative.topological import LossFn, topological_derivative
-from .init_rules import rowwise_site_results
+from .init_rules import probe_site_results
 from .insertion import DEFAULT_EPSILONS, fill_inactive_rows, line_search_epsilon
 from .layers import build_topo_layer
 from .surgery import get_family
@@ -166,25 +166,14 @@ def grow_once(
     sites = family.sites(model)
     eps_grid = tuple(epsilons) if epsilons else DEFAULT_EPSILONS
     rec = GrowthEvent(event=event, epoch=epoch, method=method, site=None)
-    kw = {}
-    if probe_cfg is not None:
-        kw = dict(rule=probe_cfg.rule, c=probe_cfg.c, k=probe_cfg.k, solver=probe_cfg.solver, tol=probe_cfg.tol,
-                  sample_fraction=getattr(probe_cfg, "sample_fraction", None),
-                  max_samples_per_batch=getattr(probe_cfg, "max_samples_per_batch", None))
-
     if method in ("topo", "random_site", "random_init"):
         only = None
         if method == "random_site":
             only = [sites[int(torch.randint(len(sites), (1,), generator=gen))].name]
-        if kw.get("rule") == "rowwise":
-            # every row's own top eigenvector (topotransfer.init_rules); same scores TD_t = max_r lambda_r
-            results = rowwise_site_results(
-                model, probe_data, loss_fn, sites=only, weighting=getattr(probe_cfg, "row_weighting", "equal"),
-                accelerator=accelerator, solver=kw["solver"], tol=kw["tol"], sample_fraction=kw["sample_fraction"],
-                max_samples_per_batch=kw["max_samples_per_batch"], whiten=getattr(probe_cfg, "whiten", False),
-            )
+        if probe_cfg is not None:  # the configured rule (topotransfer.init_rules.probe_site_results)
+            results = probe_site_results(model, probe_data, loss_fn, probe_cfg, sites=only, accelerator=accelerator)
         else:
-            results = topological_derivative(model, probe_data, loss_fn, sites=only, accelerator=accelerator, **kw)
+            results = topological_derivative(model, probe_data, loss_fn, sites=only, accelerator=accelerator)
         rec.scores = {r.site: r.score for r in results}
         best = max(results, key=lambda r: r.score)
         if method != "random_site" and best.score <= 0:

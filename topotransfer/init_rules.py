@@ -45,7 +45,9 @@ from torch import nn
 
 from .derivative.probes import default_forward
 from .derivative.statistics import DenseStatistic, SiteStatistic, append_bias
-from .derivative.topological import LossFn, SiteResult, _to_device, compute_site_statistics, split_batch
+from .derivative.topological import (
+    LossFn, SiteResult, _to_device, compute_site_statistics, sample_mask, split_batch, topological_derivative,
+)
 from .eigen import fix_signs
 from .errors import ConvergenceWarning
 from .surgery.base import Site
@@ -54,6 +56,7 @@ __all__ = [
     "ROW_WEIGHTINGS",
     "block_top_eigenpairs",
     "input_second_moments",
+    "probe_site_results",
     "rowwise_direction",
     "rowwise_site_results",
     "whitened_block_top_eigenpairs",
@@ -147,7 +150,8 @@ def input_second_moments(
     """M_t = (1/N) sum_n zh_n zh_n^T (D, D) float64 at every site, from one forward pass over ``data``.
 
     zh_n = [z_n; 1] is the input of the would-be layer (``layers[name].samples``: tokens / pixels are
-    samples). With a multi-process ``accelerator`` the sums and counts are reduced over processes.
+    samples; padding tokens of a dict batch with an ``attention_mask`` are dropped, as in the statistics).
+    With a multi-process ``accelerator`` the sums and counts are reduced over processes.
     """
     from .surgery import get_family
 
@@ -172,6 +176,9 @@ def input_second_moments(
                 h = store[s.name]
                 layer = layers[s.name]
                 z, _ = layer.samples(h, torch.zeros_like(h))
+                mask = sample_mask(inputs, h)
+                if mask is not None:
+                    z = z[mask]
                 zh = append_bias(z.to(torch.float64), getattr(layer, "bias", None) is not None)  # (N, D)
                 m = zh.T @ zh  # sum_n zh_n zh_n^T
                 sums[s.name] = m if sums[s.name] is None else sums[s.name] + m
@@ -186,41 +193,57 @@ def input_second_moments(
     return {k: v / count for k, v in sums.items()}
 
 
+class _WhitenedBlocks:
+    """The blocks A_r = L^{-1} Q_r L^{-T} of a site as a matrix-free operator (M = L L^T, the same L for
+    every row): A v = L^{-1} (Q (L^{-T} v)), two triangular solves around one ``stat.matvec``."""
+
+    def __init__(self, stat: SiteStatistic, L: torch.Tensor) -> None:
+        self.stat, self.L, self.R, self.D = stat, L, stat.R, stat.D
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """v (R, D, m) -> (R, D, m)."""
+        R, D, m = v.shape
+        cols = v.to(self.L).permute(1, 0, 2).reshape(D, R * m)  # column (r, i) = v[r, :, i]
+        w = torch.linalg.solve_triangular(self.L.T, cols, upper=True)  # L^{-T} v
+        qw = self.stat.matvec(w.reshape(D, R, m).permute(1, 0, 2).contiguous()).to(self.L)  # Q_r (L^{-T} v_r)
+        out = torch.linalg.solve_triangular(self.L, qw.permute(1, 0, 2).reshape(D, R * m), upper=False)
+        return out.reshape(D, R, m).permute(1, 0, 2)
+
+
 def whitened_block_top_eigenpairs(
-    stat: SiteStatistic, M: torch.Tensor, ridge: float = 1e-6
+    stat: SiteStatistic, M: torch.Tensor, ridge: float = 1e-6, steps: int = 64, tol: float = 1e-4
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top generalised eigenpair (mu_r, v_r) of (Q_r, M) for every block, v_r^T M v_r = 1.
 
     Args:
-        stat: a site statistic (R blocks of size D); densified (R*D^2 must stay below ``DENSE_LIMIT``).
+        stat: a site statistic (R blocks of size D). Dense blocks (or R*D^2 <= ``DENSE_LIMIT``): batched
+            ``eigh`` of L^{-1} Q_r L^{-T}; larger (ViT-Base, d = 768): batched Lanczos on the same operator,
+            applied matrix-free (:class:`_WhitenedBlocks`), never forming a block.
         M: (D, D) input second moment; ``ridge * trace(M) / D`` is added to its diagonal (conditioning:
             a constant input coordinate, e.g. a dead ReLU unit, makes M singular).
+        steps, tol: Lanczos steps and the relative residual above which it warns (large blocks only).
 
     Returns:
         mu (R,) float64 and vectors (R, D) float64 with unit M-norm (sign-fixed).
     """
-    if isinstance(stat, DenseStatistic):
-        Q = stat.Q
-    elif stat.R * stat.D * stat.D <= DENSE_LIMIT:
-        Q = stat.dense()
-    else:
-        raise NotImplementedError(
-            f"whitened row-wise rule needs the dense blocks; R*D^2 = {stat.R * stat.D**2} > {DENSE_LIMIT}"
-        )
-    Q = Q.to(torch.float64)
-    Q = 0.5 * (Q + Q.transpose(1, 2))
     D = M.shape[0]
-    M = M.to(Q) + ridge * float(torch.trace(M)) / D * torch.eye(D, dtype=Q.dtype, device=Q.device)
+    M = M.to(torch.float64)
+    M = M + ridge * float(torch.trace(M)) / D * torch.eye(D, dtype=M.dtype, device=M.device)
     L = torch.linalg.cholesky(M)  # M = L L^T
-    Lb = L.expand(Q.shape[0], D, D)
-    # A_r = L^{-1} Q_r L^{-T}: two triangular solves (A_r is symmetric)
-    X = torch.linalg.solve_triangular(Lb, Q, upper=False)  # L^{-1} Q_r
-    A = torch.linalg.solve_triangular(Lb, X.transpose(1, 2), upper=False).transpose(1, 2)  # (L^{-1} (L^{-1} Q_r)^T)^T
-    A = 0.5 * (A + A.transpose(1, 2))
-    mu, Y = torch.linalg.eigh(A)
-    y = Y[:, :, -1]  # (R, D) unit
-    v = torch.linalg.solve_triangular(Lb.transpose(1, 2), y[:, :, None], upper=True).squeeze(-1)  # v = L^{-T} y
-    return mu[:, -1].clone(), fix_signs(v)
+    if isinstance(stat, DenseStatistic) or stat.R * stat.D * stat.D <= DENSE_LIMIT:
+        Q = (stat.Q if isinstance(stat, DenseStatistic) else stat.dense()).to(L)
+        Q = 0.5 * (Q + Q.transpose(1, 2))
+        Lb = L.expand(Q.shape[0], D, D)
+        # A_r = L^{-1} Q_r L^{-T}: two triangular solves (A_r is symmetric)
+        X = torch.linalg.solve_triangular(Lb, Q, upper=False)  # L^{-1} Q_r
+        A = torch.linalg.solve_triangular(Lb, X.transpose(1, 2), upper=False).transpose(1, 2)  # (L^{-1} (L^{-1} Q_r)^T)^T
+        A = 0.5 * (A + A.transpose(1, 2))
+        mu, Y = torch.linalg.eigh(A)
+        mu, y = mu[:, -1].clone(), Y[:, :, -1]  # (R,), (R, D) unit
+    else:
+        mu, y, _ = _lanczos_block_tops(_WhitenedBlocks(stat, L), steps, tol)
+    v = torch.linalg.solve_triangular(L.T, y.T, upper=True).T  # v_r = L^{-T} y_r: unit M-norm
+    return mu, fix_signs(v.contiguous())
 
 
 def rowwise_direction(
@@ -269,6 +292,7 @@ def rowwise_site_results(
     sample_fraction: float | None = None,
     max_samples_per_batch: int | None = None,
     whiten: bool = False,
+    progress: bool = False,
 ) -> list[SiteResult]:
     """Like :func:`~topotransfer.derivative.topological.topological_derivative`, with the row-wise rule.
 
@@ -284,7 +308,7 @@ def rowwise_site_results(
         eigenvalues (descending), ``k`` the rows that start active, ``quadratic`` theta^T Q theta.
     """
     site_list, stats, layers, _ = compute_site_statistics(
-        model, data, loss_fn, sites, accelerator=accelerator, solver=solver,
+        model, data, loss_fn, sites, accelerator=accelerator, solver=solver, progress=progress,
         sample_fraction=sample_fraction, max_samples_per_batch=max_samples_per_batch,
     )
     moments = input_second_moments(model, data, site_list, layers, accelerator) if whiten else {}
@@ -294,7 +318,7 @@ def rowwise_site_results(
         vals, vecs = block_top_eigenpairs(st, tol=tol)
         if whiten:
             # rows: generalised eigenvectors; their mu_r > 0 exactly where lambda_r > 0 (same inertia)
-            mu, wvecs = whitened_block_top_eigenpairs(st, moments[s.name])
+            mu, wvecs = whitened_block_top_eigenpairs(st, moments[s.name], tol=tol)
             theta, k, quad = rowwise_direction(mu, wvecs, weighting)
             # rows have unit M-norm and sum_r a_r^2 = 1: the mean-square pre-activation is 1
             quad = st.quadratic(theta[:, : layer.in_features], theta[:, layer.in_features] if st.bias else None)
@@ -321,3 +345,28 @@ def rowwise_site_results(
     if not math.isfinite(sum(r.score for r in out)):
         raise FloatingPointError("Non-finite topological derivative in the row-wise rule")
     return out
+
+
+def probe_site_results(
+    model: nn.Module,
+    data: Iterable,
+    loss_fn: LossFn,
+    probe,
+    sites: Sequence[str | Site] | None = None,
+    *,
+    accelerator: object | None = None,
+    progress: bool = False,
+) -> list[SiteResult]:
+    """Scores and directions at every site under the rule of a :class:`~topotransfer.config.ProbeConfig`.
+
+    ``probe.rule`` = top1 | cluster | topk: :func:`~topotransfer.derivative.topological.topological_derivative`;
+    ``rowwise``: :func:`rowwise_site_results` (``probe.row_weighting``, ``probe.whiten``). Every recipe
+    (grow, adapt, derivative) goes through here, so a rule means the same in all of them. The score is
+    TD_t = lambda_max(Q_t) under every rule.
+    """
+    common = dict(accelerator=accelerator, solver=probe.solver, tol=probe.tol, progress=progress,
+                  sample_fraction=probe.sample_fraction, max_samples_per_batch=probe.max_samples_per_batch)
+    if probe.rule == "rowwise":
+        return rowwise_site_results(model, data, loss_fn, sites=sites, weighting=probe.row_weighting,
+                                    whiten=probe.whiten, **common)
+    return topological_derivative(model, data, loss_fn, sites=sites, rule=probe.rule, c=probe.c, k=probe.k, **common)

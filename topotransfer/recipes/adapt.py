@@ -28,11 +28,11 @@ import yaml
 from torch import nn
 
 from ..adapter import TopoAdapter, head_module_names, load_adapter, merge_and_save, save_adapter, unwrap_peft
-from ..config import AdaptConfig, ConfigError, RunConfig, TrainConfig, check_rule_supported, to_dict
+from ..config import AdaptConfig, ConfigError, RunConfig, TrainConfig, to_dict
 from ..data import Task, load_task
-from ..derivative.topological import topological_derivative
 from ..errors import CheckpointMismatchError, ImageSizeError, LabelCountMismatchError, ModalityMismatchError
 from ..growth import count_parameters
+from ..init_rules import probe_site_results
 from ..insertion import DEFAULT_EPSILONS, insert_layer, line_search_epsilon
 from ..models.hf import MODALITIES, backbone_modality, load_backbone, load_image_normalization, load_tokenizer
 from ..preprocess import backbone_image_size, prepare_task, prepare_text_task, text_max_length
@@ -226,11 +226,9 @@ def _insertion_event(
         chosen = [sites[int(torch.randint(len(sites), (1,), generator=gen))].name]
     elif method == "last_block":
         chosen = [sites[-1].name]
-    p = cfg.probe
-    results = topological_derivative(
-        model, probe, loss_sum, sites=chosen, rule=p.rule, c=p.c, k=p.k, solver=p.solver, tol=p.tol,
-        sample_fraction=p.sample_fraction, max_samples_per_batch=p.max_samples_per_batch,
-        progress=cfg.progress and getattr(accelerator, "is_main_process", True), accelerator=accelerator,
+    results = probe_site_results(
+        model, probe, loss_sum, cfg.probe, sites=chosen, accelerator=accelerator,
+        progress=cfg.progress and getattr(accelerator, "is_main_process", True),
     )
     scores = {r.site.removeprefix(_PEFT_PREFIX): r.score for r in results}
     best = max(results, key=lambda r: r.score)
@@ -357,7 +355,6 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
     a, name, revision = cfg.adapt, cfg.model.name_or_path, cfg.model.revision
     if not name:
         raise ConfigError("the adapt recipe needs model.name_or_path (a hub name or a local save_pretrained dir)")
-    check_rule_supported(cfg.probe, "adapt")
     out = check_output_dir(cfg.output_dir)  # before anything slow: an unwritable directory fails at once
     own_accelerator = accelerator is None
     acc = accelerator if accelerator is not None else build_accelerator(cfg.device, cfg.train.mixed_precision)

@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from ..config import RunConfig, check_rule_supported
+from ..config import RunConfig
 from ..data import load_task
-from ..derivative.topological import topological_derivative
+from ..init_rules import probe_site_results
 from ..models.build import build_model
 from ..training.distributed import build_accelerator, shard
 from ..training.loop import evaluate, make_loader, train_run_epoch
@@ -26,7 +26,6 @@ def run_derivative(cfg: RunConfig, accelerator: object | None = None) -> list:
     probes its shard of the probe batches; the statistics are summed over processes before the one
     solve, so every process returns the scores a single process gets on all the probe batches.
     """
-    check_rule_supported(cfg.probe, "derivative")
     own_accelerator = accelerator is None
     acc = accelerator if accelerator is not None else build_accelerator(cfg.device, cfg.train.mixed_precision)
     check_output_dir(cfg.output_dir)
@@ -56,10 +55,9 @@ def run_derivative(cfg: RunConfig, accelerator: object | None = None) -> list:
                         checkpoint=lambda: None)
     val = evaluate(net, shard(_batches(task.val, cfg.train.batch_size), acc), task.kind, device, accelerator=acc)
     p = cfg.probe
-    results = topological_derivative(
-        net, shard(_batches(task.train, p.batch_size, p.batches), acc), loss_sum, rule=p.rule, c=p.c, k=p.k,
-        solver=p.solver, tol=p.tol, progress=cfg.progress and acc.is_main_process, accelerator=acc,
-        sample_fraction=p.sample_fraction, max_samples_per_batch=p.max_samples_per_batch,
+    results = probe_site_results(
+        net, shard(_batches(task.train, p.batch_size, p.batches), acc), loss_sum, p,
+        accelerator=acc, progress=cfg.progress and acc.is_main_process,
     )
     acc.wait_for_everyone()  # every rank gets here before the process group is torn down (STACK.md)
     if own_accelerator and acc.num_processes > 1:
