@@ -84,3 +84,38 @@ def test_rowwise_rule_in_the_growth_loop(tmp_path, extra):
         assert ev["site"] == max(ev["scores"], key=ev["scores"].get)
         assert ev["k"] >= 1 and ev["quadratic"] > 0
     assert any(ev["k"] > 1 for ev in res["events"])
+
+
+def test_realized_site_selection_line_searches_every_site(tmp_path):
+    """growth.site_selection=realized: every site with TD > 0 is line-searched with its own eigen direction; the
+    layer goes where the held-out loss ends lowest, and that site's search is the one the event records."""
+    import copy
+
+    from torch import nn
+
+    from topotransfer.growth import grow_once
+    from topotransfer.insertion import line_search_epsilon
+    from topotransfer.models.residual_mlp import ResidualMLP
+
+    torch.manual_seed(0)
+    model = ResidualMLP(2, 6, 2, 1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(120, 2, generator=g)
+    y = torch.sin(2 * x[:, :1]) * x[:, 1:]
+    probe, heldout = [(x[:80], y[:80])], [(x[80:], y[80:])]
+    loss_fn = nn.MSELoss(reduction="sum")
+    before = copy.deepcopy(model)
+    ev = grow_once(model, "topo", probe, heldout, loss_fn, event=0, epoch=0, site_selection="realized")
+    assert set(ev.realized) == {s for s, v in ev.scores.items() if v > 0} and len(ev.realized) > 1
+    assert ev.site == min(ev.realized, key=ev.realized.get)
+    assert ev.loss_after == pytest.approx(ev.realized[ev.site], rel=1e-12) and ev.loss_after < ev.loss_before
+    # each candidate's recorded loss is the best of its own +/- line search along the TD direction
+    from topotransfer import topological_derivative
+
+    for r in topological_derivative(before, probe, loss_fn):
+        if r.site in ev.realized:
+            best = min(line_search_epsilon(before, r.site, heldout, loss_fn, s * r.weight, s * r.bias).loss
+                       for s in (1, -1))
+            assert ev.realized[r.site] == pytest.approx(best, rel=1e-12)
+    with pytest.raises(ValueError, match="site_selection"):
+        load_config(None, ["growth.site_selection=best"])

@@ -146,6 +146,11 @@ class GrowthConfig:
     both_signs: bool = field(default=True, metadata={"help": "line-search eps along +theta and -theta"})
     epsilons: list[float] | None = field(default=None, metadata={"help": "eps grid of the line search (None = default)"})
     random_init_std: float = field(default=0.01, metadata={"help": "std of random_init / random baselines' weights"})
+    site_selection: str = field(
+        default="argmax",
+        metadata={"help": "topo: argmax (of TD, METHOD.md) | realized (line-search every TD > 0 site's eigen "
+                          "direction, keep the lowest held-out loss)"},
+    )
     fill_inactive: float = field(
         default=0.0,
         metadata={"help": "random direction on the rows the eigen direction leaves at zero (they never train "
@@ -157,6 +162,8 @@ class GrowthConfig:
         _check(self.method in methods, f"growth.method must be one of {methods}, got {self.method!r}")
         _check(self.max_insertions >= 0, f"growth.max_insertions must be >= 0, got {self.max_insertions}")
         _check(self.fill_inactive >= 0, f"growth.fill_inactive must be >= 0, got {self.fill_inactive}")
+        _check(self.site_selection in ("argmax", "realized"),
+               f"growth.site_selection must be argmax|realized, got {self.site_selection!r}")
         _check(self.patience >= 1, f"growth.patience must be >= 1, got {self.patience}")
 
 

@@ -4,6 +4,9 @@ baseline's rule) and *how* (eigenvector direction + line-searched eps). METHOD.m
 Methods (one switch, ``GrowthConfig.method``):
 
 - ``topo``: TD at every site; insert at argmax if TD > 0, eigen direction, eps by line search.
+  With ``site_selection="realized"`` the site is instead the one whose eigen direction, line-searched,
+  lowers the held-out loss most (among sites with TD > 0): the finite-eps counterpart of TD, which is
+  only its eps -> 0 limit (J(0) - J(eps) ~ eps^2 TD / 2) and ties often between residual sites.
 - ``random_site``: a random site, eigen direction of that site, eps by line search.
 - ``random_init``: the argmax site, a random unit direction, eps by line search.
 - ``net2deeper``: a random site, an identity layer that can train (tanh activation, zero weights).
@@ -86,6 +89,7 @@ class GrowthEvent:
         quadratic: theta^T Q_t theta of the unit-scale direction (eigen methods; NaN otherwise): the
             second-order model predicts loss_before - loss_after ~ (eps^2 / 2) * quadratic (on the probe
             data, which the line search does not use).
+        realized: ``site_selection="realized"``: best held-out loss of each candidate site's line search.
     """
 
     event: int
@@ -104,6 +108,7 @@ class GrowthEvent:
     stopped: str | None = None
     sign: int = 1
     quadratic: float = math.nan
+    realized: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,6 +144,7 @@ def grow_once(
     accelerator: object | None = None,
     both_signs: bool = True,
     fill_inactive: float = 0.0,
+    site_selection: str = "argmax",
 ) -> GrowthEvent:
     """Perform one growth event in place and describe it.
 
@@ -154,6 +160,7 @@ def grow_once(
         both_signs: line-search eps along +theta and -theta and keep the better (``GrowthEvent.sign``).
         fill_inactive: for eigen directions (topo, random_site), add a random direction of this relative
             norm on the rows the eigenvectors leave at zero (:func:`~topotransfer.insertion.fill_inactive_rows`).
+        site_selection: topo only: "argmax" (TD, METHOD.md) or "realized" (module docstring).
         accelerator: a multi-process ``accelerate.Accelerator``; ``probe_data`` and ``heldout_data`` are
             this process's shards, the statistics and line-search losses are summed over processes, so
             every rank makes the same choice and inserts the same layer.
@@ -179,27 +186,44 @@ def grow_once(
         if method != "random_site" and best.score <= 0:
             rec.stopped = "score<=0"  # no insertion lowers the loss to second order: stop growing
             return rec
-        weight, bias = best.weight, best.bias
-        if method == "random_init":
-            weight, bias = _random_unit_direction(family.new_layer(model, family.site(model, best.site)), gen)
-        elif fill_inactive > 0:
-            weight, bias = fill_inactive_rows(weight, bias, fill_inactive, gen)
+
+        def search(result, weight, bias):
+            """Line search along +theta (and -theta): (result of the better sign, weight, bias, sign)."""
+            ls = line_search_epsilon(
+                model, result.site, heldout_data, loss_fn, weight, bias, epsilons=eps_grid, accelerator=accelerator
+            )
+            sign = 1
+            if both_signs:
+                # sigma(x) = x^2/2 + x^3/3 + ...: the direction's sign does not change the second-order
+                # decrease but flips the cubic term, which limits how large eps can be. Try -theta too.
+                neg = line_search_epsilon(
+                    model, result.site, heldout_data, loss_fn, -weight, None if bias is None else -bias,
+                    epsilons=eps_grid, accelerator=accelerator,
+                )
+                if neg.loss < ls.loss:
+                    ls, weight, bias, sign = neg, -weight, (None if bias is None else -bias), -1
+            return ls, weight, bias, sign
+
+        if method == "topo" and site_selection == "realized":
+            # every site with positive curvature, its own eigen direction line-searched: keep the lowest loss
+            candidates = [r for r in results if r.score > 0]
+            searched = {}
+            for r in candidates:
+                w, b = (fill_inactive_rows(r.weight, r.bias, fill_inactive, gen) if fill_inactive > 0
+                        else (r.weight, r.bias))
+                searched[r.site] = (r, *search(r, w, b))
+            rec.realized = {name: float(v[1].loss) for name, v in searched.items()}
+            best, ls, weight, bias, rec.sign = min(searched.values(), key=lambda v: (v[1].loss, -v[0].score))
+        else:
+            weight, bias = best.weight, best.bias
+            if method == "random_init":
+                weight, bias = _random_unit_direction(family.new_layer(model, family.site(model, best.site)), gen)
+            elif fill_inactive > 0:
+                weight, bias = fill_inactive_rows(weight, bias, fill_inactive, gen)
+            ls, weight, bias, rec.sign = search(best, weight, bias)
         rec.k = best.k if method != "random_init" else 1
         if method != "random_init":
             rec.quadratic = float(best.quadratic)
-        ls = line_search_epsilon(
-            model, best.site, heldout_data, loss_fn, weight, bias, epsilons=eps_grid, accelerator=accelerator
-        )
-        if both_signs:
-            # sigma(x) = x^2/2 + x^3/3 + ...: the direction's sign does not change the second-order decrease
-            # but flips the cubic term, which limits how large eps can be. Try -theta too; keep the better.
-            neg = line_search_epsilon(
-                model, best.site, heldout_data, loss_fn, -weight, None if bias is None else -bias,
-                epsilons=eps_grid, accelerator=accelerator,
-            )
-            if neg.loss < ls.loss:
-                ls, weight, bias = neg, -weight, (None if bias is None else -bias)
-                rec.sign = -1
         rec.eps_tried, rec.loss_before = ls.tried, ls.baseline_loss
         # eps = 0 would insert a layer that can never train (sigma'(0) = 0 gives it zero gradient), so
         # when no eps lowers the held-out loss we seed with the smallest eps of the grid and record it.
