@@ -27,7 +27,9 @@ from topotransfer.config import load_config
 from topotransfer.plots import plot_learning_curves, plot_site_scores
 from topotransfer.recipes.grow import run_grow
 
-METHODS = ["topo", "fixed", "random_site", "random_init", "net2deeper", "forward_thinking"]
+METHODS = ["topo", "topo_argmax", "fixed", "random_site", "random_init", "net2deeper", "forward_thinking"]
+# Methods that are not a growth.method of their own: the config switches they stand for.
+VARIANTS = {"topo_argmax": ["growth.method=topo", "growth.site_selection=argmax"]}
 TASK_CONFIGS = {
     "regression": "grow_regression",
     "digits": "grow_digits",
@@ -42,7 +44,8 @@ def run_one(task: str, method: str, seed: int, work: Path, extra: list[str], fix
     run_dir = work / task / method / f"seed{seed}"
     if reuse and (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
-    over = [f"seed={seed}", f"growth.method={method}", f"output_dir={run_dir}", "progress=false", *extra]
+    switch = VARIANTS.get(method, [f"growth.method={method}"])
+    over = [f"seed={seed}", *switch, f"output_dir={run_dir}", "progress=false", *extra]
     if method == "fixed" and fixed_depth is not None:
         base = load_config(TASK_CONFIGS_PATH[task], over).model.depth
         over.append(f"growth.max_insertions={max(0, fixed_depth - base)}")

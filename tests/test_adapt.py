@@ -135,6 +135,20 @@ def test_rowwise_rule_in_the_adapt_recipe(base, tmp_path, whiten):
     assert torch.equal(logits(load_adapter(base, tmp_path / "rowwise" / "adapter"), x), logits(result.model, x))
 
 
+def test_realized_site_selection_in_the_adapt_recipe(base, tmp_path):
+    """adapt.site_selection=realized: every site with TD > 0 is line-searched; the layer goes where the held-out
+    loss (at the first local minimum of its line search) ends lowest, and the event records that search."""
+    result = run(base, tmp_path, "adapt.site_selection=realized", "adapt.head_epochs=1", "adapt.insertions=1",
+                 "adapt.epochs_per_insertion=1", "train.max_steps=3")
+    (event,) = result.results["events"]
+    assert set(event["realized"]) == {s for s, v in event["scores"].items() if v > 0} and len(event["realized"]) > 1
+    assert event["realized"][event["site"]] == min(event["realized"].values())  # ties: the larger TD
+    if not event["eps_fallback"]:
+        assert event["loss_after"] == pytest.approx(event["realized"][event["site"]], rel=1e-12)
+    with pytest.raises(ConfigError, match="site_selection"):
+        load_config(None, ["adapt.site_selection=best"])
+
+
 def test_lora_and_inserted_layers_train_backbone_unchanged(base, tmp_path):
     result = run(base, tmp_path, "adapt.lora=true", "adapt.lora_r=2", "adapt.head_epochs=1", "adapt.insertions=1",
                  "adapt.epochs_per_insertion=2", "train.max_steps=5", "adapt.backbone_lr=0.01")

@@ -235,6 +235,11 @@ class AdaptConfig:
         metadata={"help": "LoRA targets; None = ['q_proj', 'v_proj'] (transformers 5.x), else ['query', 'value'] (4.x)"},
     )
     epsilons: list[float] | None = field(default=None, metadata={"help": "eps grid of the line search (None = default)"})
+    site_selection: str = field(
+        default="argmax",
+        metadata={"help": "topo: argmax (of TD, METHOD.md) | realized (line-search every TD > 0 site's direction, "
+                          "keep the lowest held-out loss)"},
+    )
     adapter_path: str | None = field(default=None, metadata={"help": "continue from a saved adapter of the same base"})
     save_adapter: bool = field(default=True, metadata={"help": "write output_dir/adapter (not for full_finetune)"})
     save_merged: bool = field(default=True, metadata={"help": "write output_dir/merged (full export)"})
@@ -246,6 +251,8 @@ class AdaptConfig:
         _check(self.lr > 0, f"adapt.lr must be positive, got {self.lr}")
         _check(self.backbone_lr is None or self.backbone_lr > 0, f"adapt.backbone_lr must be positive, got {self.backbone_lr}")
         _check(self.lora_r >= 1, f"adapt.lora_r must be >= 1, got {self.lora_r}")
+        _check(self.site_selection in ("argmax", "realized"),
+               f"adapt.site_selection must be argmax|realized, got {self.site_selection!r}")
         _check(0.0 <= self.lora_dropout < 1.0, f"adapt.lora_dropout must lie in [0, 1), got {self.lora_dropout}")
         _check(
             not (self.lora and self.method in ("linear_probe", "full_finetune")),

@@ -237,11 +237,23 @@ def _insertion_event(
         record["stopped"] = "score<=0"  # no insertion lowers the loss to second order
         return record
     grid = tuple(sorted(cfg.adapt.epsilons)) if cfg.adapt.epsilons else DEFAULT_EPSILONS
-    ls = line_search_epsilon(model, best.site, heldout, loss_sum, best.weight, best.bias, epsilons=grid,
-                             accelerator=accelerator)
-    # The derivative vouches for the direction only near eps = 0: take the first local minimum of the
-    # held-out loss along the grid, not the global one (see first_local_minimum_epsilon).
-    local = first_local_minimum_epsilon(ls.tried)
+
+    def search(result) -> tuple:
+        """(eps, held-out loss at eps, the line search) along the site's direction."""
+        ls = line_search_epsilon(model, result.site, heldout, loss_sum, result.weight, result.bias, epsilons=grid,
+                                 accelerator=accelerator)
+        # The derivative vouches for the direction only near eps = 0: take the first local minimum of the
+        # held-out loss along the grid, not the global one (see first_local_minimum_epsilon).
+        local = first_local_minimum_epsilon(ls.tried)
+        return local, dict(ls.tried).get(local, ls.baseline_loss), ls
+
+    if method == "topo" and cfg.adapt.site_selection == "realized":
+        # every site with positive curvature line-searched along its own direction: the lowest loss wins
+        searched = {r.site: (r, *search(r)) for r in results if r.score > 0}
+        best, local, _, ls = min(searched.values(), key=lambda v: (v[2], -v[0].score))
+        record["realized"] = {name.removeprefix(_PEFT_PREFIX): float(v[2]) for name, v in searched.items()}
+    else:
+        local, _, ls = search(best)
     # eps = 0 would give a layer that never trains (sigma'(0) = 0 gives it zero gradient): when no eps
     # lowers the held-out loss, seed with the smallest eps of the grid and record it.
     eps = local if local > 0 else min(grid)
