@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=list(TASK_CONFIGS), choices=list(TASK_CONFIGS))
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--task-seeds", nargs="+", default=[], metavar="TASK=S,S,...",
+                    help="seeds of one task instead of --seeds (e.g. regression=0,1,2,3,4,5,6,7,8,9)")
     ap.add_argument("--work-dir", type=Path, default=Path("outputs/reproduce_growth"))
     ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
     ap.add_argument("--quick", action="store_true", help="tiny budgets (smoke test)")
@@ -72,14 +74,20 @@ def main() -> None:
                     help="markdown appended to the report after the tables (the hand-written reading of the results)")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every run")
     args = ap.parse_args()
+    args.seeds_of = {t: list(args.seeds) for t in args.tasks}
+    for item in args.task_seeds:
+        task, _, seeds = item.partition("=")
+        if task not in args.seeds_of or not seeds:
+            ap.error(f"--task-seeds {item!r}: expected TASK=S,S,... with TASK one of {args.tasks}")
+        args.seeds_of[task] = [int(x) for x in seeds.split(",")]
     extra = (QUICK if args.quick else []) + args.overrides
     methods = ["topo"] + [m for m in args.methods if m != "topo"] if "topo" in args.methods else args.methods
 
     results: dict[str, dict[str, list[dict]]] = {}
-    bar = tqdm(total=len(args.tasks) * len(methods) * len(args.seeds), desc="runs")
+    bar = tqdm(total=len(methods) * sum(len(v) for v in args.seeds_of.values()), desc="runs")
     for task in args.tasks:
         results[task] = {m: [] for m in methods}
-        for seed in args.seeds:
+        for seed in args.seeds_of[task]:
             topo_depth = None
             for method in methods:
                 bar.set_postfix_str(f"{task}/{method}/seed{seed}")
@@ -106,7 +114,8 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str]) -> N
         "",
         f"Command: `{cmd}`  ",
         f"Machine: {nproc} CPU cores, torch {torch.__version__}, Python {platform.python_version()}; "
-        f"date {time.strftime('%Y-%m-%d')}, torch threads per run: {torch.get_num_threads()}. Seeds: {args.seeds}. "
+        f"date {time.strftime('%Y-%m-%d')}, torch threads per run: {torch.get_num_threads()}. Seeds: "
+        f"{'; '.join(f'{t} {v}' for t, v in args.seeds_of.items())}. "
         f"Extra overrides: `{' '.join(extra) or 'none'}`.",
         "",
         "Test error = MSE (regression) or 1 − accuracy in % (classification) of the best-validation model, "
@@ -116,7 +125,8 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str]) -> N
     ]
     for task, by_method in results.items():
         cls = any(r.get("test_error", 0) > 0.02 for r in by_method.get("fixed", [])) or task != "regression"
-        lines += [f"## {task}", "", "| method | test error | params | depth | wall time [s] |", "|---|---|---|---|---|"]
+        lines += [f"## {task}", "", "| method | test error | seeds | params | depth | wall time [s] |",
+                  "|---|---|---|---|---|---|"]
         for method, runs in by_method.items():
             if not runs:
                 continue
@@ -124,9 +134,9 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str]) -> N
             params = statistics.mean(r["params"] for r in runs)
             depth = statistics.mean(r["depth"] for r in runs)
             wall = statistics.mean(r["wall_time"] for r in runs)
-            lines.append(f"| {method} | {err} | {params:.0f} | {depth:.1f} | {wall:.1f} |")
+            lines.append(f"| {method} | {err} | {len(runs)} | {params:.0f} | {depth:.1f} | {wall:.1f} |")
         lines.append("")
-        seed0 = args.seeds[0]
+        seed0 = args.seeds_of[task][0]
         hist = {m: json.loads((args.work_dir / task / m / f"seed{seed0}" / "history.json").read_text())
                 for m in by_method if by_method[m]}
         lc = plot_learning_curves(hist, out / "growth" / f"{task}_curves.png", title=f"{task}, seed {seed0}")

@@ -125,7 +125,7 @@ def test_rowwise_rule_in_the_adapt_recipe(base, tmp_path, whiten):
     """probe.rule=rowwise in adapt: every row with positive curvature starts active (cluster: a few), the
     site is still the argmax of TD, and the adapter reloads to the live model's logits."""
     common = ("adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=1", "train.max_steps=3")
-    cluster = run(base, tmp_path / "cluster", *common).results["events"][0]
+    cluster = run(base, tmp_path / "cluster", "probe.rule=cluster", *common).results["events"][0]
     result = run(base, tmp_path / "rowwise", "probe.rule=rowwise", f"probe.whiten={whiten}", *common)
     (event,) = result.results["events"]
     assert event["scores"] == pytest.approx(cluster["scores"], rel=1e-5)  # TD does not depend on the rule
