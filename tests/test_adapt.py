@@ -272,7 +272,7 @@ def test_base_model_that_does_not_match_the_adapter(base, tmp_path):
 def test_topo_stops_when_no_site_lowers_the_loss(base, tmp_path, monkeypatch):
     from topotransfer.recipes import adapt
 
-    real = adapt.topological_derivative
+    real = adapt.probe_site_results
 
     def negative(*args, **kwargs):
         results = real(*args, **kwargs)
@@ -280,7 +280,7 @@ def test_topo_stops_when_no_site_lowers_the_loss(base, tmp_path, monkeypatch):
             r.score = -abs(r.score)
         return results
 
-    monkeypatch.setattr(adapt, "topological_derivative", negative)
+    monkeypatch.setattr(adapt, "probe_site_results", negative)
     result = run(base, tmp_path, "adapt.head_epochs=1", "adapt.insertions=2", "adapt.epochs_per_insertion=1",
                  "adapt.final_epochs=1")
     r = result.results
