@@ -18,6 +18,8 @@ def test_plots_write_png(tmp_path):
         plot_learning_curves({"topo": HIST, "fixed": {"epochs": HIST["epochs"]}}, tmp_path / "a" / "curves.png"),
         plot_site_scores(HIST["events"], tmp_path / "scores.png"),
         plot_site_scores([{k: v for k, v in e.items() if k != "epoch"} for e in HIST["events"]], tmp_path / "s2.png"),
+        plot_site_scores([{**HIST["events"][0], "loss_before": 2.0, "realized": {"input_layer": 1.5, "layers.0": 1.8}},
+                          HIST["events"][1]], tmp_path / "s3.png"),  # site_selection=realized: a second row
         plot_method_comparison({"10": {"topo": [30.0, 32.0], "lora": [35.0]}, "50": {"topo": [20.0], "lora": []}},
                                tmp_path / "bars.png"),
     ):

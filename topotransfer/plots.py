@@ -59,26 +59,39 @@ def plot_learning_curves(runs: dict[str, dict], path: str | Path, title: str = "
 
 
 def plot_site_scores(events: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """Topological derivative per site at each growth event (one bar group per event).
+    """Topological derivative per site at each growth event (one bar group per event); when the events were
+    chosen by ``site_selection=realized``, a second row shows each site's line-searched held-out decrease.
 
     Args:
-        events: growth events as in ``history.json`` (``scores``: site -> TD, ``site``: chosen site).
+        events: growth events as in ``history.json`` (``scores``: site -> TD, ``site``: chosen site,
+            optionally ``realized``: site -> held-out loss after its line search, and ``loss_before``).
         path: output PNG.
     """
     plt = _plt()
     events = [e for e in events if e.get("scores")]
     n = max(1, len(events))
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
-    for ax, ev in zip(axes[0], events):
+    realized = any(e.get("realized") for e in events)
+    rows = 2 if realized else 1
+    fig, axes = plt.subplots(rows, n, figsize=(3.2 * n, 3.2 * rows), squeeze=False)
+    for col, ev in enumerate(events):
         names = list(ev["scores"])
-        vals = [ev["scores"][s] for s in names]
         colors = ["C3" if s == ev.get("site") else "C0" for s in names]
-        ax.bar(range(len(vals)), vals, color=colors)
-        ax.set_xticks(range(len(vals)), [str(i) for i in range(len(vals))])
-        ax.set_xlabel("site (depth order)")
+        panels = [[ev["scores"][s] for s in names]]
+        if realized:
+            before = ev.get("loss_before", float("nan"))
+            got = ev.get("realized") or {}
+            # relative drop of the held-out loss at the site's line-searched eps (0 for sites not searched)
+            panels.append([100.0 * (before - got[s]) / before if s in got and before else 0.0 for s in names])
+        for row, vals in enumerate(panels):
+            ax = axes[row][col]
+            ax.bar(range(len(vals)), vals, color=colors)
+            ax.set_xticks(range(len(vals)), [str(i) for i in range(len(vals))])
+            ax.set_xlabel("site (depth order)")
         when = f" (epoch {ev['epoch']})" if "epoch" in ev else ""
-        ax.set_title(f"event {ev['event']}{when}", fontsize=9)
+        axes[0][col].set_title(f"event {ev['event']}{when}", fontsize=9)
     axes[0][0].set_ylabel("TD = lambda_max(Q_t)")
+    if realized:
+        axes[1][0].set_ylabel("held-out loss drop [%]")
     fig.suptitle(title or "topological derivative per site (red: chosen)", fontsize=10)
     return _save(fig, path)
 
