@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> Path:
                     help="read back runs already finished in --work-dir with the same config instead of rerunning them")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: write the report from the runs finished in --work-dir with the same config")
+    ap.add_argument("--notes", type=Path, default=None,
+                    help="markdown inserted after the tables (the hand-written reading of the results)")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every adapt run")
     args = ap.parse_args(argv)
     args.command = " ".join(["python", "scripts/reproduce_text_transfer.py", *(sys.argv[1:] if argv is None else argv)])
@@ -179,6 +181,8 @@ def write_report(results: dict, args: argparse.Namespace, extra: list[str], mode
               for shots, by_method in results.items() if any(by_method.values())}
     bars = plot_method_comparison(errors, out / "transfer_text" / "test_error.png",
                                   title="MiniLM -> sentiment (held-out phrasing): test error, mean ± std over seeds")
+    if getattr(args, "notes", None) is not None:
+        lines += [args.notes.read_text().rstrip(), ""]
     lines += ["## Plots", "", f"![test error per method]({bars.relative_to(out).as_posix()})", ""]
     for shots, by_method in results.items():
         topo_runs = by_method.get("topo") or []

@@ -37,9 +37,13 @@ def test_quick_run_writes_the_report(tmp_path):
         raise AssertionError(f"{cfg.output_dir} was run again")
 
     module.run_adapt = no_run
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Reading\n\nhand-written reading of the tables\n")
     again = module.main(["--quick", "--source", "digits", "--target", "digits", "--work-dir", str(tmp_path / "work"),
-                         "--out-dir", str(tmp_path / "again"), "--reuse", "train.max_steps=3"])
+                         "--out-dir", str(tmp_path / "again"), "--reuse", "--notes", str(notes), "train.max_steps=3"])
     assert json.loads((tmp_path / "again" / "transfer" / "raw.json").read_text()) == raw
+    text = again.read_text()
+    assert text.index("| topo |") < text.index("hand-written reading") < text.index("## Plots")  # after the tables
     assert "Partial report" not in again.read_text() and "| seeds |" in again.read_text()
     # another config in the same run directory is not mistaken for a finished run
     with pytest.raises(AssertionError, match="was run again"):
