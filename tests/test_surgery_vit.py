@@ -203,9 +203,9 @@ def test_rowwise_rule_matches_finite_differences_at_every_site(whiten):
         fd = fd_quadratic(model, r.site, r.weight, r.bias, data, loss_fn)
         assert fd == pytest.approx(r.quadratic, rel=1e-2), (r.site, fd, r.quadratic)
         if whiten:  # eps is the RMS pre-activation of the new layer over the tokens
-            captured = {}
+            captured: dict = {}
             handle = model.get_submodule(r.site).register_forward_hook(
-                lambda m, a, out: captured.setdefault("h", get_family(model).capture(out)))
+                lambda m, a, out, store=captured: store.setdefault("h", get_family(model).capture(out)))
             with torch.no_grad():
                 model(data[0][0])
             handle.remove()

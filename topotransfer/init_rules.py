@@ -46,7 +46,13 @@ from torch import nn
 from .derivative.probes import default_forward
 from .derivative.statistics import DenseStatistic, SiteStatistic, append_bias
 from .derivative.topological import (
-    LossFn, SiteResult, _to_device, compute_site_statistics, sample_mask, split_batch, topological_derivative,
+    LossFn,
+    SiteResult,
+    _to_device,
+    compute_site_statistics,
+    sample_mask,
+    split_batch,
+    topological_derivative,
 )
 from .eigen import fix_signs
 from .errors import ConvergenceWarning
