@@ -34,6 +34,7 @@ TASK_CONFIGS = {
     "regression": "grow_regression",
     "digits": "grow_digits",
     "mnist": "grow_mnist",
+    "digits_cnn": "grow_digits_cnn",
 }
 QUICK = ["train.epochs=12", "growth.epochs_per_stage=3", "growth.max_insertions=2", "data.num_train=200",
          "data.num_test=200", "data.num_val=100"]
