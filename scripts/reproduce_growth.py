@@ -35,6 +35,7 @@ TASK_CONFIGS = {
     "digits": "grow_digits",
     "mnist": "grow_mnist",
     "digits_cnn": "grow_digits_cnn",
+    "digits_vit": "grow_digits_vit",
 }
 QUICK = ["train.epochs=12", "growth.epochs_per_stage=3", "growth.max_insertions=2", "data.num_train=200",
          "data.num_test=200", "data.num_val=100"]
