@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,8 @@ def _free_port() -> int:
 
 
 LAUNCH_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+#: What a rank prints when gloo's C++ side calls std::terminate (the process then dies of SIGABRT).
+GLOO_ABORT = "terminate called without an active exception"
 
 
 ACCELERATE_CONFIGS = Path(__file__).parents[1] / "topotransfer" / "configs" / "accelerate"
@@ -270,6 +273,14 @@ def test_two_process_run_killed_after_a_growth_event_resumes_exactly(tmp_path):
     assert st["epoch_progress"] is not None and st["epoch"] < 9, "the kill did not land after a mid-epoch checkpoint"
 
     resumed = launch_two_processes(args + ["--resume"], "cpu_2proc")
+    if resumed.returncode != 0 and GLOO_ABORT in resumed.stderr:
+        # A rank aborted inside gloo (seen once in ~13 runs of this test on 2026-12-02, cf. STACK.md's teardown
+        # aborts). --resume is itself what is tested: resume again from the latest checkpoint; the assertions
+        # below still demand the uninterrupted run's exact weights.
+        # the whole stderr goes into the warning (pytest's summary): a Python traceback of the aborting rank, if
+        # there was one, comes before the abort line
+        warnings.warn(f"gloo abort in the resumed run, resuming once more; its stderr:\n{resumed.stderr}", stacklevel=1)
+        resumed = launch_two_processes(args + ["--resume"], "cpu_2proc")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "last" / "model.safetensors"))
