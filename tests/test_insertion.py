@@ -181,17 +181,22 @@ def test_rowwise_rule_quadratic_and_finite_differences(float64, weighting):
     assert k1 == 1 and q1 < 0
 
 
+def _classifier_problem(model_seed: int, data_seed: int, n: int):
+    """A ResidualMLP(4, 7, 1, 3), one batch of n random inputs with 3-class labels, a summed cross-entropy."""
+    torch.manual_seed(model_seed)
+    model = ResidualMLP(4, 7, 1, 3)
+    g = torch.Generator().manual_seed(data_seed)
+    data = [(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))]
+    return model, data, nn.CrossEntropyLoss(reduction="sum")
+
+
 def test_rowwise_block_eigenpairs_matrix_free_and_lanczos_match_dense(float64, monkeypatch):
     """The per-block top eigenpairs from a matrix-free statistic (densified, and by batched Lanczos) agree
     with the dense statistic's."""
     import topotransfer.init_rules as ir
     from topotransfer.derivative.topological import compute_site_statistics
 
-    torch.manual_seed(2)
-    model = ResidualMLP(4, 7, 1, 3)
-    g = torch.Generator().manual_seed(3)
-    data = [(torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g))]
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    model, data, loss_fn = _classifier_problem(2, 3, 40)
     _, dense, _, _ = compute_site_statistics(model, data, loss_fn, sites=["layers.0"], solver="dense")
     _, free, _, _ = compute_site_statistics(model, data, loss_fn, sites=["layers.0"], solver="matrix_free")
     v0, u0 = ir.block_top_eigenpairs(dense["layers.0"])
@@ -209,11 +214,7 @@ def test_whitened_eigenpairs_by_matrix_free_lanczos_match_dense(float64, monkeyp
     import topotransfer.init_rules as ir
     from topotransfer.derivative.topological import compute_site_statistics
 
-    torch.manual_seed(4)
-    model = ResidualMLP(4, 7, 1, 3)
-    g = torch.Generator().manual_seed(5)
-    data = [(torch.randn(60, 4, generator=g), torch.randint(0, 3, (60,), generator=g))]
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    model, data, loss_fn = _classifier_problem(4, 5, 60)
     sites, free, layers, _ = compute_site_statistics(model, data, loss_fn, sites=["layers.0"], solver="matrix_free")
     M = ir.input_second_moments(model, data, sites, layers)["layers.0"]
     mu0, v0 = ir.whitened_block_top_eigenpairs(free["layers.0"], M, ridge=0.0)

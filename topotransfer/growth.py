@@ -32,7 +32,7 @@ from .insertion import DEFAULT_EPSILONS, fill_inactive_rows, line_search_epsilon
 from .layers import build_topo_layer
 from .surgery import get_family
 
-__all__ = ["GrowthEvent", "PlateauDetector", "count_parameters", "grow_once"]
+__all__ = ["GrowthEvent", "PlateauDetector", "count_parameters", "grow_once", "realized_site"]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -205,15 +205,13 @@ def grow_once(
             return ls, weight, bias, sign
 
         if method == "topo" and site_selection == "realized":
-            # every site with positive curvature, its own eigen direction line-searched: keep the lowest loss
-            candidates = [r for r in results if r.score > 0]
-            searched = {}
-            for r in candidates:
+            def candidate(r):
                 w, b = (fill_inactive_rows(r.weight, r.bias, fill_inactive, gen) if fill_inactive > 0
                         else (r.weight, r.bias))
-                searched[r.site] = (r, *search(r, w, b))
-            rec.realized = {name: float(v[1].loss) for name, v in searched.items()}
-            best, ls, weight, bias, rec.sign = min(searched.values(), key=lambda v: (v[1].loss, -v[0].score))
+                found = search(r, w, b)
+                return found[0].loss, found
+
+            best, (ls, weight, bias, rec.sign), rec.realized = realized_site(results, candidate)
         else:
             weight, bias = best.weight, best.bias
             if method == "random_init":
@@ -260,6 +258,23 @@ def grow_once(
     family.insert(model, site, layer)
     rec.depth, rec.params = _depth(model), count_parameters(model)
     return rec
+
+
+def realized_site(results: list, search) -> tuple:
+    """``site_selection="realized"`` (module docstring), shared by the grow and adapt recipes.
+
+    Args:
+        results: one :class:`~topotransfer.derivative.topological.SiteResult` per site.
+        search: ``search(result) -> (held-out loss, payload)``: the recipe's line search along that site's
+            direction (the payload is whatever the recipe needs to insert: eps, signed direction, ...).
+
+    Returns:
+        (result, payload) of the site with the lowest loss among those with TD > 0 (ties: the larger TD), and
+        ``{site: loss}`` of every site searched.
+    """
+    searched = {r.site: (r, *search(r)) for r in results if r.score > 0}
+    best, _, payload = min(searched.values(), key=lambda v: (v[1], -v[0].score))
+    return best, payload, {name: float(v[1]) for name, v in searched.items()}
 
 
 def _head(model: nn.Module) -> nn.Module:

@@ -31,7 +31,7 @@ from ..adapter import TopoAdapter, head_module_names, load_adapter, merge_and_sa
 from ..config import AdaptConfig, ConfigError, RunConfig, TrainConfig, to_dict
 from ..data import Task, load_task
 from ..errors import CheckpointMismatchError, ImageSizeError, LabelCountMismatchError, ModalityMismatchError
-from ..growth import count_parameters
+from ..growth import count_parameters, realized_site
 from ..init_rules import probe_site_results
 from ..insertion import DEFAULT_EPSILONS, insert_layer, line_search_epsilon
 from ..models.hf import MODALITIES, backbone_modality, load_backbone, load_image_normalization, load_tokenizer
@@ -248,10 +248,12 @@ def _insertion_event(
         return local, dict(ls.tried).get(local, ls.baseline_loss), ls
 
     if method == "topo" and cfg.adapt.site_selection == "realized":
-        # every site with positive curvature line-searched along its own direction: the lowest loss wins
-        searched = {r.site: (r, *search(r)) for r in results if r.score > 0}
-        best, local, _, ls = min(searched.values(), key=lambda v: (v[2], -v[0].score))
-        record["realized"] = {name.removeprefix(_PEFT_PREFIX): float(v[2]) for name, v in searched.items()}
+        def candidate(r):
+            local, loss, ls = search(r)
+            return loss, (local, ls)
+
+        best, (local, ls), realized = realized_site(results, candidate)
+        record["realized"] = {name.removeprefix(_PEFT_PREFIX): loss for name, loss in realized.items()}
     else:
         local, _, ls = search(best)
     # eps = 0 would give a layer that never trains (sigma'(0) = 0 gives it zero gradient): when no eps
