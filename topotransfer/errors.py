@@ -5,12 +5,15 @@ from __future__ import annotations
 __all__ = [
     "AdapterMismatchError",
     "CheckpointMismatchError",
+    "CorruptCheckpointError",
     "ConvergenceWarning",
     "EmptyDatasetError",
     "ImageSizeError",
     "LabelCountMismatchError",
     "ModalityMismatchError",
+    "NoCheckpointError",
     "NoSitesFoundError",
+    "RunExistsError",
     "TopoTransferError",
     "UnknownSiteError",
     "UnsupportedModelError",
@@ -46,6 +49,18 @@ class LabelCountMismatchError(TopoTransferError, ValueError):
 
 class CheckpointMismatchError(TopoTransferError, ValueError):
     """Saved weights do not match the rebuilt architecture (the message lists missing / unexpected keys)."""
+
+
+class CorruptCheckpointError(TopoTransferError, ValueError):
+    """A checkpoint file that cannot be read or whose checksum differs from its manifest (the message names it)."""
+
+
+class NoCheckpointError(TopoTransferError, FileNotFoundError):
+    """``--resume`` was asked for but the output directory holds no checkpoint to resume from."""
+
+
+class RunExistsError(TopoTransferError, FileExistsError):
+    """The output directory already holds another run's results or checkpoints (use ``--resume`` or ``--overwrite``)."""
 
 
 class ImageSizeError(TopoTransferError, ValueError):
