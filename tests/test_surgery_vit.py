@@ -317,19 +317,21 @@ def test_deit_sites_and_identity():
 
 
 # -- 6. unsupported models ---------------------------------------------------------------------------------------
-def _distilbert():
-    return transformers.DistilBertModel(
-        transformers.DistilBertConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+def _albert():  # blocks shared across depth in layer groups: no block list to insert into
+    return transformers.AlbertModel(
+        transformers.AlbertConfig(vocab_size=32, embedding_size=8, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32)
     )
 
 
-def _gpt2():
-    return transformers.GPT2Model(
-        transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=8)
+def _opt():
+    return transformers.OPTModel(
+        transformers.OPTConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                               word_embed_proj_dim=16, max_position_embeddings=16)
     )
 
 
-@pytest.mark.parametrize("build", [_distilbert, _gpt2], ids=["distilbert", "gpt2"])
+@pytest.mark.parametrize("build", [_albert, _opt], ids=["albert", "opt"])
 def test_unsupported_model_lists_supported_families(build):
     model = build()
     with pytest.raises(UnsupportedModelError, match="Supported families") as info:

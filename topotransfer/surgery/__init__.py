@@ -6,6 +6,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import ChainFamily, DownstreamUnsupportedError, Site, first_tensor
+from .decoder import CopiedBlock, DecoderFamily, GPT2Family, LlamaFamily
 from .hf import BertFamily, HFEncoderFamily, TopoBlock, ViTFamily
 from .residual import ResidualCNNFamily, ResidualMLPFamily
 
@@ -13,6 +14,10 @@ __all__ = [
     "FAMILIES",
     "BertFamily",
     "ChainFamily",
+    "CopiedBlock",
+    "DecoderFamily",
+    "GPT2Family",
+    "LlamaFamily",
     "DownstreamUnsupportedError",
     "HFEncoderFamily",
     "Site",
@@ -24,7 +29,8 @@ __all__ = [
 
 #: Registered families in lookup order (name -> adapter).
 FAMILIES: dict[str, ChainFamily] = {
-    f.name: f for f in (ResidualMLPFamily(), ResidualCNNFamily(), ViTFamily(), BertFamily())
+    f.name: f
+    for f in (ResidualMLPFamily(), ResidualCNNFamily(), ViTFamily(), BertFamily(), GPT2Family(), LlamaFamily())
 }
 
 
@@ -40,7 +46,7 @@ def get_family(model: nn.Module) -> ChainFamily:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     detail = f" (config.model_type={model_type!r})" if model_type else ""
     supported = "; ".join(
-        f"{name}" + (f" (model_type in {list(f.model_types)})" if isinstance(f, HFEncoderFamily) else "")
+        f"{name}" + (f" (model_type in {list(f.model_types)})" if isinstance(f, (HFEncoderFamily, DecoderFamily)) else "")
         for name, f in FAMILIES.items()
     )
     raise UnsupportedModelError(
