@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 from test_text_data import write_vocab  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, DistilBertConfig  # noqa: E402
+from transformers import AlbertConfig, BertConfig, BertForSequenceClassification, BertTokenizer  # noqa: E402
 
 from topotransfer.adapter import load_adapter, load_merged, unwrap_peft  # noqa: E402
 from topotransfer.cli import BUILTIN_CONFIGS, main  # noqa: E402
@@ -167,11 +167,12 @@ def test_modality_and_family_errors(base, tmp_path):
     with pytest.raises(ModalityMismatchError, match="data.max_length applies to text backbones only"):
         run_adapt(load_config(BUILTIN_CONFIGS / "adapt_digits_vit.yaml", [
             f"model.name_or_path={vit}", f"output_dir={tmp_path / 'd'}", "data.max_length=16"]))
-    DistilBertConfig(dim=16, n_layers=1, n_heads=2, hidden_dim=32).save_pretrained(tmp_path / "distilbert")
-    with pytest.raises(UnsupportedModelError, match="unknown model family: model_type='distilbert'"):
-        run(str(tmp_path / "distilbert"), tmp_path / "e")
+    AlbertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
+        tmp_path / "albert")
+    with pytest.raises(UnsupportedModelError, match="unknown model family: model_type='albert'"):
+        run(str(tmp_path / "albert"), tmp_path / "e")
     with pytest.raises(UnsupportedModelError, match="unknown model family"):
-        load_backbone(str(tmp_path / "distilbert"))
+        load_backbone(str(tmp_path / "albert"))
     assert backbone_modality(BertConfig()) == "text"
     with pytest.raises(ModalityMismatchError, match="adapt a pretrained text encoder"):  # growth needs tensors
         main(["grow", "--config", "grow_regression", "data.name=sentiment", f"output_dir={tmp_path / 'g'}",

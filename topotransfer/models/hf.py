@@ -1,11 +1,11 @@
 """Pretrained Hugging Face backbones for adaptation: the model with a head for the target labels, and
 what its inputs need (the image processor's normalisation, or the tokenizer).
 
-A backbone's modality follows its ``config.model_type``: ViT / DeiT take images and load with
-``AutoModelForImageClassification``, BERT / RoBERTa take text and load with
+A backbone's modality follows its ``config.model_type``: ViT / DeiT / DINOv2 take images and load with
+``AutoModelForImageClassification``, BERT / RoBERTa / DistilBERT take text and load with
 ``AutoModelForSequenceClassification`` (a new classifier on the pooled [CLS] token). The types are the
-ones the surgery families know (:mod:`topotransfer.surgery.hf`), so a backbone the adapt recipe loads is
-one it can insert layers into.
+ones the surgery families know (:mod:`topotransfer.surgery.hf`, :mod:`topotransfer.surgery.encoders`), so a
+backbone the adapt recipe loads is one it can insert layers into.
 
 Heavy imports (transformers, huggingface_hub) happen inside the functions.
 """
@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..surgery.encoders import Dinov2Family, DistilBertFamily
 from ..surgery.hf import BertFamily, ViTFamily
 
 __all__ = [
@@ -38,8 +39,8 @@ __all__ = [
 
 #: ``config.model_type`` -> the inputs the backbone takes.
 MODALITIES: dict[str, str] = {
-    **{t: "image" for t in ViTFamily.model_types},
-    **{t: "text" for t in BertFamily.model_types},
+    **{t: "image" for t in ViTFamily.model_types + Dinov2Family.model_types},
+    **{t: "text" for t in BertFamily.model_types + DistilBertFamily.model_types},
 }
 _AUTO_CLASSES = {"image": "AutoModelForImageClassification", "text": "AutoModelForSequenceClassification"}
 

@@ -7,6 +7,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import ChainFamily, DownstreamUnsupportedError, Site, first_tensor
 from .decoder import CopiedBlock, DecoderFamily, GPT2Family, LlamaFamily
+from .encoders import Dinov2Family, DistilBertFamily
 from .hf import BertFamily, HFEncoderFamily, TopoBlock, ViTFamily
 from .residual import ResidualCNNFamily, ResidualMLPFamily
 
@@ -16,6 +17,8 @@ __all__ = [
     "ChainFamily",
     "CopiedBlock",
     "DecoderFamily",
+    "Dinov2Family",
+    "DistilBertFamily",
     "GPT2Family",
     "LlamaFamily",
     "DownstreamUnsupportedError",
@@ -30,7 +33,10 @@ __all__ = [
 #: Registered families in lookup order (name -> adapter).
 FAMILIES: dict[str, ChainFamily] = {
     f.name: f
-    for f in (ResidualMLPFamily(), ResidualCNNFamily(), ViTFamily(), BertFamily(), GPT2Family(), LlamaFamily())
+    for f in (
+        ResidualMLPFamily(), ResidualCNNFamily(), ViTFamily(), BertFamily(), DistilBertFamily(), Dinov2Family(),
+        GPT2Family(), LlamaFamily(),
+    )
 }
 
 

@@ -1,0 +1,41 @@
+"""More transformers encoders: DistilBERT (text) and DINOv2 (images, blocks with layer scale).
+
+Both are a stem ``embeddings`` followed by one ``nn.ModuleList`` of blocks that take
+``(hidden_states, attention_mask, ...)`` and return a tensor (transformers 5.x), so the generic
+:class:`~topotransfer.surgery.hf.HFEncoderFamily` machinery applies; what differs is only where the blocks
+live and what they are called:
+
+* DistilBERT: ``distilbert.transformer.layer`` of ``TransformerBlock`` (post-LayerNorm like BERT), stem
+  ``distilbert.embeddings``; the config calls its depth ``n_layers`` and its width ``dim``
+  (``num_hidden_layers`` / ``hidden_size`` are aliases of them).
+* DINOv2: ``dinov2.encoder.layer`` of ``Dinov2Layer``: pre-LayerNorm, each residual branch multiplied by
+  a learned per-channel layer scale before it is added; stem ``dinov2.embeddings`` (CLS token + patches
+  (+ registers for ``Dinov2WithRegisters``)). An inserted TopoBlock sits between blocks, on the residual
+  stream, so it is not scaled by any block's layer scale.
+
+The heads (DistilBERT: ``pre_classifier`` + ReLU + ``classifier`` on the first token; DINOv2:
+``classifier`` on [CLS, mean of patch tokens]) are not reproduced by :meth:`forward_from`: callers fall
+back to the full forward pass.
+"""
+
+from __future__ import annotations
+
+from .hf import HFEncoderFamily
+
+__all__ = ["Dinov2Family", "DistilBertFamily"]
+
+
+class DistilBertFamily(HFEncoderFamily):
+    """transformers DistilBERT (``DistilBertModel``, ``DistilBertForSequenceClassification``, ...)."""
+
+    name = "distilbert"
+    model_types = ("distilbert",)
+    block_classes = ("TransformerBlock",)
+
+
+class Dinov2Family(HFEncoderFamily):
+    """transformers DINOv2 (``Dinov2Model``, ``Dinov2ForImageClassification``) and DINOv2 with registers."""
+
+    name = "dinov2"
+    model_types = ("dinov2", "dinov2_with_registers")
+    block_classes = ("Dinov2Layer", "Dinov2WithRegistersLayer")
