@@ -182,18 +182,33 @@ def infer_insertions(model: nn.Module) -> list[dict]:
         layer = family.unwrap(block)
         if layer is not None:
             out.append({"site": _site_name(stem, container, position), "layer": layer.config()})
+    # layers inside blocks last: once every block is in place their final site names are valid
+    out += [{"site": name, "layer": layer.config()} for name, _, layer in family.inside_layers(model)]
     return out
 
 
-def _replay_layout(insertions: list[dict], base_depth: int, stem: str, container: str) -> list[int | None]:
-    """Final block layout after replaying ``insertions``: insertion index per position, ``None`` = original."""
+def _replay(insertions: list[dict], base_depth: int, stem: str, container: str) -> tuple[list[int | None], dict]:
+    """Replay ``insertions`` on names only.
+
+    Returns:
+        The final block layout (insertion index per position, ``None`` = original block) and
+        ``{final site name: insertion index}`` of the insertions inside blocks (sites
+        ``<container>.<j>.<path>``, whose block index j shifts with later block insertions).
+    """
     layout: list[int | None] = [None] * base_depth
+    origin: list[int | None] = list(range(base_depth))  # original block index per position, None = inserted
+    inside: dict[tuple[int, str], int] = {}
     for i, ins in enumerate(insertions):
         site = ins.get("site")
+        rest = site[len(container) + 1 :] if isinstance(site, str) and site.startswith(f"{container}.") else ""
+        head, _, path = rest.partition(".")
         if site == stem:
             position = 0
-        elif isinstance(site, str) and site.startswith(f"{container}.") and site[len(container) + 1 :].isdigit():
-            position = int(site[len(container) + 1 :]) + 1
+        elif head.isdigit() and not path:
+            position = int(head) + 1
+        elif head.isdigit() and int(head) < len(layout) and origin[int(head)] is not None:
+            inside[(origin[int(head)], path)] = i  # a sub-block site of an original block
+            continue
         else:
             position = -1
         if not 0 <= position <= len(layout):
@@ -202,11 +217,19 @@ def _replay_layout(insertions: list[dict], base_depth: int, stem: str, container
                 f"(sites are {stem!r} and {container}.0 .. {container}.{len(layout) - 1})"
             )
         layout.insert(position, i)
-    return layout
+        origin.insert(position, None)
+    final = {f"{container}.{origin.index(k)}.{path}": i for (k, path), i in inside.items()}
+    return layout, final
 
 
-def _inserted_keys(model: nn.Module, container: str, positions: list[int]) -> list[str]:
-    prefixes = tuple(f"{container}.{p}." for p in positions)
+def _replay_layout(insertions: list[dict], base_depth: int, stem: str, container: str) -> list[int | None]:
+    """Final block layout after replaying ``insertions``: insertion index per position, ``None`` = original."""
+    return _replay(insertions, base_depth, stem, container)[0]
+
+
+def _inserted_keys(model: nn.Module, container: str, positions: list[int | str]) -> list[str]:
+    """State-dict keys of inserted layers: block positions (int) or module paths inside blocks (str)."""
+    prefixes = tuple(f"{container}.{p}." if isinstance(p, int) else f"{p}." for p in positions)
     return [k for k in model.state_dict() if k.startswith(prefixes)]
 
 
@@ -264,7 +287,18 @@ def save_adapter(
         {"site": str(r["site"]).removeprefix(_PEFT_PREFIX), "layer": dict(r["layer"])} for r in insertions
     ]
     base_depth = len(blocks) - len(positions)
-    layout = _replay_layout(records, base_depth, stem, container)
+    layout, inside_records = _replay(records, base_depth, stem, container)
+    inside = {name: layer for name, _, layer in family.inside_layers(base)}
+    if set(inside_records) != set(inside):
+        raise AdapterMismatchError(
+            f"the insertion records put layers inside blocks at {sorted(inside_records)}, but the model has them at "
+            f"{sorted(inside)}"
+        )
+    for name, index in inside_records.items():
+        if inside[name].config() != records[index]["layer"]:
+            raise AdapterMismatchError(
+                f"insertion {index} records layer {records[index]['layer']} but site {name} holds {inside[name].config()}"
+            )
     if [p for p, i in enumerate(layout) if i is not None] != positions:
         raise AdapterMismatchError(
             f"the {len(records)} insertion records put TopoLayers at block positions "
@@ -283,7 +317,7 @@ def save_adapter(
     head = head_module_names(base) if include_head else []
 
     state = base.state_dict()
-    groups = {"inserted": _inserted_keys(base, container, positions)}
+    groups = {"inserted": _inserted_keys(base, container, positions + [p for _, p, _ in family.inside_layers(base)])}
     groups["head"] = [k for k in state if k.split(".", 1)[0] in head]
     tensors = {k: state[k] for k in groups["inserted"] + groups["head"]}
     lora = None
@@ -435,7 +469,8 @@ def merge_and_save(
     insertions = infer_insertions(merged)
     depth = len(merged.get_submodule(container))
     config = copy.deepcopy(merged.config)
-    config.num_hidden_layers = depth - len(insertions)  # from_config must build the base, then insertions replay
+    blocks_inserted = sum(isinstance(p, int) for p, _ in family.inserted(merged))
+    config.num_hidden_layers = depth - blocks_inserted  # from_config must build the base, then insertions replay
     config.architectures = [type(merged).__name__]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -450,7 +485,7 @@ def merge_and_save(
         "model_type": merged.config.model_type,
         "base_model_name_or_path": base_name_or_path,
         "revision": revision,
-        "base_num_hidden_layers": depth - len(insertions),
+        "base_num_hidden_layers": depth - blocks_inserted,
         "num_hidden_layers": depth,
         "insertions": insertions,
         "attn_implementation": getattr(merged.config, "_attn_implementation", None),

@@ -113,8 +113,13 @@ class ProbeConfig:
     max_samples_per_batch: int | None = field(
         default=None, metadata={"help": "keep at most this many tokens / pixels of each probe batch (seeded)"}
     )
+    sites: str = field(
+        default="blocks",
+        metadata={"help": "blocks (block boundaries) | sublayers (points inside transformer blocks) | all"},
+    )
 
     def __post_init__(self) -> None:
+        _check(self.sites in ("blocks", "sublayers", "all"), f"probe.sites must be blocks|sublayers|all, got {self.sites!r}")
         _check(self.solver in ("auto", "dense", "matrix_free"), f"probe.solver must be auto|dense|matrix_free, got {self.solver!r}")
         _check(self.rule in ("top1", "cluster", "topk", "rowwise"),
                f"probe.rule must be top1|cluster|topk|rowwise, got {self.rule!r}")

@@ -160,15 +160,14 @@ def input_second_moments(
     With a multi-process ``accelerator`` the sums and counts are reduced over processes.
     """
     from .surgery import get_family
+    from .surgery.base import hook_state
 
     family = get_family(model)
     device = next(model.parameters()).device
     store: dict[str, torch.Tensor] = {}
     handles = []
     for s in sites:
-        def hook(module, args, output, name=s.name):
-            store[name] = family.capture(output)
-        handles.append(model.get_submodule(s.name).register_forward_hook(hook))
+        handles.append(hook_state(model, s, lambda h, name=s.name: store.__setitem__(name, h), family))
     sums = {s.name: None for s in sites}
     count = torch.zeros((), dtype=torch.float64, device=device)
     was_training = model.training
@@ -368,8 +367,15 @@ def probe_site_results(
     ``probe.rule`` = top1 | cluster | topk: :func:`~topotransfer.derivative.topological.topological_derivative`;
     ``rowwise``: :func:`rowwise_site_results` (``probe.row_weighting``, ``probe.whiten``). Every recipe
     (grow, adapt, derivative) goes through here, so a rule means the same in all of them. The score is
-    TD_t = lambda_max(Q_t) under every rule.
+    TD_t = lambda_max(Q_t) under every rule. ``sites=None`` probes ``probe.sites`` (blocks | sublayers | all;
+    sites inside blocks that already hold a layer are left out).
     """
+    if sites is None and getattr(probe, "sites", "blocks") != "blocks":
+        from .surgery import get_family
+
+        family = get_family(model)
+        taken = {name for name, _, _ in family.inside_layers(model)}
+        sites = [s.name for s in family.sites(model, probe.sites) if s.name not in taken]
     common = dict(accelerator=accelerator, solver=probe.solver, tol=probe.tol, progress=progress,
                   sample_fraction=probe.sample_fraction, max_samples_per_batch=probe.max_samples_per_batch)
     if probe.rule == "rowwise":

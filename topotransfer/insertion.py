@@ -17,7 +17,7 @@ from torch import nn
 from .derivative.probes import default_forward
 from .derivative.topological import ForwardFn, LossFn, SiteResult, _to_device, check_loss_fn, split_batch
 from .surgery import get_family
-from .surgery.base import DownstreamUnsupportedError, Site
+from .surgery.base import DownstreamUnsupportedError, Site, hook_state
 
 __all__ = [
     "DEFAULT_EPSILONS",
@@ -197,13 +197,9 @@ def _sum_over_processes(values: list[float], n: int, accelerator: object | None)
 def _site_states(model, family, site: Site, data, loss_fn, max_batches):
     """One full forward pass per batch: the state h_t at ``site``, the batch and its loss (eval, no grad)."""
     store: list[torch.Tensor] = []
-
-    def hook(module: nn.Module, args: tuple, output: object) -> None:
-        store.append(family.capture(output))
-
     device = next(model.parameters()).device
     cached, total = [], 0.0
-    handle = model.get_submodule(site.name).register_forward_hook(hook)
+    handle = hook_state(model, site, store.append, family)
     try:
         for batch in data:
             if max_batches is not None and len(cached) >= max_batches:
@@ -280,7 +276,8 @@ def line_search_epsilon(
     family = get_family(model)
     resolved = family.site(model, site)
     tried = None
-    if downstream and (forward_fn is None or forward_fn is default_forward):
+    # sub-block sites have no "rest of the chain" to run: full passes (forward_from would refuse anyway)
+    if downstream and resolved.kind == "output" and (forward_fn is None or forward_fn is default_forward):
         tried = _line_search_downstream(model, family, resolved, data, loss_fn, weight, bias, epsilons, max_batches,
                                         accelerator)
     used_downstream = tried is not None
@@ -289,8 +286,7 @@ def line_search_epsilon(
         insert_layer(model, resolved, weight, bias, epsilon=0.0)
         tried = [(0.0, baseline)]
         try:
-            layer = model.get_submodule(resolved.container)[resolved.position]
-            layer = family.unwrap(layer)
+            layer = family.layer_at(model, resolved)
             ref = layer.weight
             for eps in epsilons:
                 layer.set_direction(

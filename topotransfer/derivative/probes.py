@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..surgery.base import ChainFamily, Site
+from ..surgery.base import ChainFamily, Site, hook_state
 
 __all__ = ["CapturedSite", "capture_states", "probe_batch"]
 
@@ -22,15 +22,14 @@ CapturedSite = tuple[torch.Tensor, torch.Tensor]  # (h_t, p_t), both shaped like
 
 
 class _StateHook:
-    """Forward hook storing the hidden state that ``module`` outputs under ``name``."""
+    """Stores the state of site ``name`` (see :func:`~topotransfer.surgery.base.hook_state`)."""
 
-    def __init__(self, store: dict[str, torch.Tensor], name: str, family: ChainFamily) -> None:
-        self.store, self.name, self.family = store, name, family
+    def __init__(self, store: dict[str, torch.Tensor], name: str) -> None:
+        self.store, self.name = store, name
 
-    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+    def __call__(self, h: torch.Tensor) -> None:
         if self.name in self.store:
             raise RuntimeError(f"Site module {self.name!r} ran twice in one forward pass; cannot tell which state to use")
-        h = self.family.capture(output)
         if not h.requires_grad:
             # Everything upstream is frozen (or the stem has no parameters): make h a leaf that
             # autograd tracks. requires_grad_ is in place, so the downstream graph uses this tensor.
@@ -50,15 +49,15 @@ def capture_states(
     handles = []
     try:
         for site in sites:
-            handles.append(model.get_submodule(site.name).register_forward_hook(_StateHook(store, site.name, family)))
+            handles.append((site, hook_state(model, site, _StateHook(store, site.name), family)))
         yield store
     finally:
-        for handle in handles:
+        for _, handle in handles:
             handle.remove()
         store.clear()
-        for site in sites:  # a leftover probe hook would silently capture in the user's later forwards
+        for site, handle in handles:  # a leftover probe hook would silently capture in the user's later forwards
             module = model.get_submodule(site.name)
-            assert not any(isinstance(h, _StateHook) for h in module._forward_hooks.values()), "probe hook leaked"
+            assert handle.id not in module._forward_hooks and handle.id not in module._forward_pre_hooks, "probe hook leaked"
 
 
 def default_forward(model: nn.Module, inputs: object) -> torch.Tensor:

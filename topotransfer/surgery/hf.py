@@ -5,6 +5,21 @@ transformers 5.x keeps ViT blocks at ``vit.layers`` and a block returns a tensor
 children are the family's block class, takes the stem from the nearest ancestor with an
 ``embeddings`` attribute, and asks a real block what it returns so that an inserted
 :class:`TopoBlock` answers the encoder loop in the same form.
+
+Sites inside blocks (``probe.sites=sublayers|all``), named by the LayerNorm whose input is the state:
+
+* pre-LN ViT / DeiT block ``h -> m = h + attn(LN1(h)) -> m + mlp(LN2(m))``: the residual stream m after
+  the attention add, site ``<block>.layernorm_after``. The layer must act on m for *both* of its uses (the
+  LayerNorm and the MLP's residual), so the block's class is swapped for a subclass whose forward is the
+  same computation with ``m = layer(m)`` in between (:func:`_mid_block_class`); the swap is checked to
+  reproduce the original forward bit for bit before it is kept. The point after the MLP add is the block
+  boundary, a ``"blocks"`` site already.
+* post-LN BERT / RoBERTa block: the sums ``a + h`` fed to ``attention.output.LayerNorm`` and
+  ``f + a'`` fed to ``output.LayerNorm``. The LayerNorm is their only consumer, so the layer goes in
+  front of it: the LayerNorm is replaced by a :class:`TopoPreNorm` that shares its parameters (the
+  state-dict keys of the base do not change) and computes ``LN(layer(x))``.
+
+With a zero layer both are exact identities (``layer(x) = x + 0``).
 """
 
 from __future__ import annotations
@@ -14,11 +29,66 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import NoSitesFoundError
+from ..errors import NoSitesFoundError, UnsupportedModelError
 from ..layers import TopoLayer
 from .base import ChainFamily, DownstreamUnsupportedError, Site, first_tensor
 
-__all__ = ["BertFamily", "HFEncoderFamily", "TopoBlock", "ViTFamily"]
+__all__ = ["BertFamily", "HFEncoderFamily", "TopoBlock", "TopoPreNorm", "ViTFamily"]
+
+
+class TopoPreNorm(nn.LayerNorm):
+    """A LayerNorm with an inserted layer in front: ``LN(layer(x))``, sharing the original LayerNorm's
+    ``weight`` / ``bias`` Parameters (so their state-dict keys stay those of the base model).
+
+    Args:
+        norm: the block's ``nn.LayerNorm``.
+        layer: the inserted TopoLayer, a child named ``topo``.
+    """
+
+    def __init__(self, norm: nn.LayerNorm, layer: nn.Module) -> None:
+        super().__init__(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                         bias=norm.bias is not None, device="meta")
+        self.weight, self.bias = norm.weight, norm.bias  # the same Parameters, not copies
+        self.topo = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (..., d) the sum the block normalises. Returns: LN(topo(x)), (..., d)."""
+        return super().forward(self.topo(x))
+
+    def plain(self) -> nn.LayerNorm:
+        """The original LayerNorm back (same Parameters)."""
+        norm = nn.LayerNorm(self.normalized_shape, eps=self.eps, elementwise_affine=self.elementwise_affine,
+                            bias=self.bias is not None, device="meta")
+        norm.weight, norm.bias = self.weight, self.bias
+        return norm
+
+
+def _pre_ln_mid_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        *args: object, **kwargs: object) -> torch.Tensor:
+    """transformers 5.x pre-LN ViT / DeiT block with ``self.topo_mid`` applied to the attention add's result."""
+    residual = hidden_states
+    hidden_states = self.layernorm_before(hidden_states)
+    out = self.attention(hidden_states, attention_mask, *args, **kwargs)
+    hidden_states = out[0] if isinstance(out, tuple) else out
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = hidden_states + residual
+    hidden_states = self.topo_mid(hidden_states)  # the inserted layer, on the residual stream m
+    residual = hidden_states
+    hidden_states = self.layernorm_after(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    hidden_states = self.dropout(hidden_states)
+    return hidden_states + residual
+
+
+_MID_CLASSES: dict[type, type] = {}
+
+
+def _mid_block_class(cls: type) -> type:
+    """A subclass of the block class ``cls`` (same name) whose forward applies ``topo_mid`` mid-block."""
+    if cls not in _MID_CLASSES:
+        _MID_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": _pre_ln_mid_forward, "_topo_base": cls,
+                                                         "__module__": cls.__module__})
+    return _MID_CLASSES[cls]
 
 
 class TopoBlock(nn.Module):
@@ -55,6 +125,9 @@ class HFEncoderFamily(ChainFamily):
 
     model_types: tuple[str, ...] = ()
     block_classes: tuple[str, ...] = ()
+    #: Points inside a block: (path of the LayerNorm whose input is the state, relative to the block;
+    #: fraction of the block's depth, for ordering; insertion mechanism "mid_block" | "pre_norm").
+    inner_points: tuple[tuple[str, float, str], ...] = ()
 
     def matches(self, model: nn.Module) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) in self.model_types
@@ -115,6 +188,105 @@ class HFEncoderFamily(ChainFamily):
         _, container = self.chain(model)
         model.config.num_hidden_layers = len(model.get_submodule(container))
 
+    # -- sites inside blocks ----------------------------------------------------------------------
+    def sub_sites(self, model: nn.Module) -> list[Site]:
+        _, container = self.chain(model)
+        out = []
+        for p, block in enumerate(model.get_submodule(container)):
+            if not self._is_block(block):
+                continue
+            for rel, frac, _ in self.inner_points:
+                try:
+                    norm = block.get_submodule(rel)
+                except AttributeError:
+                    continue  # a variant without this sub-layer
+                if isinstance(norm, nn.LayerNorm):
+                    out.append(Site(f"{container}.{p}.{rel}", p + frac, container, p, kind="input"))
+        return out
+
+    def _point(self, site: Site) -> tuple[str, str]:
+        """(path of the block, mechanism) of a sub-block site."""
+        block_path = f"{site.container}.{site.position}"
+        for rel, _, mechanism in self.inner_points:
+            if site.name == f"{block_path}.{rel}":
+                return block_path, mechanism
+        raise ValueError(f"{site.name!r} is not a sub-block site of {self.name}")
+
+    def insert_inside(self, model: nn.Module, site: Site, layer: nn.Module) -> None:
+        block_path, mechanism = self._point(site)
+        if mechanism == "pre_norm":
+            parent_path, attr = site.name.rsplit(".", 1)
+            norm = model.get_submodule(site.name)
+            if isinstance(norm, TopoPreNorm):
+                raise ValueError(f"site {site.name!r} already holds an inserted layer")
+            setattr(model.get_submodule(parent_path), attr, TopoPreNorm(norm, layer))
+            return
+        block = model.get_submodule(block_path)
+        if hasattr(type(block), "_topo_base"):
+            raise ValueError(f"site {site.name!r} already holds an inserted layer")
+        self._swap_mid(block, layer)
+
+    @staticmethod
+    @torch.no_grad()
+    def _swap_mid(block: nn.Module, layer: nn.Module) -> None:
+        """Swap ``block`` to the mid-block class with ``layer`` as ``topo_mid``, after checking that the swapped
+        forward reproduces the original one bit for bit (with a zero layer of the same kind)."""
+        needed = ("layernorm_before", "attention", "dropout", "layernorm_after", "mlp")
+        missing = [n for n in needed if not isinstance(getattr(block, n, None), nn.Module)]
+        if missing:
+            raise UnsupportedModelError(
+                f"{type(block).__name__} has no {missing}: sites inside ViT blocks need the transformers 5.x block layout"
+            )
+        ref = next(block.parameters())
+        d = block.layernorm_after.normalized_shape[-1]
+        x = torch.randn(2, 3, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(ref)
+        was_training = block.training
+        block.eval()
+        try:
+            expected = first_tensor(block(x))
+            original = type(block)
+            block.topo_mid = TopoLayer(d, norm="layernorm").to(ref)  # zero: the identity
+            block.__class__ = _mid_block_class(original)
+            same = torch.equal(first_tensor(block(x)), expected)
+        finally:
+            block.train(was_training)
+        if not same:
+            block.__class__ = original
+            del block.topo_mid
+            raise UnsupportedModelError(
+                f"{original.__name__}.forward is not the pre-LN computation the sub-block site assumes "
+                "(transformers 5.x layout): cannot insert inside this block"
+            )
+        block.topo_mid = layer
+
+    def remove_inside(self, model: nn.Module, site: Site) -> nn.Module:
+        block_path, mechanism = self._point(site)
+        if mechanism == "pre_norm":
+            norm = model.get_submodule(site.name)
+            if not isinstance(norm, TopoPreNorm):
+                raise ValueError(f"No inserted TopoLayer at site {site.name!r}")
+            parent_path, attr = site.name.rsplit(".", 1)
+            setattr(model.get_submodule(parent_path), attr, norm.plain())
+            return norm.topo
+        block = model.get_submodule(block_path)
+        base = getattr(type(block), "_topo_base", None)
+        if base is None:
+            raise ValueError(f"No inserted TopoLayer at site {site.name!r}")
+        layer = block.topo_mid
+        del block.topo_mid
+        block.__class__ = base
+        return layer
+
+    def inside_layers(self, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+        _, container = self.chain(model)
+        out = []
+        for path, module in model.get_submodule(container).named_modules(prefix=container):
+            if isinstance(module, TopoPreNorm):
+                out.append((path, f"{path}.topo", module.topo))
+            elif hasattr(type(module), "_topo_base"):
+                out.append((f"{path}.layernorm_after", f"{path}.topo_mid", module.topo_mid))
+        return out
+
 
 #: Image-classification heads on the final LayerNorm's output s (B, L, d), by owner class name.
 _VIT_HEADS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
@@ -141,6 +313,7 @@ class ViTFamily(HFEncoderFamily):
     name = "vit"
     model_types = ("vit", "deit")
     block_classes = ("ViTLayer", "DeiTLayer")
+    inner_points = (("layernorm_after", 0.5, "mid_block"),)
 
     def head(self, model: nn.Module, inputs: object = None) -> Callable[[torch.Tensor], torch.Tensor]:
         if isinstance(inputs, dict) and any(inputs.get(k) is not None for k in ("attention_mask", "head_mask")):
@@ -177,3 +350,4 @@ class BertFamily(HFEncoderFamily):
     name = "bert"
     model_types = ("bert", "roberta")
     block_classes = ("BertLayer", "RobertaLayer")
+    inner_points = (("attention.output.LayerNorm", 1 / 3, "pre_norm"), ("output.LayerNorm", 2 / 3, "pre_norm"))
