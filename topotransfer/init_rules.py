@@ -345,6 +345,7 @@ def rowwise_site_results(
                 solver="dense" if isinstance(st, DenseStatistic) else "matrix_free",
                 converged=True,
                 layer_config=layer.config(),
+                row_scores=vals,
             )
         )
     if not math.isfinite(sum(r.score for r in out)):

@@ -7,6 +7,7 @@ of eps on held-out probe data and never accepts an eps that raises the loss (eps
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ def insert_layer(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     epsilon: float = 0.0,
+    layer: nn.Module | None = None,
 ) -> nn.Module:
     """Insert a TopoLayer with W = epsilon * weight, b = epsilon * bias after the state at ``site``.
 
@@ -105,6 +107,8 @@ def insert_layer(
             ``None`` inserts a zero layer.
         bias: (d_out,) direction of the bias.
         epsilon: scale; 0 gives an exact identity layer.
+        layer: a zero layer to insert (copied) instead of the family's full one, e.g. a
+            :class:`~topotransfer.layers.LowRankTopoLayer` with its U set; ``weight`` then has its V's shape.
 
     Returns:
         The same ``model`` object.
@@ -112,13 +116,12 @@ def insert_layer(
     site, weight, bias = _direction(site, weight, bias)
     family = get_family(model)
     resolved = family.site(model, site)
-    layer = family.new_layer(model, resolved)
+    layer = family.new_layer(model, resolved) if layer is None else copy.deepcopy(layer)
     if weight is not None:
-        expected = layer.out_features * layer.in_features
-        if weight.numel() != expected:
+        if weight.numel() != layer.weight.numel():
             raise ValueError(
                 f"weight has {tuple(weight.shape)} ({weight.numel()} entries); site {resolved.name!r} needs "
-                f"({layer.out_features}, {layer.in_features})"
+                f"{tuple(layer.weight.shape[:2])}"
             )
         ref = layer.weight
         layer.set_direction(
@@ -241,6 +244,7 @@ def line_search_epsilon(
     max_batches: int | None = None,
     accelerator: object | None = None,
     downstream: bool = True,
+    layer: nn.Module | None = None,
 ) -> LineSearchResult:
     """Pick eps for the layer W = eps*weight, b = eps*bias at ``site`` on held-out probe data.
 
@@ -263,6 +267,7 @@ def line_search_epsilon(
         accelerator: a multi-process ``accelerate.Accelerator``: ``data`` is this process's shard and
             every loss is summed over processes, so all ranks choose the same eps.
         downstream: ``False`` always runs full forward passes.
+        layer: the zero layer to try (copied; default the family's full layer), as in :func:`insert_layer`.
 
     Returns:
         :class:`LineSearchResult` with every eps tried and its loss.
@@ -279,17 +284,17 @@ def line_search_epsilon(
     # sub-block sites have no "rest of the chain" to run: full passes (forward_from would refuse anyway)
     if downstream and resolved.kind == "output" and (forward_fn is None or forward_fn is default_forward):
         tried = _line_search_downstream(model, family, resolved, data, loss_fn, weight, bias, epsilons, max_batches,
-                                        accelerator)
+                                        accelerator, layer)
     used_downstream = tried is not None
     if tried is None:
         baseline = evaluate_loss(model, data, loss_fn, forward_fn, max_batches, accelerator)
-        insert_layer(model, resolved, weight, bias, epsilon=0.0)
+        insert_layer(model, resolved, weight, bias, epsilon=0.0, layer=layer)
         tried = [(0.0, baseline)]
         try:
-            layer = family.layer_at(model, resolved)
-            ref = layer.weight
+            live = family.layer_at(model, resolved)
+            ref = live.weight
             for eps in epsilons:
-                layer.set_direction(
+                live.set_direction(
                     (eps * weight.to(torch.float64)).to(ref),
                     None if bias is None else (eps * bias.to(torch.float64)).to(ref),
                 )
@@ -303,7 +308,8 @@ def line_search_epsilon(
     return LineSearchResult(best_eps, best_loss, baseline, tried, used_downstream)
 
 
-def _line_search_downstream(model, family, site, data, loss_fn, weight, bias, epsilons, max_batches, accelerator):
+def _line_search_downstream(model, family, site, data, loss_fn, weight, bias, epsilons, max_batches, accelerator,
+                            template=None):
     """The eps losses via cached states, or ``None`` when the full forward pass must be used instead.
 
     Every process decides the same way (the decision is all-reduced), so collective calls stay matched.
@@ -336,7 +342,7 @@ def _line_search_downstream(model, family, site, data, loss_fn, weight, bias, ep
             flags, _ = _sum_over_processes([0.0 if ok else 1.0], 0, accelerator)
             if flags[0] > 0:
                 return None
-            layer = family.new_layer(model, site)
+            layer = family.new_layer(model, site) if template is None else copy.deepcopy(template)
             ref = next(model.parameters())
             layer = layer.to(device=ref.device, dtype=ref.dtype).eval()
             losses = _downstream_losses(model, family, site, layer, cached, loss_fn, weight, bias, epsilons)

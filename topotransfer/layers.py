@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "TopoConv2d", "TopoLayer", "build_topo_layer", "topo_activation"]
+__all__ = [
+    "ACTIVATIONS", "LowRankTopoLayer", "TopoConv2d", "TopoLayer", "build_topo_layer", "lowrank_from_rows", "topo_activation",
+]
 
 _NORMS = (None, "layernorm")
 
@@ -203,12 +205,114 @@ class TopoConv2d(_ResidualTopoBase):
         return f"channels={self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
 
 
+class LowRankTopoLayer(_ResidualTopoBase):
+    """Rank-k residual layer ``g = u + U sigma(V z + c)`` on the last dimension (docs/method_lowrank.md).
+
+    Shapes: V = ``weight`` (k, d), c = ``bias`` (k,), U = ``up`` (d, k); k(2d + 1) parameters with the bias
+    instead of d(d + 1). With theta_j = [v_j | c_j] = eps * [phi_j | beta_j] and U fixed, ``sigma(0) =
+    sigma'(0) = 0`` and ``sigma''(0) = 1`` give
+
+        J(eps) = J(0) - eps^2/2 sum_j phi_hat_j^T Q(u_j) phi_hat_j + O(eps^3),   Q(u) = sum_r u_r Q_r,
+
+    with Q_r the full layer's per-row blocks: the same statistics serve both layers. A one-hot column
+    u_j = e_r makes term j the full layer's row r, so the top-k rows of the eigenproblem initialise it
+    (:func:`lowrank_from_rows`). V = 0 (any U) is an exact identity.
+
+    Args:
+        dim: d (input and output).
+        rank: k >= 1.
+        bias: whether the inner pre-activation has a bias c.
+        norm, eps, activation: as for :class:`TopoLayer`.
+    """
+
+    def __init__(
+        self, dim: int, rank: int, bias: bool = True, norm: str | None = None, eps: float = 1e-6,
+        activation: str = "topo",
+    ) -> None:
+        super().__init__()
+        if dim <= 0 or rank <= 0:
+            raise ValueError(f"LowRankTopoLayer dim and rank must be positive, got dim={dim}, rank={rank}")
+        if norm not in _NORMS:
+            raise ValueError(f"LowRankTopoLayer norm must be one of {_NORMS}, got {norm!r}")
+        self._set_activation(activation)
+        self.dim, self.rank, self.norm, self.eps = dim, rank, norm, eps
+        self.weight = nn.Parameter(torch.zeros(rank, dim))
+        self.bias = nn.Parameter(torch.zeros(rank)) if bias else None
+        self.up = nn.Parameter(torch.zeros(dim, rank))
+
+    normalize = TopoLayer.normalize
+    samples = TopoLayer.samples
+
+    @classmethod
+    def like(cls, layer: TopoLayer, rank: int) -> LowRankTopoLayer:
+        """A zero rank-``rank`` layer for the site a full ``layer`` fits (same d, bias, norm, eps, activation)."""
+        return cls(layer.dim, rank, bias=layer.bias is not None, norm=layer.norm, eps=layer.eps,
+                   activation=layer.activation)
+
+    def num_parameters(self) -> int:
+        """k (2d + 1) with the bias, k * 2d without."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """Args: u (..., d). Returns: g (..., d) = u + U sigma(V z + c)."""
+        return u + F.linear(self._act(F.linear(self.normalize(u), self.weight, self.bias)), self.up)
+
+    @torch.no_grad()
+    def set_up(self, up: torch.Tensor) -> None:
+        """Set U from ``up`` (d, k)."""
+        self.up.copy_(up.reshape(self.up.shape))
+
+    @property
+    def in_features(self) -> int:
+        """d: the length of z; the derivative's statistics are the full layer's (d rows of d + 1)."""
+        return self.dim
+
+    @property
+    def out_features(self) -> int:
+        return self.dim
+
+    def config(self) -> dict:
+        return {"type": "lowrank", "dim": self.dim, "rank": self.rank, "bias": self.bias is not None,
+                "norm": self.norm, "eps": self.eps, "activation": self.activation}
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, rank={self.rank}, bias={self.bias is not None}, norm={self.norm}, activation={self.activation}"
+
+
+def lowrank_from_rows(
+    weight: torch.Tensor, bias: torch.Tensor | None, rows: list[int] | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A full-layer direction restricted to ``rows``, as a rank-k layer's (U, V, c).
+
+    Row r of the full direction [Phi | beta] becomes term j: u_j = e_r, [v_j | c_j] = [Phi_r | beta_r] / s, with
+    s = the norm of the kept rows (the restricted direction has unit Frobenius norm, like the full one).
+    Its quadratic is then sum_j [v_j|c_j]^T Q_{r_j} [v_j|c_j] (the full layer's kept rows, rescaled).
+
+    Args:
+        weight: (d, d) full direction Phi; bias: (d,) beta or ``None``; rows: k distinct row indices.
+
+    Returns:
+        up (d, k) one-hot columns, weight (k, d), bias (k,) or ``None``; float64.
+    """
+    idx = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+    if idx.numel() == 0 or idx.unique().numel() != idx.numel():
+        raise ValueError(f"rows must be a non-empty list of distinct indices, got {idx.tolist()}")
+    w = weight.to(torch.float64)[idx]
+    b = None if bias is None else bias.to(torch.float64)[idx]
+    scale = torch.sqrt(w.square().sum() + (0.0 if b is None else b.square().sum())).clamp_min(1e-300)
+    up = torch.zeros(weight.shape[0], idx.numel(), dtype=torch.float64)
+    up[idx, torch.arange(idx.numel())] = 1.0
+    return up, w / scale, None if b is None else b / scale
+
+
 def build_topo_layer(config: dict) -> nn.Module:
-    """Re-build a zero layer from :meth:`TopoLayer.config` / :meth:`TopoConv2d.config`."""
+    """Re-build a zero layer from the ``config()`` of a TopoLayer / TopoConv2d / LowRankTopoLayer."""
     cfg = dict(config)
     kind = cfg.pop("type", "linear")
     if kind == "linear":
         return TopoLayer(**cfg)
     if kind == "conv2d":
         return TopoConv2d(**cfg)
-    raise ValueError(f"Unknown TopoLayer type {kind!r}; expected 'linear' or 'conv2d'")
+    if kind == "lowrank":
+        return LowRankTopoLayer(**cfg)
+    raise ValueError(f"Unknown TopoLayer type {kind!r}; expected 'linear', 'conv2d' or 'lowrank'")

@@ -70,6 +70,7 @@ class SiteResult:
         solver: "dense" or "matrix_free".
         converged: whether the eigen-solver met its tolerance.
         layer_config: constructor arguments of the layer that fits the site.
+        row_scores: (d_out,) top eigenvalue of every row block Q_r, in row order (rule "rowwise"; else ``None``).
     """
 
     site: str
@@ -84,6 +85,7 @@ class SiteResult:
     solver: str
     converged: bool = True
     layer_config: dict = field(default_factory=dict)
+    row_scores: torch.Tensor | None = None
 
 
 def split_batch(batch: object) -> tuple[object, torch.Tensor]:
