@@ -33,8 +33,7 @@ from torch import nn
 
 from . import __version__
 from .errors import AdapterMismatchError, CheckpointMismatchError, LabelCountMismatchError
-from .layers import build_topo_layer
-from .surgery import get_family
+from .surgery import build_inserted, get_family
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -413,7 +412,7 @@ def load_adapter(model_or_name: nn.Module | str | Path | None, directory: str | 
 
     family = get_family(model)
     for record in adapter.insertions:
-        family.insert(model, record["site"], build_topo_layer(record["layer"]))
+        family.insert(model, record["site"], build_inserted(model, record["site"], record["layer"]))
     own = [k for k in adapter.tensors.get("inserted", []) + adapter.tensors.get("head", [])]
     expected = set(_inserted_keys(model, family.chain(model)[1], [p for p, _ in family.inserted(model)]))
     expected |= set(adapter.tensors.get("head", []))
@@ -471,6 +470,8 @@ def merge_and_save(
     config = copy.deepcopy(merged.config)
     blocks_inserted = sum(isinstance(p, int) for p, _ in family.inserted(merged))
     config.num_hidden_layers = depth - blocks_inserted  # from_config must build the base, then insertions replay
+    if isinstance(getattr(config, "layer_types", None), list):  # per-block list (Qwen2 / Mistral configs)
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
     config.architectures = [type(merged).__name__]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..layers import build_topo_layer
 from .base import ChainFamily, DownstreamUnsupportedError, Site, first_tensor
-from .decoder import CopiedBlock, DecoderFamily, GPT2Family, LlamaFamily
+from .decoder import COPIED_BLOCK_TYPE, CopiedBlock, DecoderFamily, GPT2Family, LlamaFamily
 from .encoders import Dinov2Family, DistilBertFamily
 from .hf import BertFamily, HFEncoderFamily, TopoBlock, ViTFamily
 from .residual import ResidualCNNFamily, ResidualMLPFamily
@@ -26,6 +27,7 @@ __all__ = [
     "Site",
     "TopoBlock",
     "ViTFamily",
+    "build_inserted",
     "first_tensor",
     "get_family",
 ]
@@ -58,3 +60,18 @@ def get_family(model: nn.Module) -> ChainFamily:
     raise UnsupportedModelError(
         f"{type(model).__name__}{detail} is not a supported model. Supported families: {supported}."
     )
+
+
+def build_inserted(model: nn.Module, site: str | Site, config: dict) -> nn.Module:
+    """A zero module for an insertion record's ``layer`` entry, ready for ``family.insert(model, site, ...)``.
+
+    TopoLayer / TopoConv2d configs build a zero layer; a copied-block record copies the block its family
+    names for ``site`` (:meth:`~.decoder.DecoderFamily.copy_block`), output projections zeroed. Either way
+    the caller loads the saved weights afterwards.
+    """
+    if config.get("type") == COPIED_BLOCK_TYPE:
+        family = get_family(model)
+        if not isinstance(family, DecoderFamily):
+            raise UnsupportedModelError(f"copied blocks are not supported for the {family.name!r} family")
+        return family.copy_block(model, site)
+    return build_topo_layer(config)

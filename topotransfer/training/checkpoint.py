@@ -20,8 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointMismatchError
-from ..layers import build_topo_layer
-from ..surgery import get_family
+from ..surgery import build_inserted, get_family
 
 __all__ = [
     "check_finite",
@@ -140,7 +139,7 @@ def replay_insertions(model: nn.Module, insertions: list[dict]) -> nn.Module:
     """Re-apply recorded insertions (zero layers) in order; weights come from the checkpoint after."""
     family = get_family(model)
     for ins in insertions:
-        family.insert(model, ins["site"], build_topo_layer(ins["layer"]))
+        family.insert(model, ins["site"], build_inserted(model, ins["site"], ins["layer"]))
     return model
 
 
