@@ -150,7 +150,6 @@ class GrowthConfig:
     epochs_per_stage: int | None = field(default=None, metadata={"help": "grow after exactly this many epochs (overrides patience)"})
     both_signs: bool = field(default=True, metadata={"help": "line-search eps along +theta and -theta"})
     epsilons: list[float] | None = field(default=None, metadata={"help": "eps grid of the line search (None = default)"})
-    random_init_std: float = field(default=0.01, metadata={"help": "std of random_init / random baselines' weights"})
     site_selection: str = field(
         default="argmax",
         metadata={"help": "topo: argmax (of TD, METHOD.md) | realized (line-search every TD > 0 site's eigen "

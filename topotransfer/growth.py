@@ -7,18 +7,24 @@ Methods (one switch, ``GrowthConfig.method``):
   With ``site_selection="realized"`` the site is instead the one whose eigen direction, line-searched,
   lowers the held-out loss most (among sites with TD > 0): the finite-eps counterpart of TD, which is
   only its eps -> 0 limit (J(0) - J(eps) ~ eps^2 TD / 2) and ties often between residual sites.
-- ``random_site``: a random site, eigen direction of that site, eps by line search.
-- ``random_init``: the argmax site, a random unit direction, eps by line search.
+- ``random_site``: a random site, eigen direction of that site, eps by line search. The site is drawn by
+  :func:`random_site_generator`: independently per (setting, seed, event).
+- ``random_init``: the site topo would choose (same ``site_selection``), a Gaussian random direction scaled
+  exactly like the eigen direction there (same Frobenius norm; under ``probe.whiten`` the same mean-square
+  pre-activation (1/N) sum_n ||theta zh_n||^2), eps by the same line search. Only the direction differs.
 - ``net2deeper``: a random site, an identity layer that can train (tanh activation, zero weights).
 - ``forward_thinking``: freeze everything but the head, add a randomly initialised layer on top.
 - ``fixed``: never grows (the network is built at its final depth).
 
-Randomness comes from generators seeded by (run seed, event number), never from global state, so a
-resumed run makes the same choices.
+Randomness comes from generators seeded by (run seed, event number[, setting]), never from global state, so
+a resumed run makes the same choices. When no eps of the line search lowers the held-out loss the layer is
+still inserted at the smallest eps of the grid (eps = 0 would be a layer that never trains, sigma'(0) = 0),
+and the event says so (``GrowthEvent.eps_fallback``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -27,12 +33,15 @@ import torch
 from torch import nn
 
 from .derivative.topological import LossFn, topological_derivative
-from .init_rules import probe_site_results
+from .init_rules import input_second_moments, probe_site_results
 from .insertion import DEFAULT_EPSILONS, fill_inactive_rows, line_search_epsilon
 from .layers import build_topo_layer
 from .surgery import get_family
 
-__all__ = ["GrowthEvent", "PlateauDetector", "count_parameters", "grow_once", "realized_site"]
+__all__ = [
+    "GrowthEvent", "PlateauDetector", "count_parameters", "grow_once", "random_site_generator", "realized_site",
+    "scale_matched_random_direction",
+]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -90,6 +99,12 @@ class GrowthEvent:
             second-order model predicts loss_before - loss_after ~ (eps^2 / 2) * quadratic (on the probe
             data, which the line search does not use).
         realized: ``site_selection="realized"``: best held-out loss of each candidate site's line search.
+        quadratics: theta^T Q_t theta of each site's direction (the predicted decrease per eps^2 / 2 of the
+            layer that would be inserted there; ``scores`` is lambda_max(Q_t)).
+        eps_fallback: no eps lowered the held-out loss; the layer went in at the grid's smallest eps.
+        init_norm: Frobenius norm of the inserted layer's [W | b] (eps times the direction's norm).
+        forced_site: the site was imposed by the caller (``grow_once(site=...)``: every-site sweeps and
+            initialisation ablations), not chosen by the method.
     """
 
     event: int
@@ -109,6 +124,10 @@ class GrowthEvent:
     sign: int = 1
     quadratic: float = math.nan
     realized: dict[str, float] = field(default_factory=dict)
+    quadratics: dict[str, float] = field(default_factory=dict)
+    eps_fallback: bool = False
+    init_norm: float = 0.0
+    forced_site: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,12 +139,49 @@ def _depth(model: nn.Module) -> int:
     return len(model.get_submodule(container))
 
 
-def _random_unit_direction(layer: nn.Module, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    w = torch.randn(layer.out_features, layer.in_features, generator=gen, dtype=torch.float64)
-    has_bias = getattr(layer, "bias", None) is not None
-    b = torch.randn(layer.out_features, generator=gen, dtype=torch.float64) if has_bias else None
-    norm = (w.square().sum() + (b.square().sum() if b is not None else 0)).sqrt()
-    return w / norm, (b / norm if b is not None else None)
+def random_site_generator(seed: int, event: int, setting: str = "") -> torch.Generator:
+    """The generator of a random-site draw: independent per (setting, seed, event).
+
+    ``setting`` names what the run adapts or grows (e.g. the data config); without it, runs of different
+    settings with the same seed and event would draw the same site index (they did in the transfer
+    benchmark: 10 and 50 labels per class drew the same sites). sha256, not ``hash``: stable across processes.
+    """
+    key = f"{setting}|{seed}|{event}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+
+
+def scale_matched_random_direction(
+    weight: torch.Tensor, bias: torch.Tensor | None, gen: torch.Generator, moment: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A Gaussian random direction of the same size as the eigen direction (weight, bias).
+
+    Size = Frobenius norm ||[W | b]||_F, or, when ``moment`` M = (1/N) sum_n zh_n zh_n^T (D, D) is given
+    (the whitened rule, where eps is an RMS pre-activation), the mean-square pre-activation
+    tr(Theta M Theta^T) = (1/N) sum_n ||Theta zh_n||^2. So the random baseline differs from the eigen
+    initialisation only in the direction, and the same eps grid means the same thing for both.
+
+    Args:
+        weight: (d_out, d_in) eigen direction's weight; bias: (d_out,) or ``None``.
+        moment: (d_in + 1, d_in + 1) with a bias, (d_in, d_in) without; ``None`` = match the Frobenius norm.
+
+    Returns:
+        (weight, bias) float64 random direction (bias ``None`` when ``bias`` is).
+    """
+    w = torch.randn(weight.shape, generator=gen, dtype=torch.float64)
+    b = None if bias is None else torch.randn(bias.shape, generator=gen, dtype=torch.float64)
+    ref = weight.detach().to("cpu", torch.float64)
+    ref = ref if bias is None else torch.cat([ref, bias.detach().to("cpu", torch.float64)[:, None]], dim=1)
+    theta = w if b is None else torch.cat([w, b[:, None]], dim=1)  # (d_out, D)
+
+    def size(t: torch.Tensor) -> torch.Tensor:
+        if moment is None:
+            return t.square().sum()
+        m = moment.detach().to("cpu", torch.float64)
+        return torch.einsum("od,de,oe->", t, m, t)  # tr(Theta M Theta^T)
+
+    scale = (size(ref) / size(theta)).sqrt()
+    w = (w * scale).to(weight.device)
+    return w, None if b is None else (b * scale).to(weight.device)
 
 
 def grow_once(
@@ -140,11 +196,12 @@ def grow_once(
     seed: int = 0,
     probe_cfg=None,
     epsilons: tuple[float, ...] | list[float] | None = None,
-    random_init_std: float = 0.01,
     accelerator: object | None = None,
     both_signs: bool = True,
     fill_inactive: float = 0.0,
     site_selection: str = "argmax",
+    site: str | None = None,
+    setting: str = "",
 ) -> GrowthEvent:
     """Perform one growth event in place and describe it.
 
@@ -160,7 +217,12 @@ def grow_once(
         both_signs: line-search eps along +theta and -theta and keep the better (``GrowthEvent.sign``).
         fill_inactive: for eigen directions (topo, random_site), add a random direction of this relative
             norm on the rows the eigenvectors leave at zero (:func:`~topotransfer.insertion.fill_inactive_rows`).
-        site_selection: topo only: "argmax" (TD, METHOD.md) or "realized" (module docstring).
+        site_selection: topo and random_init: "argmax" (TD, docs/method.md) or "realized" (module docstring).
+        site: insert here whatever the method would choose (topo, random_site, random_init, net2deeper), and
+            even if no site has TD > 0: the every-site sweep and the initialisation ablation
+            (``scripts/sweep_sites.py``, ``scripts/ablate_init.py``). The scores of every site are still
+            computed and recorded.
+        setting: names the run's task for :func:`random_site_generator` (random_site, net2deeper).
         accelerator: a multi-process ``accelerate.Accelerator``; ``probe_data`` and ``heldout_data`` are
             this process's shards, the statistics and line-search losses are summed over processes, so
             every rank makes the same choice and inserts the same layer.
@@ -171,19 +233,25 @@ def grow_once(
     family = get_family(model)
     gen = torch.Generator().manual_seed(10_007 * (seed + 1) + event)
     sites = family.sites(model)
+    if site is not None and site not in {s.name for s in sites}:
+        raise ValueError(f"site {site!r} is not a site of the model; sites: {[s.name for s in sites]}")
+    site_gen = random_site_generator(seed, event, setting)
     eps_grid = tuple(epsilons) if epsilons else DEFAULT_EPSILONS
-    rec = GrowthEvent(event=event, epoch=epoch, method=method, site=None)
+    rec = GrowthEvent(event=event, epoch=epoch, method=method, site=None, forced_site=site is not None)
     if method in ("topo", "random_site", "random_init"):
         only = None
-        if method == "random_site":
-            only = [sites[int(torch.randint(len(sites), (1,), generator=gen))].name]
+        if method == "random_site" and site is None:
+            only = [sites[int(torch.randint(len(sites), (1,), generator=site_gen))].name]
         if probe_cfg is not None:  # the configured rule (topotransfer.init_rules.probe_site_results)
             results = probe_site_results(model, probe_data, loss_fn, probe_cfg, sites=only, accelerator=accelerator)
         else:
             results = topological_derivative(model, probe_data, loss_fn, sites=only, accelerator=accelerator)
         rec.scores = {r.site: r.score for r in results}
+        rec.quadratics = {r.site: float(r.quadratic) for r in results}
         best = max(results, key=lambda r: r.score)
-        if method != "random_site" and best.score <= 0:
+        if site is not None:
+            best = next(r for r in results if r.site == site)
+        elif method != "random_site" and best.score <= 0:
             rec.stopped = "score<=0"  # no insertion lowers the loss to second order: stop growing
             return rec
 
@@ -204,37 +272,47 @@ def grow_once(
                     ls, weight, bias, sign = neg, -weight, (None if bias is None else -bias), -1
             return ls, weight, bias, sign
 
-        if method == "topo" and site_selection == "realized":
+        def eigen(r):
+            return (fill_inactive_rows(r.weight, r.bias, fill_inactive, gen) if fill_inactive > 0
+                    else (r.weight, r.bias))
+
+        if site is None and method in ("topo", "random_init") and site_selection == "realized":
             def candidate(r):
-                w, b = (fill_inactive_rows(r.weight, r.bias, fill_inactive, gen) if fill_inactive > 0
-                        else (r.weight, r.bias))
-                found = search(r, w, b)
+                found = search(r, *eigen(r))
                 return found[0].loss, found
 
             best, (ls, weight, bias, rec.sign), rec.realized = realized_site(results, candidate)
-        else:
-            weight, bias = best.weight, best.bias
-            if method == "random_init":
-                weight, bias = _random_unit_direction(family.new_layer(model, family.site(model, best.site)), gen)
-            elif fill_inactive > 0:
-                weight, bias = fill_inactive_rows(weight, bias, fill_inactive, gen)
+        if method == "random_init":
+            # the same site, a random direction of the eigen direction's size (scale_matched_random_direction)
+            moment = None
+            if probe_cfg is not None and probe_cfg.rule == "rowwise" and probe_cfg.whiten:
+                target = family.site(model, best.site)
+                moment = input_second_moments(model, probe_data, [target], {target.name: family.new_layer(model, target)},
+                                              accelerator)[target.name]
+            weight, bias = scale_matched_random_direction(best.weight, best.bias, gen, moment)
             ls, weight, bias, rec.sign = search(best, weight, bias)
-        rec.k = best.k if method != "random_init" else 1
-        if method != "random_init":
-            rec.quadratic = float(best.quadratic)
+        elif site is not None or method != "topo" or site_selection != "realized":
+            ls, weight, bias, rec.sign = search(best, *eigen(best))
+        rec.k = best.k if method != "random_init" else int(weight.shape[0])
+        rec.quadratic = float(best.quadratic) if method != "random_init" else math.nan
         rec.eps_tried, rec.loss_before = ls.tried, ls.baseline_loss
         # eps = 0 would insert a layer that can never train (sigma'(0) = 0 gives it zero gradient), so
-        # when no eps lowers the held-out loss we seed with the smallest eps of the grid and record it.
+        # when no eps lowers the held-out loss we seed with the smallest eps of the grid and say so.
+        rec.eps_fallback = not ls.epsilon > 0
         rec.epsilon = ls.epsilon if ls.epsilon > 0 else min(eps_grid)
         rec.loss_after = ls.loss if ls.epsilon > 0 else dict(ls.tried).get(rec.epsilon, math.nan)
-        site = family.site(model, best.site)
-        layer = family.new_layer(model, site)
+        target = family.site(model, best.site)
+        layer = family.new_layer(model, target)
         ref = layer.weight
         layer.set_direction(
             (rec.epsilon * weight).to(ref), None if bias is None else (rec.epsilon * bias).to(ref)
         )
+        theta_sq = weight.square().sum() + (0 if bias is None else bias.square().sum())
+        rec.init_norm = rec.epsilon * float(theta_sq.sqrt())
+        site = target
     elif method == "net2deeper":
-        site = sites[int(torch.randint(len(sites), (1,), generator=gen))]
+        site = family.site(model, site) if site is not None else sites[
+            int(torch.randint(len(sites), (1,), generator=site_gen))]
         layer = build_topo_layer({**family.new_layer(model, site).config(), "activation": "tanh"})
     elif method == "forward_thinking":
         for p in model.parameters():  # freeze what was trained; the head stays trainable

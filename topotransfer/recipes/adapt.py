@@ -31,7 +31,7 @@ from ..adapter import TopoAdapter, head_module_names, load_adapter, merge_and_sa
 from ..config import AdaptConfig, ConfigError, RunConfig, TrainConfig, to_dict
 from ..data import Task, load_task
 from ..errors import CheckpointMismatchError, ImageSizeError, LabelCountMismatchError, ModalityMismatchError
-from ..growth import count_parameters, realized_site
+from ..growth import count_parameters, random_site_generator, realized_site
 from ..init_rules import probe_site_results
 from ..insertion import DEFAULT_EPSILONS, insert_layer, line_search_epsilon
 from ..models.hf import MODALITIES, backbone_modality, load_backbone, load_image_normalization, load_tokenizer
@@ -220,7 +220,7 @@ def _insertion_event(
     """
     family = get_family(model)
     sites = family.sites(model)
-    gen = torch.Generator().manual_seed(10_007 * (cfg.seed + 1) + event)
+    gen = random_site_generator(cfg.seed, event, json.dumps(to_dict(cfg.data), sort_keys=True))  # per setting
     chosen = None
     if method == "random_site":
         chosen = [sites[int(torch.randint(len(sites), (1,), generator=gen))].name]

@@ -265,7 +265,7 @@ def run_grow(
                 ev: GrowthEvent = grow_once(
                     net, g.method, probe_batches, val_batches, loss_sum, event=len(state["events"]),
                     epoch=epoch + 1, seed=cfg.seed, probe_cfg=cfg.probe, epsilons=g.epsilons,
-                    random_init_std=g.random_init_std, accelerator=acc, both_signs=g.both_signs,
+                    setting=d.name, accelerator=acc, both_signs=g.both_signs,
                     fill_inactive=g.fill_inactive, site_selection=g.site_selection,
                 )
                 record = ev.to_dict()

@@ -1,0 +1,286 @@
+"""Shared by scripts/sweep_sites.py, scripts/ablate_init.py and scripts/report_evidence.py (not imported by the
+package): the frozen settings, their config hashes, one run with the insertion imposed, the raw result files.
+
+Protocol (docs/results/evidence.md). Every setting inserts exactly ONE layer (growth: ``growth.max_insertions=1``;
+adapt: ``adapt.insertions=1`` with the epochs of the second insertion moved to ``final_epochs``, so the epoch
+budget is the configured one), at event 0, then trains the rest of the budget. A *sweep* runs that insertion at
+every site (same rule, same eps line search, same budget); an *ablation* runs it at the site the configured
+rule picks, with another initialisation. Everything before event 0 is the same in all runs of a seed (same
+seed, same data, same epochs: the state at event 0 is bit-identical; the report checks that every run of a
+seed recorded the same site scores), so the configured method's own run IS the sweep's run at its site, the
+fixed rules "first site" / "last site" are sweep runs, and the mean over the sites is the exact expected
+value of a uniformly drawn site.
+
+How the insertion is imposed: the recipes have no switch for "insert at site s" (and should not: it is an
+experiment, not a method), so the run replaces, for its duration, the growth step the grow recipe calls
+(``topotransfer.recipes.grow.grow_once`` -> :func:`topotransfer.growth.grow_once` with ``site=s``) or the
+probe the adapt recipe calls (``topotransfer.recipes.adapt.probe_site_results``: every site is probed and
+recorded, only site s is returned, with ``adapt.method=last_block`` so no TD > 0 rule skips it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from topotransfer.config import load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "docs" / "results" / "evidence" / "spec.json"
+RAW = ROOT / "docs" / "results" / "evidence" / "raw"
+CONFIGS = ROOT / "topotransfer" / "configs"
+_PEFT = "base_model.model."
+
+
+class RawDataError(RuntimeError):
+    """A raw result file is missing or was produced by another config than the frozen spec's."""
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def load_spec(path: Path = SPEC) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def base_overrides(setting: dict) -> list[str]:
+    """The overrides of every run of a setting (single insertion, the setting's own extras)."""
+    if setting["recipe"] == "grow":
+        return ["growth.max_insertions=1", *setting.get("overrides", [])]
+    n = setting["shots"] * setting.get("num_classes", 10)
+    return [f"data.name={setting['target']}", f"data.num_train={n}", f"data.num_val={n}", "adapt.insertions=1",
+            *setting.get("overrides", [])]
+
+
+def resolved_config(setting: dict) -> dict:
+    """The setting's config with everything a run varies removed (seed, output dir, backbone dir, method)."""
+    cfg = to_dict(load_config(CONFIGS / f"{setting['config']}.yaml", base_overrides(setting)))
+    cfg.pop("seed", None)
+    cfg.pop("output_dir", None)
+    cfg.get("model", {}).pop("name_or_path", None)
+    cfg.get("growth", {}).pop("method", None)
+    cfg.get("adapt", {}).pop("method", None)
+    cfg.pop("progress", None)
+    return cfg
+
+
+def config_hash(name: str, setting: dict, kind: str) -> str:
+    """sha256 (16 hex) of what determines a raw file: setting spec + resolved config + kind (sweep / ablation)."""
+    blob = json.dumps({"name": name, "kind": kind, "setting": setting, "config": resolved_config(setting)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def raw_path(raw_dir: Path, name: str, kind: str, seed: int) -> Path:
+    return Path(raw_dir) / name / f"{kind}_seed{seed}.json"
+
+
+def read_raw(raw_dir: Path, name: str, setting: dict, kind: str, seed: int) -> dict:
+    """A raw file, checked against the frozen spec. Raises :class:`RawDataError` (one line) otherwise."""
+    path = raw_path(raw_dir, name, kind, seed)
+    if not path.is_file():
+        raise RawDataError(f"missing raw file {path} ({kind}, setting {name}, seed {seed}): run "
+                           f"scripts/{'sweep_sites' if kind == 'sweep' else 'ablate_init'}.py --setting {name} "
+                           f"--seeds {seed}")
+    data = json.loads(path.read_text())
+    want = config_hash(name, setting, kind)
+    if data.get("config_hash") != want:
+        raise RawDataError(f"{path} was produced by another config (hash {data.get('config_hash')} != {want} of "
+                           f"the spec {SPEC.name}): rerun it")
+    return data
+
+
+def write_raw(raw_dir: Path, name: str, setting: dict, kind: str, seed: int, runs: dict, extra: dict) -> Path:
+    path = raw_path(raw_dir, name, kind, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"setting": name, "kind": kind, "seed": seed, "config_hash": config_hash(name, setting, kind),
+               "command": " ".join(["python", *sys.argv]), **extra, "runs": runs}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=_json_default) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return str(x)
+
+
+# ------------------------------------------------------------------------------------------------ growth
+@contextlib.contextmanager
+def imposed_growth(site: str | None, method: str | None = None, probe_cfg=None):
+    """While active, the grow recipe's event 0 inserts at ``site`` (None: the method's own choice), with
+    ``method`` (e.g. random_init, net2deeper) and ``probe_cfg`` (another eigen rule) instead of the config's."""
+    import topotransfer.growth as growth
+    import topotransfer.recipes.grow as recipe
+
+    real = growth.grow_once
+
+    def grow_once(model, method_, *args, **kwargs):
+        if kwargs.get("event") == 0:
+            if site is not None:
+                kwargs["site"] = site
+            if probe_cfg is not None:
+                kwargs["probe_cfg"] = probe_cfg
+            method_ = method or method_
+        return real(model, method_, *args, **kwargs)
+
+    recipe.grow_once = grow_once
+    try:
+        yield
+    finally:
+        recipe.grow_once = real
+
+
+def grow_run(setting: dict, seed: int, out: Path, site: str | None = None, method: str = "topo",
+             probe: list[str] | None = None, fixed: bool = False) -> dict:
+    """One single-insertion growth run; returns its summary record (:func:`grow_record`)."""
+    from topotransfer.recipes.grow import run_grow
+
+    over = [*base_overrides(setting), f"seed={seed}", f"output_dir={out}", "progress=false"]
+    if fixed:  # no growth: the network is built at the final depth (base depth + 1)
+        cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, "growth.method=fixed"])
+        return grow_record(run_grow(cfg), out)
+    cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, "growth.method=topo"])
+    probe_cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, *(probe or [])]).probe if probe else None
+    with imposed_growth(site, None if method == "topo" else method, probe_cfg):
+        results = run_grow(cfg)
+    return grow_record(results, out)
+
+
+def grow_record(results: dict, out: Path) -> dict:
+    """Best-validation and final model (each with its depth and parameters), param-epochs, the event."""
+    hist = json.loads((Path(out) / "history.json").read_text())["epochs"]
+    best = hist[results["best_epoch"] - 1]
+    ev = results["events"][0] if results["events"] else {}
+    return {
+        "best": {"epoch": results["best_epoch"], "val_loss": best["val_loss"], "val_error": best["val_error"],
+                 "test_error": results["test_error"], "test_loss": results["test_loss"],
+                 "depth": results["best_depth"], "params": best["params"]},
+        "final": {"val_loss": hist[-1]["val_loss"], "val_error": hist[-1]["val_error"],
+                  "test_error": results["final_test_error"], "depth": results["depth"], "params": results["params"]},
+        "param_epochs": sum(h["params"] for h in hist),
+        "event": _event_summary(ev),
+        "wall_time": results["wall_time"],
+    }
+
+
+def _event_summary(ev: dict) -> dict:
+    keep = ("site", "scores", "quadratics", "epsilon", "eps_fallback", "loss_before", "loss_after", "init_norm",
+            "sign", "k", "quadratic", "method", "epoch", "forced_site")
+    out = {k: ev.get(k) for k in keep if k in ev}
+    if ev:
+        out["realized"] = ev["loss_before"] if ev.get("eps_fallback") else ev["loss_after"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ adapt
+def pretrained(setting: dict, work: Path) -> Path:
+    """The setting's source backbone (pretrained once per source under ``work``, reproduce_transfer.FULL)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce_transfer as rt
+
+    budget = dict(rt.FULL)
+    return rt.pretrain(setting["source"], Path(work) / f"pretrained_{setting['source']}", budget)
+
+
+@contextlib.contextmanager
+def imposed_adapt(site: str | None, record: dict, direction=None):
+    """While active, the adapt recipe's first probe scores every site (kept in ``record``) and returns only
+    ``site``'s result (None: all, the method's own choice); ``direction(result) -> result`` may replace its
+    direction (ablation). Later probes (there are none with one insertion) are left alone."""
+    import topotransfer.recipes.adapt as recipe
+
+    real = recipe.probe_site_results
+    calls = {"n": 0}
+
+    def probe_site_results(model, data, loss_fn, probe, sites=None, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            return real(model, data, loss_fn, probe, sites=sites, **kwargs)
+        results = real(model, data, loss_fn, probe, sites=None, **kwargs)
+        record["scores"] = {r.site.removeprefix(_PEFT): float(r.score) for r in results}
+        record["quadratics"] = {r.site.removeprefix(_PEFT): float(r.quadratic) for r in results}
+        if site is None:
+            return results
+        chosen = [r for r in results if r.site.removeprefix(_PEFT) == site]
+        if not chosen:
+            raise ValueError(f"site {site!r} is not among {sorted(record['scores'])}")
+        if direction is not None:
+            chosen = [direction(model, data, chosen[0])]
+        return chosen
+
+    recipe.probe_site_results = probe_site_results
+    try:
+        yield
+    finally:
+        recipe.probe_site_results = real
+
+
+def adapt_run(setting: dict, seed: int, out: Path, backbone: Path, site: str | None = None, method: str = "topo",
+              probe: list[str] | None = None, direction=None) -> dict:
+    """One single-insertion adapt run (``site`` imposed, or the method's choice); returns its summary record."""
+    from topotransfer.recipes.adapt import run_adapt
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce_transfer as rt
+
+    rank = rt.matched_lora_rank(rt.FULL["width"], rt.FULL["depth"], 1)
+    run_method = "last_block" if (site is not None and method == "topo") else method
+    over = [*base_overrides(setting), f"seed={seed}", f"output_dir={out}", "progress=false",
+            f"model.name_or_path={backbone}", f"adapt.method={run_method}", f"adapt.lora_r={rank}",
+            "adapt.lora_alpha=16", "adapt.save_adapter=false", *(probe or [])]
+    if method == "full_finetune":
+        over.append("adapt.backbone_lr=0.0003")
+    cfg = load_config(CONFIGS / f"{setting['config']}.yaml", over)
+    record: dict = {}
+    with imposed_adapt(site, record, direction) if run_method in ("topo", "last_block") else contextlib.nullcontext():
+        r = run_adapt(cfg).results
+    hist = r["history"]
+    after = [h for h in hist if h["phase"] != "head"]
+    ev = dict(r["events"][0]) if r["events"] else {}
+    if ev:
+        ev["scores"], ev["quadratics"] = record.get("scores", ev.get("scores")), record.get("quadratics", {})
+        ev["realized"] = ev["loss_before"] if ev.get("eps_fallback") else ev["loss_after"]
+    best = min(hist, key=lambda h: h["val_loss"])
+    return {
+        # adapt keeps no best-validation checkpoint: its test error is the final model's only
+        "best": {"epoch": best["epoch"], "val_loss": best["val_loss"], "val_error": best["val_error"],
+                 "test_error": None, "depth": None, "params": best["trainable_params"]},
+        "final": {"val_loss": r["val_loss"], "val_error": r["val_error"], "test_error": r["test_error"],
+                  "depth": r["depth"] + r["insertions"], "params": r["trainable_params"]},
+        "param_epochs": sum(h["trainable_params"] for h in after),
+        "event": {k: ev[k] for k in ("site", "scores", "quadratics", "epsilon", "eps_fallback", "loss_before",
+                                     "loss_after", "init_norm", "k", "score", "realized") if k in ev},
+        "wall_time": r["wall_time"],
+    }
+
+
+def topo_choice(runs: dict[str, dict], rule: str) -> str:
+    """The site the configured method picks, from a sweep's runs (every run recorded every site's scores).
+
+    ``rule``: "argmax" (lambda_max(Q_t)), "quadratic" (theta^T Q_t theta of the inserted direction) or
+    "realized" (lowest held-out loss after the line search among sites with score > 0; ties: larger score).
+    """
+    first = next(iter(runs.values()))["event"]
+    scores = first["scores"]
+    if rule == "argmax":
+        return max(scores, key=scores.get)
+    if rule == "quadratic":
+        q = first["quadratics"]
+        return max(q, key=q.get)
+    cands = [s for s in runs if scores.get(s, 0) > 0] or list(runs)
+    return min(cands, key=lambda s: (runs[s]["event"]["realized"], -scores[s]))
+
+
+def copy_record(r: dict) -> dict:
+    return copy.deepcopy(r)
