@@ -72,9 +72,16 @@ def resolved_config(setting: dict) -> dict:
 
 def config_hash(name: str, setting: dict, kind: str) -> str:
     """sha256 (16 hex) of what determines a raw file: setting spec + resolved config + kind (sweep / ablation)."""
+    setting = {k: v for k, v in setting.items() if k not in ("dev_seeds", "report_seeds")}  # which seeds: not a config
     blob = json.dumps({"name": name, "kind": kind, "setting": setting, "config": resolved_config(setting)},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def seeds_of(spec: dict, name: str, which: str) -> list[int]:
+    """``which`` = "dev" | "report": the setting's own list, else the spec's default."""
+    key = f"{which}_seeds"
+    return list(spec["settings"][name].get(key, spec[key]))
 
 
 def raw_path(raw_dir: Path, name: str, kind: str, seed: int) -> Path:
@@ -149,12 +156,33 @@ def grow_run(setting: dict, seed: int, out: Path, site: str | None = None, metho
     over = [*base_overrides(setting), f"seed={seed}", f"output_dir={out}", "progress=false"]
     if fixed:  # no growth: the network is built at the final depth (base depth + 1)
         cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, "growth.method=fixed"])
-        return grow_record(run_grow(cfg), out)
+        return grow_record(finished(cfg, out, {}) or run_grow(cfg), out)
     cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, "growth.method=topo"])
     probe_cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, *(probe or [])]).probe if probe else None
-    with imposed_growth(site, None if method == "topo" else method, probe_cfg):
-        results = run_grow(cfg)
+    imposed = {"site": site, "method": method, "probe": probe or []}
+    results = finished(cfg, out, imposed)
+    if results is None:
+        with imposed_growth(site, None if method == "topo" else method, probe_cfg):
+            results = run_grow(cfg)
+        (Path(out) / "imposed.json").write_text(json.dumps(imposed))
     return grow_record(results, out)
+
+
+def finished(cfg, out: Path, imposed: dict) -> dict | None:
+    """The results of a finished run in ``out`` made with the same config and the same imposed insertion
+    (an interrupted sweep continues where it stopped), else ``None``."""
+    import yaml
+
+    out = Path(out)
+    if not all((out / f).is_file() for f in ("results.json", "config.yaml")):
+        return None
+    if yaml.safe_load((out / "config.yaml").read_text()) != to_dict(cfg):
+        return None
+    if imposed:
+        saved = json.loads((out / "imposed.json").read_text()) if (out / "imposed.json").is_file() else None
+        if saved is None or {k: v for k, v in saved.items() if k != "record"} != imposed:
+            return None
+    return json.loads((out / "results.json").read_text())
 
 
 def grow_record(results: dict, out: Path) -> dict:
@@ -189,8 +217,9 @@ def pretrained(setting: dict, work: Path) -> Path:
     sys.path.insert(0, str(ROOT / "scripts"))
     import reproduce_transfer as rt
 
-    budget = dict(rt.FULL)
-    return rt.pretrain(setting["source"], Path(work) / f"pretrained_{setting['source']}", budget)
+    budget = dict(rt.QUICK if setting.get("budget") == "quick" else rt.FULL)
+    tag = "_quick" if setting.get("budget") == "quick" else ""
+    return rt.pretrain(setting["source"], Path(work) / f"pretrained_{setting['source']}{tag}", budget)
 
 
 @contextlib.contextmanager
@@ -234,7 +263,8 @@ def adapt_run(setting: dict, seed: int, out: Path, backbone: Path, site: str | N
     sys.path.insert(0, str(ROOT / "scripts"))
     import reproduce_transfer as rt
 
-    rank = rt.matched_lora_rank(rt.FULL["width"], rt.FULL["depth"], 1)
+    budget = rt.QUICK if setting.get("budget") == "quick" else rt.FULL
+    rank = rt.matched_lora_rank(budget["width"], budget["depth"], 1)
     run_method = "last_block" if (site is not None and method == "topo") else method
     over = [*base_overrides(setting), f"seed={seed}", f"output_dir={out}", "progress=false",
             f"model.name_or_path={backbone}", f"adapt.method={run_method}", f"adapt.lora_r={rank}",
@@ -242,9 +272,15 @@ def adapt_run(setting: dict, seed: int, out: Path, backbone: Path, site: str | N
     if method == "full_finetune":
         over.append("adapt.backbone_lr=0.0003")
     cfg = load_config(CONFIGS / f"{setting['config']}.yaml", over)
-    record: dict = {}
-    with imposed_adapt(site, record, direction) if run_method in ("topo", "last_block") else contextlib.nullcontext():
-        r = run_adapt(cfg).results
+    imposed = {"site": site, "method": method, "probe": probe or [], "direction": direction is not None}
+    r = finished(cfg, out, imposed)
+    if r is not None:
+        record = json.loads((Path(out) / "imposed.json").read_text())["record"]
+    else:
+        record: dict = {}
+        with imposed_adapt(site, record, direction) if run_method in ("topo", "last_block") else contextlib.nullcontext():
+            r = run_adapt(cfg).results
+        (Path(out) / "imposed.json").write_text(json.dumps({**imposed, "record": record}))
     hist = r["history"]
     after = [h for h in hist if h["phase"] != "head"]
     ev = dict(r["events"][0]) if r["events"] else {}

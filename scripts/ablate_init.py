@@ -70,7 +70,8 @@ def run_setting(name: str, setting: dict, seeds: list[int], work: Path, raw_dir:
         base = work / name / "ablation" / f"seed{seed}"
 
         def one(label: str, **kw) -> dict:
-            out = base / label
+            # the configured run is the sweep's own (same config, same seed): shared, read back when finished
+            out = work / name / "sweep" / f"seed{seed}" / "configured" if label == own_rule else base / label
             if grow:
                 return ev.grow_run(setting, seed, out, **kw)
             return ev.adapt_run(setting, seed, out, backbone, **kw)

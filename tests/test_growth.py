@@ -119,3 +119,82 @@ def test_realized_site_selection_line_searches_every_site(tmp_path):
             assert ev.realized[r.site] == pytest.approx(best, rel=1e-12)
     with pytest.raises(ValueError, match="site_selection"):
         load_config(None, ["growth.site_selection=best"])
+
+
+# ---------------------------------------------------------------------------------------------- baselines (issue 11)
+def test_random_site_draws_differ_between_settings_and_repeat_within_one():
+    from topotransfer.growth import random_site_generator
+
+    def draws(setting):
+        return [int(torch.randint(5, (1,), generator=random_site_generator(s, e, setting))) for s in range(8)
+                for e in range(3)]
+
+    assert draws("a") == draws("a")  # a resumed run draws the same sites
+    assert draws("a") != draws("b")  # another setting (task, shots) draws independently
+
+
+def test_random_direction_is_scaled_like_the_eigen_direction():
+    from topotransfer.growth import scale_matched_random_direction
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(4, 3, dtype=torch.float64) * 3, torch.randn(4, dtype=torch.float64)
+    rw, rb = scale_matched_random_direction(w, b, g)
+    theta, rtheta = torch.cat([w, b[:, None]], 1), torch.cat([rw, rb[:, None]], 1)
+    assert torch.allclose(rtheta.norm(), theta.norm()) and not torch.allclose(rtheta, theta)
+    # whitened rule: same mean-square pre-activation (1/N) sum_n ||Theta zh_n||^2 = tr(Theta M Theta^T)
+    z = torch.cat([torch.randn(50, 3, dtype=torch.float64) * torch.tensor([5.0, 1.0, 0.1]),
+                   torch.ones(50, 1, dtype=torch.float64)], 1)
+    m = z.T @ z / 50
+    rw, rb = scale_matched_random_direction(w, b, g, m)
+    rtheta = torch.cat([rw, rb[:, None]], 1)
+    assert torch.allclose((rtheta @ z.T).square().sum() / 50, (theta @ z.T).square().sum() / 50)
+    assert scale_matched_random_direction(w, None, g)[1] is None
+
+
+def test_random_init_uses_topos_site_and_an_equally_large_direction(tmp_path):
+    """random_init goes where topo goes (same site rule) and its layer has the eigen direction's norm."""
+    from topotransfer.data import load_task
+    from topotransfer.growth import grow_once
+    from topotransfer.models.build import build_model
+    from topotransfer.recipes.grow import _batches
+
+    cfg = _cfg(tmp_path)
+    task = load_task("regression", seed=0, num_train=160, num_val=64, num_test=128)
+    torch.manual_seed(0)
+    events = {}
+    for method in ("topo", "random_init"):
+        model = build_model(cfg.model, task.input_shape, task.num_outputs).double()
+        model.load_state_dict(build_model(cfg.model, task.input_shape, task.num_outputs).double().state_dict()
+                              if method == "topo" else events["state"])
+        if method == "topo":
+            events["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+        loss = torch.nn.MSELoss(reduction="sum")
+        batches = [(x.double(), y.double()) for x, y in _batches(task.train, 80)]
+        val = [(x.double(), y.double()) for x, y in _batches(task.val, 64)]
+        events[method] = grow_once(model, method, batches, val, loss, event=0, epoch=0, seed=0, probe_cfg=cfg.probe,
+                                   site_selection="realized")
+    topo, rnd = events["topo"], events["random_init"]
+    assert rnd.site == topo.site and rnd.scores == topo.scores
+    # init_norm = eps * ||direction||_F: the random direction is exactly as large as the eigen one
+    assert abs(rnd.init_norm / rnd.epsilon - topo.init_norm / topo.epsilon) < 1e-9 * topo.init_norm / topo.epsilon
+    assert rnd.eps_fallback == (not any(l < rnd.loss_before for e, l in rnd.eps_tried if e > 0))
+
+
+def test_forced_site_inserts_there_and_records_every_sites_scores(tmp_path):
+    from topotransfer.data import load_task
+    from topotransfer.growth import grow_once
+    from topotransfer.models.build import build_model
+    from topotransfer.recipes.grow import _batches
+
+    cfg = _cfg(tmp_path)
+    task = load_task("regression", seed=0, num_train=160, num_val=64, num_test=128)
+    model = build_model(cfg.model, task.input_shape, task.num_outputs)
+    data = [tuple(b) for b in _batches(task.train, 80)]
+    loss = torch.nn.MSELoss(reduction="sum")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="not a site"):
+        grow_once(model, "topo", data, data, loss, event=0, epoch=0, site="nowhere")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed
+    rec = grow_once(model, "topo", data, data, loss, event=0, epoch=0, site="input_layer", probe_cfg=cfg.probe)
+    assert rec.site == "input_layer" and rec.forced_site and set(rec.scores) == {"input_layer", "layers.0"}
+    assert set(rec.quadratics) == set(rec.scores) and rec.depth == 2

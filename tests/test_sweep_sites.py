@@ -1,0 +1,93 @@
+"""scripts/sweep_sites.py (every-site sweep) and scripts/report_evidence.py on tiny budgets (``--quick``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import _evidence as ev  # noqa: E402
+import report_evidence  # noqa: E402
+import sweep_sites  # noqa: E402
+
+
+def quick_spec(tmp_path: Path, name: str, seeds: list[int]) -> Path:
+    """A spec holding only the quick version of ``name`` (the hash the quick raw files carry)."""
+    spec = ev.load_spec()
+    setting = sweep_sites.quick_setting(spec["settings"][name])
+    setting["report_seeds"] = seeds
+    spec["settings"] = {name: setting}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_growth_sweep_runs_every_site_from_one_shared_state_and_the_report_checks_its_raw_files(tmp_path):
+    raw = tmp_path / "raw"
+    [path] = sweep_sites.main(["--quick", "--setting", "grow_digits", "--seeds", "0", "--work-dir",
+                               str(tmp_path / "work"), "--raw-dir", str(raw)])
+    data = json.loads(path.read_text())
+    assert set(data["runs"]) == set(data["sites"]) == {"input_layer", "layers.0"}
+    own = data["runs"][data["configured_site"]]["event"]
+    assert not own["forced_site"]  # the configured method chose this one itself
+    for site, run in data["runs"].items():
+        assert run["event"]["site"] == site and run["final"]["depth"] == 2
+        assert run["event"]["scores"] == own["scores"]  # the same state at event 0 in every run of the seed
+        assert run["event"]["forced_site"] == (site != data["configured_site"])
+    assert data["references"]["fixed"]["event"] == {} and data["references"]["fixed"]["final"]["depth"] == 2
+
+    spec = quick_spec(tmp_path, "grow_digits", [0])
+    text = report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
+    assert "| input_layer |" in text and "| layers.0 |" in text and "random site (exact expectation" in text
+    assert "| reference: fixed |" in text and "topo's rank among the 2 sites" in text
+
+    # produced by another config than the spec says: refused, with the file named
+    other = json.loads(spec.read_text())
+    other["settings"]["grow_digits"]["overrides"].append("train.lr=0.5")
+    spec.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="was produced by another config"):
+        report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
+    # missing raw file (another seed): refused, with the command that makes it
+    spec = quick_spec(tmp_path, "grow_digits", [0, 1])
+    with pytest.raises(SystemExit, match=r"missing raw file .*sweep_seed1\.json.*sweep_sites\.py"):
+        report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
+    # a sweep whose runs did not share the state at event 0 is not an every-site comparison
+    data["runs"]["layers.0"]["event"]["scores"]["input_layer"] += 1.0
+    path.write_text(json.dumps(data))
+    spec = quick_spec(tmp_path, "grow_digits", [0])
+    with pytest.raises(SystemExit, match="other site scores"):
+        report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
+
+
+def test_report_writes_nothing_without_out(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="missing raw file"):
+        report_evidence.main(["--raw-dir", str(tmp_path / "empty"), "--settings", "grow_digits"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_spearman():
+    assert report_evidence.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert report_evidence.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert report_evidence.spearman([1, 1, 1], [1, 2, 3]) != report_evidence.spearman([1, 1, 1], [1, 2, 3])  # NaN
+
+
+def test_paired_counts_the_seeds_where_the_first_is_better():
+    assert report_evidence.paired([0.1, 0.2, 0.3], [0.2, 0.2, 0.1], 100.0) == "-3.33 ± 15.28 (1/3 better, 1 tied)"
+
+
+@pytest.mark.slow
+def test_transfer_sweep_quick(tmp_path):
+    pytest.importorskip("transformers")
+    raw = tmp_path / "raw"
+    [path] = sweep_sites.main(["--quick", "--setting", "mnist_to_fashion_10", "--seeds", "0", "--work-dir",
+                               str(tmp_path / "work"), "--raw-dir", str(raw)])
+    data = json.loads(path.read_text())
+    assert set(data["runs"]) == set(data["sites"]) and len(data["sites"]) >= 3
+    assert all(r["event"]["site"] == s for s, r in data["runs"].items()) and "lora" in data["references"]
+    spec = quick_spec(tmp_path, "mnist_to_fashion_10", [0])
+    assert "| reference: lora |" in report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
