@@ -99,6 +99,31 @@ def test_zero_layer_is_exact_identity_at_every_site(attn):
         assert all(torch.equal(a, b) for a, b in zip(before, outputs(model, batch), strict=True)), site.name
 
 
+def test_sites_inside_blocks_identity_and_finite_differences():
+    """Sub-block sites (in front of each post-LN LayerNorm): exact identity with a zero layer, FD at each."""
+    base, data = make_distilbert(), [make_batch()]
+    family = get_family(base)
+    subs = family.sites(base, "sublayers")
+    assert [s.name for s in subs] == [
+        f"distilbert.transformer.layer.{i}.{ln}" for i in range(LAYERS) for ln in ("sa_layer_norm", "output_layer_norm")
+    ]
+    assert [s.name for s in family.sites(base, "all")][:3] == [
+        "distilbert.embeddings", "distilbert.transformer.layer.0.sa_layer_norm",
+        "distilbert.transformer.layer.0.output_layer_norm"]
+    before = outputs(base, data[0])
+    for site in subs:
+        model = insert_layer(copy.deepcopy(base), site.name)
+        assert model.config.n_layers == LAYERS  # inside a block: the depth does not change
+        assert all(torch.equal(a, b) for a, b in zip(before, outputs(model, data[0]), strict=True)), site.name
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    j0 = summed_loss(base, data, loss_fn)
+    for r in topological_derivative(base, data, loss_fn, sites=[s.name for s in subs], rule="top1"):
+        assert r.num_samples == sum(LENGTHS) and r.score > 0
+        grown = insert_layer(copy.deepcopy(base), r.site, r.weight, r.bias, epsilon=EPS_FD)
+        fd = 2.0 * (j0 - summed_loss(grown, data, loss_fn)) / EPS_FD**2
+        assert fd == pytest.approx(r.score, rel=1e-2), (r.site, fd, r.score)
+
+
 def save_distilbert(path, seed: int = 0) -> str:
     """A random tiny DistilBERT with a WordPiece tokenizer, saved offline."""
     from test_text_data import write_vocab
@@ -118,7 +143,7 @@ def test_adapter_and_merged_round_trip(tmp_path):
     assert backbone_modality(transformers.AutoConfig.from_pretrained(base_dir)) == "text"
     model = load_backbone(base_dir, id2label={0: "neg", 1: "pos"})
     g = torch.Generator().manual_seed(2)
-    for site in ("distilbert.transformer.layer.1", "distilbert.embeddings"):
+    for site in ("distilbert.transformer.layer.0.sa_layer_norm", "distilbert.transformer.layer.1", "distilbert.embeddings"):
         insert_layer(model, site, torch.randn(HIDDEN, HIDDEN, generator=g), torch.randn(HIDDEN, generator=g), 0.3)
     batch = make_batch()
     batch["input_ids"] = batch["input_ids"].clamp(max=model.config.vocab_size - 1)

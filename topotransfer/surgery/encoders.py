@@ -15,7 +15,8 @@ live and what they are called:
 
 The heads (DistilBERT: ``pre_classifier`` + ReLU + ``classifier`` on the first token; DINOv2:
 ``classifier`` on [CLS, mean of patch tokens]) are not reproduced by :meth:`forward_from`: callers fall
-back to the full forward pass.
+back to the full forward pass. DINOv2 has no sites inside its blocks yet (its pre-LN block with layer
+scale would need its own checked mid-block forward).
 """
 
 from __future__ import annotations
@@ -26,11 +27,17 @@ __all__ = ["Dinov2Family", "DistilBertFamily"]
 
 
 class DistilBertFamily(HFEncoderFamily):
-    """transformers DistilBERT (``DistilBertModel``, ``DistilBertForSequenceClassification``, ...)."""
+    """transformers DistilBERT (``DistilBertModel``, ``DistilBertForSequenceClassification``, ...).
+
+    Sites inside a block (``"sublayers"``): the block is post-LN, ``a' = sa_layer_norm(attn(h) + h)``,
+    ``out = output_layer_norm(ffn(a') + a')``, and each sum's only consumer is its LayerNorm, so a layer goes
+    in front of the LayerNorm (:class:`~topotransfer.surgery.hf.TopoPreNorm`, as for BERT).
+    """
 
     name = "distilbert"
     model_types = ("distilbert",)
     block_classes = ("TransformerBlock",)
+    inner_points = (("sa_layer_norm", 1 / 3, "pre_norm"), ("output_layer_norm", 2 / 3, "pre_norm"))
 
 
 class Dinov2Family(HFEncoderFamily):
