@@ -29,7 +29,9 @@ from topotransfer.expansion import (  # noqa: E402
     expand,
     freeze_all_but_copies,
     insert_copied_block,
+    line_search_copy,
     on_top_sites,
+    realized_copy_sites,
     uniform_interleave_sites,
 )
 from topotransfer.losses import CausalLMLoss  # noqa: E402
@@ -208,3 +210,25 @@ def test_placement_baselines_and_budget():
     with pytest.raises(TypeError, match="decoder-LM family"):
         copy_site_scores(transformers.BertModel(transformers.BertConfig(
             vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)), [], None)
+
+
+def test_realized_selection_by_line_search():
+    """The line search leaves the model unchanged, never accepts a loss increase, and its best eps inserted for
+    real gives exactly the loss it reported; realized_copy_sites keeps the largest decreases."""
+    model = make_gpt2()
+    probe, held_out = make_batch(seed=1), make_batch(seed=2)
+    scores = copy_site_scores(model, [probe], CausalLMLoss())
+    before = logits(model, held_out)
+    searches = [line_search_copy(model, s, [held_out], CausalLMLoss()) for s in scores]
+    assert torch.equal(logits(model, held_out), before) and model.config.num_hidden_layers == LAYERS
+    for s, ls in zip(scores, searches, strict=True):
+        assert ls.tried[0] == (0.0, ls.baseline) and ls.loss <= ls.baseline and ls.decrease >= 0
+        grown = copy.deepcopy(model)
+        expand(grown, [s], epsilon=ls.epsilon)
+        assert summed_loss(grown, [held_out]) == pytest.approx(ls.loss, rel=1e-12)
+    chosen = realized_copy_sites(model, scores, [held_out], CausalLMLoss(), budget=2)
+    expected = sorted(range(len(scores)), key=lambda i: -searches[i].decrease)[:2]
+    assert [s.site for s, _ in chosen] == [scores[i].site for i in sorted(expected)]
+    grown = copy.deepcopy(model)
+    expand(grown, [s for s, _ in chosen], epsilon=[ls.epsilon for _, ls in chosen])
+    assert summed_loss(grown, [held_out]) < searches[0].baseline

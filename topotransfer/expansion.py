@@ -42,7 +42,8 @@ from site to site (it duplicates a different block, so a and m differ), the scor
 Cost: one forward + backward pass of the probe batch (states and adjoints at every site, as for the
 TopoLayer) plus, per site, one forward pass of one block on the captured state.
 
-Positions: :func:`copy_site_scores` gives TD1_t at every site; :func:`choose_sites` keeps the best B. The
+Positions: :func:`copy_site_scores` gives TD1_t at every site; :func:`choose_sites` keeps the best B, or
+:func:`realized_copy_sites` keeps the B whose line search over eps (held-out data) lowers the loss most. The
 baselines are :func:`uniform_interleave_sites` (LLaMA-Pro: one copy after every T/B blocks) and
 :func:`on_top_sites` (B copies stacked after the last block). :func:`expand` inserts copies at a list of
 sites, :func:`freeze_all_but_copies` makes only the new blocks trainable.
@@ -58,18 +59,22 @@ from torch import nn
 
 from .derivative.probes import capture_states, probe_batch
 from .derivative.topological import LossFn, _to_device, check_loss_fn, sample_mask, split_batch
+from .insertion import DEFAULT_EPSILONS, evaluate_loss
 from .surgery import get_family
 from .surgery.base import Site
 from .surgery.decoder import CopiedBlock, DecoderFamily
 
 __all__ = [
+    "CopyLineSearch",
     "CopySiteScore",
     "choose_sites",
     "copy_site_scores",
     "expand",
     "freeze_all_but_copies",
     "insert_copied_block",
+    "line_search_copy",
     "on_top_sites",
+    "realized_copy_sites",
     "uniform_interleave_sites",
 ]
 
@@ -268,24 +273,27 @@ def insert_copied_block(
 def expand(
     model: nn.Module,
     sites: Sequence[str | Site | CopySiteScore],
-    epsilon: float = 0.0,
+    epsilon: float | Sequence[float] = 0.0,
 ) -> list[int]:
     """Insert one copied block at each of ``sites`` (names refer to the model *before* expansion).
 
     Copies go in from the deepest site up, so every name still means the same place when its copy goes
-    in; a site listed k times receives k copies, stacked. Output projections start at ``epsilon`` times
-    the score's direction for :class:`CopySiteScore` entries, else at zero.
+    in; a site listed k times receives k copies, stacked. Output projections start at ``epsilon`` (one
+    value, or one per site) times the score's direction for :class:`CopySiteScore` entries, else at zero.
 
     Returns:
         The block positions of the new copies in the expanded model, ascending.
     """
     family = _decoder_family(model)
     resolved = [(family.site(model, s.site if isinstance(s, CopySiteScore) else s), s) for s in sites]
+    eps = [float(epsilon)] * len(resolved) if isinstance(epsilon, (int, float)) else [float(e) for e in epsilon]
+    if len(eps) != len(resolved):
+        raise ValueError(f"{len(eps)} epsilons for {len(resolved)} sites")
     order = sorted(range(len(resolved)), key=lambda i: resolved[i][0].index, reverse=True)
     for i in order:
         site, entry = resolved[i]
         if isinstance(entry, CopySiteScore):
-            insert_copied_block(model, site, entry.direction, epsilon)
+            insert_copied_block(model, site, entry.direction, eps[i])
         else:
             insert_copied_block(model, site)
     _, container = family.chain(model)
@@ -302,6 +310,85 @@ def choose_sites(scores: Sequence[CopySiteScore], budget: int) -> list[CopySiteS
         raise ValueError(f"budget must be between 1 and the number of sites ({len(scores)}), got {budget}")
     best = sorted(scores, key=lambda s: (-s.score, s.index))[:budget]
     return sorted(best, key=lambda s: s.index)
+
+
+@dataclass
+class CopyLineSearch:
+    """The realized loss of a copy inserted along a direction, over a grid of eps.
+
+    Attributes:
+        site: site name.
+        epsilon: the eps of the lowest loss (0.0 when no eps lowers it: the zero-initialised copy).
+        loss: the loss at ``epsilon``.
+        baseline: the loss without the copy (= with eps = 0).
+        tried: ``(eps, loss)`` pairs, eps = 0 first.
+    """
+
+    site: str
+    epsilon: float
+    loss: float
+    baseline: float
+    tried: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def decrease(self) -> float:
+        """baseline - loss (>= 0)."""
+        return self.baseline - self.loss
+
+
+@torch.no_grad()
+def line_search_copy(
+    model: nn.Module,
+    score: CopySiteScore,
+    data: Iterable,
+    loss_fn: LossFn,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    max_batches: int | None = None,
+) -> CopyLineSearch:
+    """Evaluate J on ``data`` (held out from the probe data) with a copy at ``score.site`` whose output
+    projections are eps * ``score.direction``, for every eps of the grid; the model is left unchanged.
+
+    Never accepts an eps that raises the loss: eps = 0 (the zero-initialised copy, J unchanged) is admissible.
+    """
+    check_loss_fn(loss_fn)
+    family = _decoder_family(model)
+    site = family.site(model, score.site)
+    baseline = evaluate_loss(model, data, loss_fn, _no_cache_forward, max_batches)
+    block = insert_copied_block(model, site)
+    tried = [(0.0, baseline)]
+    try:
+        params = dict(block.block.named_parameters())
+        for eps in epsilons:
+            for name, value in score.direction.items():
+                params[name].copy_((float(eps) * value.to(torch.float64)).to(params[name]))
+            tried.append((float(eps), evaluate_loss(model, data, loss_fn, _no_cache_forward, max_batches)))
+    finally:
+        family.remove(model, site)
+    best_eps, best_loss = min(tried, key=lambda t: (t[1], t[0]))
+    if not best_loss < baseline:
+        best_eps, best_loss = 0.0, baseline
+    return CopyLineSearch(site.name, best_eps, best_loss, baseline, tried)
+
+
+def realized_copy_sites(
+    model: nn.Module,
+    scores: Sequence[CopySiteScore],
+    data: Iterable,
+    loss_fn: LossFn,
+    budget: int,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    max_batches: int | None = None,
+) -> list[tuple[CopySiteScore, CopyLineSearch]]:
+    """The ``budget`` sites whose line search (:func:`line_search_copy`) lowers the held-out loss most, in
+    depth order, each with its search (pass ``[s.epsilon for _, s in chosen]`` to :func:`expand`).
+
+    Each site is searched with the others absent, so the decreases of several copies need not add up.
+    """
+    if not 1 <= budget <= len(scores):
+        raise ValueError(f"budget must be between 1 and the number of sites ({len(scores)}), got {budget}")
+    searched = [(s, line_search_copy(model, s, data, loss_fn, epsilons, max_batches)) for s in scores]
+    best = sorted(searched, key=lambda t: (-t[1].decrease, t[0].index))[:budget]
+    return sorted(best, key=lambda t: t[0].index)
 
 
 def _original_block_sites(model: nn.Module) -> list[str]:
