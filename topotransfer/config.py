@@ -148,6 +148,11 @@ class GrowthConfig:
     patience: int = field(default=5, metadata={"help": "epochs without val improvement before growing"})
     min_delta: float = field(default=1e-4, metadata={"help": "relative val-loss improvement that counts"})
     epochs_per_stage: int | None = field(default=None, metadata={"help": "grow after exactly this many epochs (overrides patience)"})
+    max_stage_epochs: int | None = field(
+        default=None,
+        metadata={"help": "grow at a plateau (patience) or after this many epochs since the last event, whichever is first"},
+    )
+    check_every: int = field(default=1, metadata={"help": "epochs between the validation checks that patience counts"})
     both_signs: bool = field(default=True, metadata={"help": "line-search eps along +theta and -theta"})
     epsilons: list[float] | None = field(default=None, metadata={"help": "eps grid of the line search (None = default)"})
     site_selection: str = field(
@@ -169,6 +174,11 @@ class GrowthConfig:
         _check(self.site_selection in ("argmax", "realized"),
                f"growth.site_selection must be argmax|realized, got {self.site_selection!r}")
         _check(self.patience >= 1, f"growth.patience must be >= 1, got {self.patience}")
+        _check(self.check_every >= 1, f"growth.check_every must be >= 1, got {self.check_every}")
+        _check(self.max_stage_epochs is None or self.max_stage_epochs >= 1,
+               f"growth.max_stage_epochs must be >= 1 or null, got {self.max_stage_epochs}")
+        _check(self.max_stage_epochs is None or self.epochs_per_stage is None,
+               "growth.max_stage_epochs and growth.epochs_per_stage exclude each other (set one)")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from ..config import RunConfig, to_dict
 from ..data import load_task
@@ -186,7 +187,12 @@ def run_grow(
     test_batches = shard(_batches(task.test, cfg.train.batch_size), acc)
     started = time.perf_counter() - state["wall_time"]
 
+    best_unsaved = {"epoch": None}
+
     def checkpoint(name: str = "last") -> None:
+        if main and best_unsaved["epoch"] is not None:
+            save_checkpoint(out, "best", best_model, manifest, None, {"epoch": best_unsaved["epoch"]}, update_latest=False)
+            best_unsaved["epoch"] = None
         state["plateau"] = detector.state_dict()
         state["frozen"] = [n for n, p in net.named_parameters() if not p.requires_grad]
         state["wall_time"] = time.perf_counter() - started
@@ -208,6 +214,9 @@ def run_grow(
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
 
+    # Full batch on one process: a shuffle cannot change the one step, so skip the per-example DataLoader.
+    full_batch = ([tuple(task.train.tensors)] if isinstance(task.train, TensorDataset) and acc.num_processes == 1
+                  and cfg.train.batch_size >= len(task.train) and cfg.train.checkpoint_every_steps is None else None)
     epochs = range(state["epoch"], cfg.train.epochs)
     if cfg.progress and main:
         from tqdm.auto import tqdm
@@ -218,7 +227,7 @@ def run_grow(
         if steps_left is not None and steps_left <= 0:
             break
         # Same shuffle on every rank (seeded by epoch); accelerate hands each rank every n-th batch.
-        loader = acc.prepare_data_loader(
+        loader = full_batch or acc.prepare_data_loader(
             make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
         )
         try:
@@ -242,11 +251,13 @@ def run_grow(
             state["best_val"], state["best_epoch"] = val["loss"], epoch + 1
             state["best_insertions"] = len(manifest["insertions"])
             best_model = plain_model(acc, model)[0] if fsdp else copy.deepcopy(net)
-            if main:
-                save_checkpoint(out, "best", best_model, manifest, None, {"epoch": epoch + 1}, update_latest=False)
-        plateau = detector.update(val["loss"])
+            best_unsaved["epoch"] = epoch + 1  # written with the next checkpoint (full batch improves every epoch)
+        since = epoch + 1 - state["last_event_epoch"]  # epochs of this stage
+        plateau = detector.update(val["loss"]) if since % g.check_every == 0 else False
         if g.epochs_per_stage is not None:
-            plateau = epoch + 1 - state["last_event_epoch"] >= g.epochs_per_stage
+            plateau = since >= g.epochs_per_stage
+        elif g.max_stage_epochs is not None:
+            plateau = plateau or since >= g.max_stage_epochs
         grew = False
         if plateau and not state["growth_done"] and epoch + 1 < cfg.train.epochs:
             over = (
