@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ def run_or_reuse(cfg: RunConfig, out: Path, reuse: bool, report_only: bool, run:
     if reuse and (out / "results.json").is_file() and (out / "config.yaml").is_file():
         if yaml.safe_load((out / "config.yaml").read_text()) == to_dict(cfg):
             return json.loads((out / "results.json").read_text())
+        if not report_only:  # another config there: not this run; it is run again (and replaces that one)
+            print(f"--reuse: {out} holds a run of another config; running it again", file=sys.stderr)
     if report_only:
         return None  # not finished (or another config): left out of the report
     if not reuse:

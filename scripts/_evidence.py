@@ -25,7 +25,9 @@ import copy
 import hashlib
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,16 +99,45 @@ def read_raw(raw_dir: Path, name: str, setting: dict, kind: str, seed: int) -> d
                            f"--seeds {seed}")
     data = json.loads(path.read_text())
     want = config_hash(name, setting, kind)
-    if data.get("config_hash") != want:
-        raise RawDataError(f"{path} was produced by another config (hash {data.get('config_hash')} != {want} of "
-                           f"the spec {SPEC.name}): rerun it")
-    return data
+    if data.get("config_hash") == want:
+        return data
+    if "config" in data and "spec" in data:
+        # A field added to the config classes since the file was written, at its default value, is the same
+        # config: compare field by field instead of by hash.
+        spec = {k: v for k, v in setting.items() if k not in ("dev_seeds", "report_seeds")}
+        diff = ["spec"] if data["spec"] != spec else []
+        diff += config_diff(data["config"], resolved_config(setting), to_dict(load_config(None, [])))
+        if not diff:
+            return data
+        raise RawDataError(f"{path} was produced by another config (differs in {', '.join(diff[:5])}): rerun it")
+    raise RawDataError(f"{path} was produced by another config (hash {data.get('config_hash')} != {want} of "
+                       f"the spec {SPEC.name}): rerun it")
+
+
+def config_diff(stored: dict, current: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Dotted keys where ``stored`` and ``current`` differ; a key only in ``current`` counts only when its value
+    is not the default (a field added later, left at its default, changes nothing that was run)."""
+    out = []
+    for key in sorted(set(stored) | set(current)):
+        path = f"{prefix}{key}"
+        if key not in current:
+            out.append(path)
+        elif key not in stored:
+            if current[key] != (defaults or {}).get(key, object()):
+                out.append(path)
+        elif isinstance(stored[key], dict) and isinstance(current[key], dict):
+            out += config_diff(stored[key], current[key], (defaults or {}).get(key) or {}, f"{path}.")
+        elif stored[key] != current[key]:
+            out.append(path)
+    return out
 
 
 def write_raw(raw_dir: Path, name: str, setting: dict, kind: str, seed: int, runs: dict, extra: dict) -> Path:
     path = raw_path(raw_dir, name, kind, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
+    spec = {k: v for k, v in setting.items() if k not in ("dev_seeds", "report_seeds")}
     payload = {"setting": name, "kind": kind, "seed": seed, "config_hash": config_hash(name, setting, kind),
+               "spec": spec, "config": resolved_config(setting),
                "command": " ".join(["python", *sys.argv]), **extra, "runs": runs}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=_json_default) + "\n")
@@ -120,6 +151,33 @@ def _json_default(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return str(x)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+@contextlib.contextmanager
+def claimed(out: Path):
+    """Hold ``<out>.lock`` while a run directory is checked / run: the sweep and the ablation share the
+    configured run of a seed and may run side by side. A lock of a dead process is taken over."""
+    lock = Path(f"{out}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # its process is gone
+                continue
+            time.sleep(5)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------ growth
@@ -156,16 +214,18 @@ def grow_run(setting: dict, seed: int, out: Path, site: str | None = None, metho
     over = [*base_overrides(setting), f"seed={seed}", f"output_dir={out}", "progress=false"]
     if fixed:  # no growth: the network is built at the final depth (base depth + 1)
         cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, "growth.method=fixed"])
-        return grow_record(finished(cfg, out, {}) or run_grow(cfg), out)
+        with claimed(out):
+            return grow_record(finished(cfg, out, {}) or run_grow(cfg), out)
     cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, "growth.method=topo"])
     probe_cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, *(probe or [])]).probe if probe else None
     imposed = {"site": site, "method": method, "probe": probe or []}
-    results = finished(cfg, out, imposed)
-    if results is None:
-        with imposed_growth(site, None if method == "topo" else method, probe_cfg):
-            results = run_grow(cfg)
-        (Path(out) / "imposed.json").write_text(json.dumps(imposed))
-    return grow_record(results, out)
+    with claimed(out):
+        results = finished(cfg, out, imposed)
+        if results is None:
+            with imposed_growth(site, None if method == "topo" else method, probe_cfg):
+                results = run_grow(cfg)
+            (Path(out) / "imposed.json").write_text(json.dumps(imposed))
+        return grow_record(results, out)
 
 
 def finished(cfg, out: Path, imposed: dict) -> dict | None:
@@ -273,14 +333,15 @@ def adapt_run(setting: dict, seed: int, out: Path, backbone: Path, site: str | N
         over.append("adapt.backbone_lr=0.0003")
     cfg = load_config(CONFIGS / f"{setting['config']}.yaml", over)
     imposed = {"site": site, "method": method, "probe": probe or [], "direction": direction is not None}
-    r = finished(cfg, out, imposed)
-    if r is not None:
-        record = json.loads((Path(out) / "imposed.json").read_text())["record"]
-    else:
-        record: dict = {}
-        with imposed_adapt(site, record, direction) if run_method in ("topo", "last_block") else contextlib.nullcontext():
-            r = run_adapt(cfg).results
-        (Path(out) / "imposed.json").write_text(json.dumps({**imposed, "record": record}))
+    with claimed(out):
+        r = finished(cfg, out, imposed)
+        if r is not None:
+            record = json.loads((Path(out) / "imposed.json").read_text())["record"]
+        else:
+            record = {}
+            with imposed_adapt(site, record, direction) if run_method in ("topo", "last_block") else contextlib.nullcontext():
+                r = run_adapt(cfg).results
+            (Path(out) / "imposed.json").write_text(json.dumps({**imposed, "record": record}))
     hist = r["history"]
     after = [h for h in hist if h["phase"] != "head"]
     ev = dict(r["events"][0]) if r["events"] else {}

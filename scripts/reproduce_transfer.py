@@ -1,7 +1,7 @@
 """Transfer benchmark: pretrain a small ViT on one packaged dataset, adapt it to another with few labels per
-class, compare topotransfer with the usual baselines; write docs/results/transfer.md.
+class, compare topotransfer with the usual baselines; write transfer.md (+ raw.json, PNGs) to --out-dir.
 
-    python scripts/reproduce_transfer.py                                   # mnist -> fashion_mnist, 10 and 50 shots, 3 seeds
+    python scripts/reproduce_transfer.py --out-dir docs/results            # mnist -> fashion_mnist, 10 and 50 shots, 3 seeds
     python scripts/reproduce_transfer.py --source digits --target digits --shots 5 --seeds 0 1
     python scripts/reproduce_transfer.py --quick                           # smoke run (tiny budgets, one seed)
 
@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--work-dir", type=Path, default=Path("outputs/reproduce_transfer"))
-    ap.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    ap.add_argument("--out-dir", type=Path, default=None,
+                    help="where the report, raw.json and the PNGs go (default: WORK_DIR/report; docs/results only "
+                         "when asked)")
     ap.add_argument("--quick", action="store_true", help="tiny model and budgets, one seed, 5 shots (smoke test)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="pretraining epochs (default: 3; quick: 1)")
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> Path:
                     help="markdown inserted after the tables (the hand-written reading of the results)")
     ap.add_argument("overrides", nargs="*", help="key=value applied to every adapt run")
     args = ap.parse_args(argv)
+    args.out_dir = args.out_dir or args.work_dir / "report"
     if args.quick:
         args.seeds, args.shots = args.seeds[:1], [5]
     if args.threads:

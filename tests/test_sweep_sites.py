@@ -46,6 +46,19 @@ def test_growth_sweep_runs_every_site_from_one_shared_state_and_the_report_check
     assert "| input_layer |" in text and "| layers.0 |" in text and "random site (exact expectation" in text
     assert "| reference: fixed |" in text and "topo's rank among the 2 sites" in text
 
+    # a config field added since the file was written, at its default, is the same config; any other change is not
+    data = json.loads(path.read_text())
+    edited = json.loads(path.read_text())
+    edited["config_hash"] = "written-by-older-code"
+    del edited["config"]["probe"]["solver"]  # "auto", the default
+    path.write_text(json.dumps(edited))
+    assert "| input_layer |" in report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
+    edited["config"]["train"]["lr"] = 0.5
+    path.write_text(json.dumps(edited))
+    with pytest.raises(SystemExit, match=r"another config \(differs in train\.lr\)"):
+        report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
+    path.write_text(json.dumps(data))
+
     # produced by another config than the spec says: refused, with the file named
     other = json.loads(spec.read_text())
     other["settings"]["grow_digits"]["overrides"].append("train.lr=0.5")
