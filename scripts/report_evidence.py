@@ -224,6 +224,35 @@ def ablation_table(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> li
     return lines
 
 
+def score_table(spec: dict, names: list[str], raw_dir: Path) -> list[str]:
+    """Which number should rank the sites: lambda_max(Q_t) or theta^T Q_t theta (development seeds only)."""
+    lines = ["## Site score: lambda_max or the inserted direction's quadratic? (development seeds)", "",
+             "Spearman rank correlation over the sites between the score and the realized improvement (−final test "
+             "error), mean over seeds (n = seeds where it is defined); and on how many seeds the score's argmax is "
+             "the best site by final test error (ties count as best).", "",
+             "| setting | seeds | lambda_max | quadratic | realized (line search) | argmax lambda_max best | "
+             "argmax quadratic best | realized best |", "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        seeds = ev.seeds_of(spec, name, "dev")
+        data = {s: ev.read_raw(raw_dir, name, spec["settings"][name], "sweep", s) for s in seeds}
+        corr = {"lambda_max": [], "quadratic": [], "realized": []}
+        best = {"argmax": 0, "quadratic": 0, "realized": 0}
+        for s, d in data.items():
+            check_same_state(d, name, s)
+            runs, sites = d["runs"], d["sites"]
+            finals = {t: runs[t]["final"]["test_error"] for t in sites}
+            improvement = [-finals[t] for t in sites]
+            e0 = runs[sites[0]]["event"]
+            corr["lambda_max"].append(spearman([e0["scores"][t] for t in sites], improvement))
+            corr["quadratic"].append(spearman([e0["quadratics"][t] for t in sites], improvement))
+            corr["realized"].append(spearman([-runs[t]["event"]["realized"] for t in sites], improvement))
+            for rule in best:
+                best[rule] += finals[ev.topo_choice(runs, rule)] == min(finals.values())
+        lines.append(f"| {name} | {seeds} | " + " | ".join(_mean_finite(v) for v in corr.values()) + " | "
+                     + " | ".join(f"{best[r]}/{len(seeds)}" for r in best) + " |")
+    return lines + [""]
+
+
 def build(spec: dict, names: list[str], which: str, raw_dir: Path, kinds: list[str]) -> list[str]:
     lines = []
     for name in names:
@@ -250,6 +279,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--settings", nargs="+", default=None, help="default: every setting of the spec")
     ap.add_argument("--seeds", choices=["report", "dev"], default="report")
     ap.add_argument("--kinds", nargs="+", choices=["sweep", "ablation"], default=["sweep", "ablation"])
+    ap.add_argument("--no-dev", action="store_true", help="leave out the site-score table of the development seeds")
     ap.add_argument("--header", type=Path, default=None, help="markdown put before the tables")
     ap.add_argument("--notes", type=Path, default=None, help="markdown put after the tables (the reading)")
     ap.add_argument("--out", type=Path, default=None, help="write the report here (default: print only)")
@@ -262,6 +292,8 @@ def main(argv: list[str] | None = None) -> str:
     cmd = " ".join(["python", "scripts/report_evidence.py", *(argv if argv is not None else sys.argv[1:])])
     try:
         body = build(spec, names, args.seeds, args.raw_dir, args.kinds)
+        if not args.no_dev and "sweep" in args.kinds:
+            body += score_table(spec, names, args.raw_dir)
     except ev.RawDataError as e:
         raise SystemExit(f"report_evidence: {e}") from None
     text = "\n".join([

@@ -20,7 +20,7 @@ def quick_spec(tmp_path: Path, name: str, seeds: list[int]) -> Path:
     """A spec holding only the quick version of ``name`` (the hash the quick raw files carry)."""
     spec = ev.load_spec()
     setting = sweep_sites.quick_setting(spec["settings"][name])
-    setting["report_seeds"] = seeds
+    setting["report_seeds"], setting["dev_seeds"] = seeds, seeds[:1]
     spec["settings"] = {name: setting}
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
@@ -43,6 +43,7 @@ def test_growth_sweep_runs_every_site_from_one_shared_state_and_the_report_check
 
     spec = quick_spec(tmp_path, "grow_digits", [0])
     text = report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
+    assert "development seeds" in text  # dev seeds of the quick spec: 0, the same file
     assert "| input_layer |" in text and "| layers.0 |" in text and "random site (exact expectation" in text
     assert "| reference: fixed |" in text and "topo's rank among the 2 sites" in text
 
