@@ -232,3 +232,16 @@ def test_realized_selection_by_line_search():
     grown = copy.deepcopy(model)
     expand(grown, [s for s, _ in chosen], epsilon=[ls.epsilon for _, ls in chosen])
     assert summed_loss(grown, [held_out]) < searches[0].baseline
+
+
+def test_copy_of_a_block_holding_a_layer_inside_copies_the_block_only():
+    model, batch = make_llama(), make_batch()
+    from topotransfer import insert_layer
+
+    g = torch.Generator().manual_seed(0)
+    insert_layer(model, "model.layers.1.post_attention_layernorm", torch.randn(HIDDEN, HIDDEN, generator=g),
+                 torch.randn(HIDDEN, generator=g), epsilon=0.5)
+    before = logits(model, batch)
+    block = insert_copied_block(model, "model.layers.1")
+    assert not hasattr(block.block, "topo_mid") and type(block.block) is type(make_llama().model.layers[0])
+    assert torch.equal(logits(model, batch), before)

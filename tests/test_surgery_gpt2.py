@@ -137,3 +137,38 @@ def test_adapter_and_merged_round_trip_then_generate(tmp_path):
     merged = load_merged(tmp_path / "merged")
     assert torch.equal(logits(merged, batch), logits(model, batch))
     assert torch.equal(greedy(merged, prompt)[0], greedy(model, prompt)[0])
+
+
+def test_sites_inside_blocks(tmp_path):
+    """The residual stream after the attention add (input of ln_2): exact identity with a zero layer (eager and
+    sdpa), FD at each site, cached generation, adapter and merged round trips with layers there."""
+    base, batch = make_gpt2(), make_batch()
+    family = get_family(base)
+    subs = family.sites(base, "sublayers")
+    assert [s.name for s in subs] == [f"transformer.h.{i}.ln_2" for i in range(LAYERS)]
+    for attn in ("eager", "sdpa"):
+        ref = make_gpt2(attn_implementation=attn)
+        before = logits(ref, batch)
+        for site in subs:
+            model = insert_layer(copy.deepcopy(ref), site.name)
+            assert model.config.num_hidden_layers == LAYERS
+            assert torch.equal(logits(model, batch), before), (attn, site.name)
+    for r in topological_derivative(base, [batch], CausalLMLoss(), sites=[s.name for s in subs], rule="top1"):
+        assert r.num_samples == sum(LENGTHS) and r.score > 0
+        fd = fd_quadratic(base, r.site, r.weight, r.bias, [batch])
+        assert fd == pytest.approx(r.score, rel=1e-2), (r.site, fd, r.score)
+    model = copy.deepcopy(base)
+    w, b = random_direction(model, 3)
+    insert_layer(model, "transformer.h.2.ln_2", w, b, epsilon=0.5)
+    insert_layer(model, "transformer.drop", w, b, epsilon=0.5)
+    assert_cached_generation_is_exact(model, batch["input_ids"][:2, :3])
+
+    make_gpt2(dtype=torch.float32).save_pretrained(tmp_path / "base")
+    base_dir = str(tmp_path / "base")
+    model = load_backbone(base_dir, architecture="GPT2LMHeadModel")
+    insert_layer(model, "transformer.h.0.ln_2", w.float(), b.float(), epsilon=0.3)
+    insert_layer(model, "transformer.h.1", w.float(), b.float(), epsilon=0.3)
+    save_adapter(model, base_dir, None, None, tmp_path / "adapter")
+    assert torch.equal(logits(load_adapter(base_dir, tmp_path / "adapter"), batch), logits(model, batch))
+    merge_and_save(model, tmp_path / "merged")
+    assert torch.equal(logits(load_merged(tmp_path / "merged"), batch), logits(model, batch))

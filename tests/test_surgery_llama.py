@@ -131,3 +131,43 @@ def test_adapter_round_trip_then_generate(tmp_path):
     assert torch.equal(logits(loaded, batch), logits(model, batch))
     prompt = batch["input_ids"][:2, :3]
     assert torch.equal(greedy(loaded, prompt)[0], greedy(model, prompt)[0])
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_sites_inside_blocks(arch, tmp_path):
+    """The residual stream after the attention add (input of post_attention_layernorm): exact identity with a
+    zero layer (eager and sdpa), FD at each site, cached generation and adapter round trip with a layer there."""
+    base, batch = make_lm(arch), make_batch()
+    family = get_family(base)
+    subs = family.sites(base, "sublayers")
+    assert [s.name for s in subs] == [f"model.layers.{i}.post_attention_layernorm" for i in range(LAYERS)]
+    assert [s.name for s in family.sites(base, "all")][1:3] == ["model.layers.0.post_attention_layernorm",
+                                                                 "model.layers.0"]
+    for attn in ("eager", "sdpa"):
+        ref = make_lm(arch, attn_implementation=attn)
+        before = logits(ref, batch)
+        for site in subs:
+            model = insert_layer(copy.deepcopy(ref), site.name)
+            assert model.config.num_hidden_layers == LAYERS
+            assert torch.equal(logits(model, batch), before), (attn, site.name)
+    exact = exact_rmsnorm(copy.deepcopy(base))
+    for r in topological_derivative(exact, [batch], CausalLMLoss(), sites=[s.name for s in subs], rule="top1"):
+        assert r.num_samples == sum(LENGTHS) and r.score > 0
+        fd = fd_quadratic(exact, r.site, r.weight, r.bias, [batch])
+        assert fd == pytest.approx(r.score, rel=1e-2), (r.site, fd, r.score)
+    model = copy.deepcopy(base)
+    w, b = random_direction(model, 3)
+    insert_layer(model, subs[0].name, w, b, epsilon=0.5)
+    insert_layer(model, "model.embed_tokens", w, b, epsilon=0.5)  # shifts the block holding the layer
+    assert [n for n, _, _ in family.inside_layers(model)] == ["model.layers.1.post_attention_layernorm"]
+    assert_cached_generation_is_exact(model, batch["input_ids"][:2, :3])
+    assert family.remove(model, "model.layers.1.post_attention_layernorm") is not None
+    assert type(model.model.layers[1]) is type(base.model.layers[0])  # the original class is back
+    if arch == "llama":
+        make_lm(arch, dtype=torch.float32).save_pretrained(tmp_path / "base")
+        loaded_base = load_backbone(str(tmp_path / "base"), architecture="LlamaForCausalLM")
+        insert_layer(loaded_base, "model.layers.1.post_attention_layernorm", w.float(), b.float(), epsilon=0.3)
+        insert_layer(loaded_base, "model.embed_tokens", w.float(), b.float(), epsilon=0.3)
+        save_adapter(loaded_base, str(tmp_path / "base"), None, None, tmp_path / "adapter")
+        loaded = load_adapter(str(tmp_path / "base"), tmp_path / "adapter")
+        assert torch.equal(logits(loaded, batch), logits(loaded_base, batch))

@@ -24,6 +24,14 @@ cache bookkeeping of the *other* blocks:
 * ``config.layer_types`` (Qwen2 / Mistral-style configs) is indexed by block position in the decoder loop
   and by slot in the cache; both agree only when all layers have one type, so mixed types are refused.
 
+Sites inside a block (``"sublayers"``): a pre-norm decoder block is ``m = h + attn(norm1(h))``,
+``out = m + mlp(norm2(m))``; the point inside is the residual stream m after the attention add, named by the
+module whose input it is (``<block>.ln_2`` for GPT-2, ``<block>.post_attention_layernorm`` for the Llama
+layout). m has two consumers (the norm and the MLP's residual), so the layer must replace m for both: the
+block's class is swapped for a same-named subclass whose forward is the same computation with
+``m = topo_mid(m)`` in between, after checking on a random input that the swapped forward reproduces the
+original one bit for bit. The point after the MLP add is the block boundary, a ``"blocks"`` site already.
+
 Downstream evaluation from a site (:meth:`ChainFamily.forward_from`) is not provided: it would need the
 model's own masks and rotary embeddings, so callers fall back to the full forward pass.
 """
@@ -37,7 +45,7 @@ from torch import nn
 
 from ..errors import NoSitesFoundError, UnsupportedModelError
 from ..layers import TopoLayer
-from .base import ChainFamily, Site
+from .base import ChainFamily, Site, first_tensor
 from .hf import TopoBlock
 
 __all__ = ["COPIED_BLOCK_TYPE", "CopiedBlock", "DecoderFamily", "GPT2Family", "LlamaFamily"]
@@ -77,6 +85,45 @@ class CopiedBlock(nn.Module):
         return f"source={self.source}"
 
 
+def _gpt2_mid_forward(self, hidden_states: torch.Tensor, cache: object = None, attention_mask: object = None,
+                      encoder_hidden_states: object = None, encoder_attention_mask: object = None,
+                      use_cache: bool | None = False, **kwargs: object) -> torch.Tensor:
+    """transformers 5.x ``GPT2Block.forward`` (no cross-attention) with ``self.topo_mid`` on the attention add."""
+    if encoder_hidden_states is not None:
+        raise ValueError("a layer inside a GPT-2 block does not support cross-attention")
+    residual = hidden_states
+    attn_output, _ = self.attn(self.ln_1(hidden_states), cache=cache, attention_mask=attention_mask,
+                               use_cache=use_cache, **kwargs)
+    hidden_states = self.topo_mid(attn_output + residual)  # the inserted layer, on the residual stream m
+    return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+def _llama_mid_forward(self, hidden_states: torch.Tensor, attention_mask: object = None, position_ids: object = None,
+                       cache: object = None, use_cache: bool | None = False, position_embeddings: object = None,
+                       **kwargs: object) -> torch.Tensor:
+    """transformers 5.x Llama / Qwen2 / Mistral decoder layer with ``self.topo_mid`` on the attention add."""
+    if "past_key_values" in kwargs:  # the original forward's deprecated name for ``cache``
+        cache = kwargs.pop("past_key_values")
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(
+        hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask, position_ids=position_ids,
+        cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+    )
+    hidden_states = self.topo_mid(residual + hidden_states)  # the inserted layer, on the residual stream m
+    return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+_MID_CLASSES: dict[type, type] = {}
+
+
+def _mid_class(cls: type, forward: object) -> type:
+    """A subclass of the block class ``cls`` (same name) whose forward applies ``topo_mid`` mid-block."""
+    if cls not in _MID_CLASSES:
+        _MID_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "_topo_base": cls,
+                                                         "__module__": cls.__module__})
+    return _MID_CLASSES[cls]
+
+
 class DecoderFamily(ChainFamily):
     """Adapter for transformers decoder LMs: blocks found by class name, stem by attribute name.
 
@@ -90,6 +137,9 @@ class DecoderFamily(ChainFamily):
     stem_attr: str = ""
     norm_eps_attr: str = ""
     output_projections: tuple[str, ...] = ()
+    #: the block's norm whose input is the residual stream after the attention add (the sub-block site)
+    mid_norm: str = ""
+    mid_forward: object = None
 
     def matches(self, model: nn.Module) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) in self.model_types
@@ -157,6 +207,78 @@ class DecoderFamily(ChainFamily):
                     module.layer_idx = slot
             slot += 1
 
+    # -- sites inside blocks ------------------------------------------------------------------------------
+    def sub_sites(self, model: nn.Module) -> list[Site]:
+        _, container = self.chain(model)
+        return [
+            Site(f"{container}.{p}.{self.mid_norm}", p + 0.5, container, p, kind="input")
+            for p, block in enumerate(model.get_submodule(container))
+            if self._is_block(block) and isinstance(getattr(block, self.mid_norm, None), nn.Module)
+        ]
+
+    def _block_of(self, model: nn.Module, site: Site) -> nn.Module:
+        if site.name != f"{site.container}.{site.position}.{self.mid_norm}":
+            raise ValueError(f"{site.name!r} is not a sub-block site of {self.name}")
+        return model.get_submodule(site.container)[site.position]
+
+    @torch.no_grad()
+    def _check_call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The block on a (2, 3, d) input without cache, mask or position information it cannot do without."""
+        kwargs: dict = {}
+        attn = getattr(block, "self_attn", None)
+        if attn is not None and hasattr(attn, "head_dim"):  # rotary layout: identity rotation (cos 1, sin 0)
+            shape = (1, x.shape[1], int(attn.head_dim))
+            kwargs["position_embeddings"] = (torch.ones(shape).to(x), torch.zeros(shape).to(x))
+        return first_tensor(block(x, **kwargs))
+
+    def insert_inside(self, model: nn.Module, site: Site, layer: nn.Module) -> None:
+        block = self._block_of(model, site)
+        if hasattr(type(block), "_topo_base"):
+            raise ValueError(f"site {site.name!r} already holds an inserted layer")
+        ref = next(block.parameters())
+        d = int(model.config.hidden_size)
+        x = torch.randn(2, 3, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(ref)
+        was_training = block.training
+        block.eval()
+        original = type(block)
+        try:
+            expected = self._check_call(block, x)
+            block.topo_mid = TopoLayer(d, norm="layernorm").to(ref)  # zero: the identity
+            block.__class__ = _mid_class(original, type(self).mid_forward)
+            same = torch.equal(self._check_call(block, x), expected)
+        except Exception:
+            block.__class__ = original
+            block._modules.pop("topo_mid", None)
+            block.train(was_training)
+            raise
+        block.train(was_training)
+        if not same:
+            block.__class__ = original
+            del block.topo_mid
+            raise UnsupportedModelError(
+                f"{original.__name__}.forward is not the pre-norm computation the sub-block site assumes "
+                "(transformers 5.x layout): cannot insert inside this block"
+            )
+        block.topo_mid = layer
+
+    def remove_inside(self, model: nn.Module, site: Site) -> nn.Module:
+        block = self._block_of(model, site)
+        base = getattr(type(block), "_topo_base", None)
+        if base is None:
+            raise ValueError(f"No inserted TopoLayer at site {site.name!r}")
+        layer = block.topo_mid
+        del block.topo_mid
+        block.__class__ = base
+        return layer
+
+    def inside_layers(self, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+        _, container = self.chain(model)
+        return [
+            (f"{container}.{p}.{self.mid_norm}", f"{container}.{p}.topo_mid", block.topo_mid)
+            for p, block in enumerate(model.get_submodule(container))
+            if hasattr(type(block), "_topo_base")
+        ]
+
     # -- copied blocks (block expansion) ----------------------------------------------------------------
     def source_position(self, model: nn.Module, site: str | Site) -> int:
         """Position of the original block a copy inserted at ``site`` duplicates.
@@ -179,6 +301,10 @@ class DecoderFamily(ChainFamily):
         position = self.source_position(model, site)
         source = model.get_submodule(self.site(model, site).container)[position]
         block = copy.deepcopy(source)
+        base = getattr(type(block), "_topo_base", None)
+        if base is not None:  # the source holds a layer inside it: copy the block's own computation only
+            del block.topo_mid
+            block.__class__ = base
         for name in self.output_projections:
             proj = block.get_submodule(name)
             with torch.no_grad():
@@ -205,6 +331,8 @@ class GPT2Family(DecoderFamily):
     stem_attr = "drop"
     norm_eps_attr = "layer_norm_epsilon"
     output_projections = ("attn.c_proj", "mlp.c_proj")
+    mid_norm = "ln_2"
+    mid_forward = _gpt2_mid_forward
 
 
 class LlamaFamily(DecoderFamily):
@@ -221,3 +349,5 @@ class LlamaFamily(DecoderFamily):
     stem_attr = "embed_tokens"
     norm_eps_attr = "rms_norm_eps"
     output_projections = ("self_attn.o_proj", "mlp.down_proj")
+    mid_norm = "post_attention_layernorm"
+    mid_forward = _llama_mid_forward
