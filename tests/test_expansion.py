@@ -25,11 +25,13 @@ from topotransfer import get_family  # noqa: E402
 from topotransfer.adapter import load_adapter, load_merged, merge_and_save, save_adapter  # noqa: E402
 from topotransfer.expansion import (  # noqa: E402
     choose_sites,
+    copies_parameter_count,
     copy_site_scores,
     expand,
     freeze_all_but_copies,
     insert_copied_block,
     line_search_copy,
+    lora_rank_matching,
     on_top_sites,
     realized_copy_sites,
     uniform_interleave_sites,
@@ -245,3 +247,21 @@ def test_copy_of_a_block_holding_a_layer_inside_copies_the_block_only():
     block = insert_copied_block(model, "model.layers.1")
     assert not hasattr(block.block, "topo_mid") and type(block.block) is type(make_llama().model.layers[0])
     assert torch.equal(logits(model, batch), before)
+
+
+@pytest.mark.parametrize(("arch", "targets"), [("gpt2", ["c_attn"]), ("llama", ["q_proj", "v_proj"])])
+def test_lora_baseline_at_the_parameter_budget_of_the_copies(arch, targets):
+    peft = pytest.importorskip("peft")
+    model = BUILDERS[arch]()
+    sites = uniform_interleave_sites(model, 2)
+    budget = copies_parameter_count(model, sites)
+    grown = copy.deepcopy(model)
+    expand(grown, sites)
+    assert budget == sum(p.numel() for p in freeze_all_but_copies(grown))
+    r = lora_rank_matching(model, budget, targets)
+    lora = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=r, target_modules=targets))
+    count = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    per_rank = count // r
+    assert count == r * per_rank <= budget < (r + 1) * per_rank
+    with pytest.raises(ValueError, match="no 2-D weight module"):
+        lora_rank_matching(model, budget, ["nonexistent"])

@@ -68,11 +68,13 @@ __all__ = [
     "CopyLineSearch",
     "CopySiteScore",
     "choose_sites",
+    "copies_parameter_count",
     "copy_site_scores",
     "expand",
     "freeze_all_but_copies",
     "insert_copied_block",
     "line_search_copy",
+    "lora_rank_matching",
     "on_top_sites",
     "realized_copy_sites",
     "uniform_interleave_sites",
@@ -431,3 +433,39 @@ def freeze_all_but_copies(model: nn.Module) -> list[nn.Parameter]:
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
     return trainable
+
+
+def copies_parameter_count(model: nn.Module, sites: Sequence[str | Site | CopySiteScore]) -> int:
+    """Trainable parameters of the copies :func:`expand` would insert at ``sites`` (without inserting them)."""
+    family = _decoder_family(model)
+    container = model.get_submodule(family.chain(model)[1])
+    total = 0
+    for s in sites:
+        source = container[family.source_position(model, s.site if isinstance(s, CopySiteScore) else s)]
+        total += sum(p.numel() for n, p in source.named_parameters() if not n.startswith("topo_mid."))
+    return total
+
+
+def lora_rank_matching(model: nn.Module, num_params: int, target_modules: Sequence[str]) -> int:
+    """The largest LoRA rank r whose adapters on the modules named ``target_modules`` (suffixes of module
+    names, as peft matches them) have at most ``num_params`` parameters: sum over modules of r (in + out).
+
+    The LoRA baseline at the trainable-parameter budget of B copied blocks:
+    ``lora_rank_matching(model, copies_parameter_count(model, sites), ["q_proj", "v_proj"])``.
+
+    Raises:
+        ValueError: no module matches, or even rank 1 exceeds ``num_params``.
+    """
+    per_rank = 0
+    for name, module in model.named_modules():
+        if not any(name == t or name.endswith(f".{t}") for t in target_modules):
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2:
+            continue
+        per_rank += int(weight.shape[0] + weight.shape[1])  # Linear (out, in) or Conv1D (in, out): in + out
+    if per_rank == 0:
+        raise ValueError(f"no 2-D weight module of {type(model).__name__} matches {list(target_modules)}")
+    if num_params < per_rank:
+        raise ValueError(f"{num_params} parameters are fewer than one LoRA rank on {list(target_modules)} ({per_rank})")
+    return num_params // per_rank
