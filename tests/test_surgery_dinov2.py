@@ -136,3 +136,46 @@ def test_adapt_recipe_accepts_dinov2(tmp_path):
         live = result.model(x).logits
         assert torch.equal(load_adapter(base_dir, tmp_path / "run" / "adapter")(x).logits, live)
         assert torch.equal(load_merged(tmp_path / "run" / "merged")(x).logits, live)
+
+
+@pytest.mark.parametrize("cls", [Dinov2ForImageClassification, Dinov2WithRegistersModel],
+                         ids=["Dinov2ForImageClassification", "Dinov2WithRegistersModel"])
+def test_sites_inside_blocks_identity_and_finite_differences(cls):
+    """The residual stream after the layer-scaled attention branch (input of norm2): exact identity with a zero
+    layer (eager and sdpa) and, for the classifier, FD at each site."""
+    base = make_dinov2(cls)
+    family = get_family(base)
+    subs = family.sites(base, "sublayers")
+    prefix = "dinov2." if cls is Dinov2ForImageClassification else ""
+    assert [s.name for s in subs] == [f"{prefix}encoder.layer.{i}.norm2" for i in range(LAYERS)]
+    x = make_data()[0][0]
+    for attn in ("eager", "sdpa"):
+        ref = make_dinov2(cls, attn_implementation=attn)
+        before = outputs(ref, x)
+        for site in subs:
+            model = insert_layer(copy.deepcopy(ref), site.name)
+            assert model.config.num_hidden_layers == LAYERS
+            assert all(torch.equal(a, b) for a, b in zip(before, outputs(model, x), strict=True)), (attn, site.name)
+            family.remove(model, site.name)
+            assert type(model.get_submodule(site.container)[site.position]) is type(ref.get_submodule(site.container)[0])
+    if cls is not Dinov2ForImageClassification:
+        return
+    data, loss_fn = make_data(), nn.CrossEntropyLoss(reduction="sum")
+    j0 = summed_loss(base, data, loss_fn)
+    for r in topological_derivative(base, data, loss_fn, sites=[s.name for s in subs], rule="top1"):
+        assert r.score > 0
+        grown = insert_layer(copy.deepcopy(base), r.site, r.weight, r.bias, epsilon=EPS_FD)
+        fd = 2.0 * (j0 - summed_loss(grown, data, loss_fn)) / EPS_FD**2
+        assert fd == pytest.approx(r.score, rel=1e-2), (r.site, fd, r.score)
+
+
+def test_adapter_round_trip_with_a_layer_inside_a_block(tmp_path):
+    base_dir = save_dinov2(tmp_path / "base")
+    model = load_backbone(base_dir)
+    g = torch.Generator().manual_seed(4)
+    for site in ("dinov2.encoder.layer.0.norm2", "dinov2.embeddings"):
+        insert_layer(model, site, torch.randn(HIDDEN, HIDDEN, generator=g), torch.randn(HIDDEN, generator=g), 0.3)
+    x = make_data()[0][0].float()
+    save_adapter(model, base_dir, None, None, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(load_adapter(base_dir, tmp_path / "adapter")(x).logits, model(x).logits)

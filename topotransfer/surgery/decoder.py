@@ -24,13 +24,9 @@ cache bookkeeping of the *other* blocks:
 * ``config.layer_types`` (Qwen2 / Mistral-style configs) is indexed by block position in the decoder loop
   and by slot in the cache; both agree only when all layers have one type, so mixed types are refused.
 
-Sites inside a block (``"sublayers"``): a pre-norm decoder block is ``m = h + attn(norm1(h))``,
-``out = m + mlp(norm2(m))``; the point inside is the residual stream m after the attention add, named by the
-module whose input it is (``<block>.ln_2`` for GPT-2, ``<block>.post_attention_layernorm`` for the Llama
-layout). m has two consumers (the norm and the MLP's residual), so the layer must replace m for both: the
-block's class is swapped for a same-named subclass whose forward is the same computation with
-``m = topo_mid(m)`` in between, after checking on a random input that the swapped forward reproduces the
-original one bit for bit. The point after the MLP add is the block boundary, a ``"blocks"`` site already.
+Sites inside a block (``"sublayers"``, :class:`~topotransfer.surgery.midblock.MidBlockSites`): the
+residual stream after the attention add, named by the norm it feeds (``<block>.ln_2`` for GPT-2,
+``<block>.post_attention_layernorm`` for the Llama layout).
 
 Downstream evaluation from a site (:meth:`ChainFamily.forward_from`) is not provided: it would need the
 model's own masks and rotary embeddings, so callers fall back to the full forward pass.
@@ -45,8 +41,9 @@ from torch import nn
 
 from ..errors import NoSitesFoundError, UnsupportedModelError
 from ..layers import TopoLayer
-from .base import ChainFamily, Site, first_tensor
+from .base import ChainFamily, Site
 from .hf import TopoBlock
+from .midblock import MidBlockSites
 
 __all__ = ["COPIED_BLOCK_TYPE", "CopiedBlock", "DecoderFamily", "GPT2Family", "LlamaFamily"]
 
@@ -113,18 +110,7 @@ def _llama_mid_forward(self, hidden_states: torch.Tensor, attention_mask: object
     return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-_MID_CLASSES: dict[type, type] = {}
-
-
-def _mid_class(cls: type, forward: object) -> type:
-    """A subclass of the block class ``cls`` (same name) whose forward applies ``topo_mid`` mid-block."""
-    if cls not in _MID_CLASSES:
-        _MID_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "_topo_base": cls,
-                                                         "__module__": cls.__module__})
-    return _MID_CLASSES[cls]
-
-
-class DecoderFamily(ChainFamily):
+class DecoderFamily(MidBlockSites, ChainFamily):
     """Adapter for transformers decoder LMs: blocks found by class name, stem by attribute name.
 
     Subclasses set :attr:`model_types`, :attr:`block_classes`, :attr:`stem_attr` (the stem module's
@@ -137,9 +123,6 @@ class DecoderFamily(ChainFamily):
     stem_attr: str = ""
     norm_eps_attr: str = ""
     output_projections: tuple[str, ...] = ()
-    #: the block's norm whose input is the residual stream after the attention add (the sub-block site)
-    mid_norm: str = ""
-    mid_forward: object = None
 
     def matches(self, model: nn.Module) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) in self.model_types
@@ -207,78 +190,6 @@ class DecoderFamily(ChainFamily):
                     module.layer_idx = slot
             slot += 1
 
-    # -- sites inside blocks ------------------------------------------------------------------------------
-    def sub_sites(self, model: nn.Module) -> list[Site]:
-        _, container = self.chain(model)
-        return [
-            Site(f"{container}.{p}.{self.mid_norm}", p + 0.5, container, p, kind="input")
-            for p, block in enumerate(model.get_submodule(container))
-            if self._is_block(block) and isinstance(getattr(block, self.mid_norm, None), nn.Module)
-        ]
-
-    def _block_of(self, model: nn.Module, site: Site) -> nn.Module:
-        if site.name != f"{site.container}.{site.position}.{self.mid_norm}":
-            raise ValueError(f"{site.name!r} is not a sub-block site of {self.name}")
-        return model.get_submodule(site.container)[site.position]
-
-    @torch.no_grad()
-    def _check_call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The block on a (2, 3, d) input without cache, mask or position information it cannot do without."""
-        kwargs: dict = {}
-        attn = getattr(block, "self_attn", None)
-        if attn is not None and hasattr(attn, "head_dim"):  # rotary layout: identity rotation (cos 1, sin 0)
-            shape = (1, x.shape[1], int(attn.head_dim))
-            kwargs["position_embeddings"] = (torch.ones(shape).to(x), torch.zeros(shape).to(x))
-        return first_tensor(block(x, **kwargs))
-
-    def insert_inside(self, model: nn.Module, site: Site, layer: nn.Module) -> None:
-        block = self._block_of(model, site)
-        if hasattr(type(block), "_topo_base"):
-            raise ValueError(f"site {site.name!r} already holds an inserted layer")
-        ref = next(block.parameters())
-        d = int(model.config.hidden_size)
-        x = torch.randn(2, 3, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(ref)
-        was_training = block.training
-        block.eval()
-        original = type(block)
-        try:
-            expected = self._check_call(block, x)
-            block.topo_mid = TopoLayer(d, norm="layernorm").to(ref)  # zero: the identity
-            block.__class__ = _mid_class(original, type(self).mid_forward)
-            same = torch.equal(self._check_call(block, x), expected)
-        except Exception:
-            block.__class__ = original
-            block._modules.pop("topo_mid", None)
-            block.train(was_training)
-            raise
-        block.train(was_training)
-        if not same:
-            block.__class__ = original
-            del block.topo_mid
-            raise UnsupportedModelError(
-                f"{original.__name__}.forward is not the pre-norm computation the sub-block site assumes "
-                "(transformers 5.x layout): cannot insert inside this block"
-            )
-        block.topo_mid = layer
-
-    def remove_inside(self, model: nn.Module, site: Site) -> nn.Module:
-        block = self._block_of(model, site)
-        base = getattr(type(block), "_topo_base", None)
-        if base is None:
-            raise ValueError(f"No inserted TopoLayer at site {site.name!r}")
-        layer = block.topo_mid
-        del block.topo_mid
-        block.__class__ = base
-        return layer
-
-    def inside_layers(self, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-        _, container = self.chain(model)
-        return [
-            (f"{container}.{p}.{self.mid_norm}", f"{container}.{p}.topo_mid", block.topo_mid)
-            for p, block in enumerate(model.get_submodule(container))
-            if hasattr(type(block), "_topo_base")
-        ]
-
     # -- copied blocks (block expansion) ----------------------------------------------------------------
     def source_position(self, model: nn.Module, site: str | Site) -> int:
         """Position of the original block a copy inserted at ``site`` duplicates.
@@ -291,6 +202,14 @@ class DecoderFamily(ChainFamily):
         originals = [i for i, b in enumerate(blocks) if self.unwrap(b) is None]
         before = [i for i in originals if i < site.position]
         return before[-1] if before else originals[0]
+
+    def check_call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # rotary layout: the identity rotation (cos 1, sin 0) stands in for the model's position embeddings
+        attn = getattr(block, "self_attn", None)
+        if attn is not None and hasattr(attn, "head_dim"):
+            shape = (1, x.shape[1], int(attn.head_dim))
+            return super().check_call(block, x, position_embeddings=(torch.ones(shape).to(x), torch.zeros(shape).to(x)))
+        return super().check_call(block, x)
 
     def copy_block(self, model: nn.Module, site: str | Site) -> CopiedBlock:
         """A :class:`CopiedBlock` of the block at :meth:`source_position`, output projections zeroed.

@@ -15,13 +15,15 @@ live and what they are called:
 
 The heads (DistilBERT: ``pre_classifier`` + ReLU + ``classifier`` on the first token; DINOv2:
 ``classifier`` on [CLS, mean of patch tokens]) are not reproduced by :meth:`forward_from`: callers fall
-back to the full forward pass. DINOv2 has no sites inside its blocks yet (its pre-LN block with layer
-scale would need its own checked mid-block forward).
+back to the full forward pass.
 """
 
 from __future__ import annotations
 
+import torch
+
 from .hf import HFEncoderFamily
+from .midblock import MidBlockSites
 
 __all__ = ["Dinov2Family", "DistilBertFamily"]
 
@@ -40,9 +42,26 @@ class DistilBertFamily(HFEncoderFamily):
     inner_points = (("sa_layer_norm", 1 / 3, "pre_norm"), ("output_layer_norm", 2 / 3, "pre_norm"))
 
 
-class Dinov2Family(HFEncoderFamily):
-    """transformers DINOv2 (``Dinov2Model``, ``Dinov2ForImageClassification``) and DINOv2 with registers."""
+def _dinov2_mid_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        **kwargs: object) -> torch.Tensor:
+    """transformers 5.x ``Dinov2Layer.forward`` with ``self.topo_mid`` on the residual stream after the attention."""
+    residual = hidden_states
+    hidden_states, _ = self.attention(self.norm1(hidden_states), attention_mask=attention_mask, **kwargs)
+    hidden_states = self.drop_path(self.layer_scale1(hidden_states)) + residual
+    hidden_states = self.topo_mid(hidden_states)  # the inserted layer, on the residual stream m
+    return self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states)))) + hidden_states
+
+
+class Dinov2Family(MidBlockSites, HFEncoderFamily):
+    """transformers DINOv2 (``Dinov2Model``, ``Dinov2ForImageClassification``) and DINOv2 with registers.
+
+    Sites inside a block (``"sublayers"``): the residual stream after the layer-scaled attention branch, the
+    input of ``norm2`` (site ``<block>.norm2``), through a checked mid-block forward
+    (:class:`~topotransfer.surgery.midblock.MidBlockSites`).
+    """
 
     name = "dinov2"
     model_types = ("dinov2", "dinov2_with_registers")
     block_classes = ("Dinov2Layer", "Dinov2WithRegistersLayer")
+    mid_norm = "norm2"
+    mid_forward = _dinov2_mid_forward
