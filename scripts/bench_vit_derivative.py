@@ -30,6 +30,11 @@ Usage::
     python scripts/bench_derivative.py vit ...   # the same, through the common benchmark entry point
     python scripts/bench_vit_derivative.py --report-only --log results.jsonl --out ...   # rebuild the report
 
+    python scripts/bench_vit_derivative.py rules [--at D:TOKENS:IMAGES ...] [--agree-at D:TOKENS:IMAGES ...]
+        # every rule a shipped config uses (cluster, rowwise, whitened rowwise) vs one forward + backward,
+        # 65 or 197 tokens per image, and row-wise agreement with a dense float64 reference
+    python scripts/bench_vit_derivative.py switch   # densify + eigh vs batched Lanczos (DENSE_MAX_DIM)
+
 Every measurement runs in a child process (``--child JSON``) that prints one ``RESULT {...}`` line;
 the parent appends it to ``--log`` (so an interrupted run keeps what it measured).
 """
@@ -624,5 +629,249 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(text)
 
 
+# ---------------------------------------------------------------------------------------------------
+# rules: every rule a shipped config uses, side by side with one forward + backward (issue 12)
+# ---------------------------------------------------------------------------------------------------
+RULES = {  # name -> ProbeConfig fields (solver matrix_free: ViT-Base widths; "auto" would pick it from D > 257)
+    "cluster": {"rule": "cluster"},
+    "rowwise": {"rule": "rowwise"},
+    "rowwise_whiten": {"rule": "rowwise", "whiten": True},
+}
+TOKEN_SETUPS = {65: (32, 4), 197: (224, 16)}  # tokens per image -> (image size, patch size)
+
+
+def build_tokens(d: int, images: int, batch_size: int, seed: int, tokens: int, depth: int = DEPTH):
+    """The benchmark ViT (float32, random init and data) with 65 (32 px, patch 4) or 197 (224 px, patch 16)
+    tokens per image."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    image, patch = TOKEN_SETUPS[tokens]
+    torch.manual_seed(seed)
+    cfg = ViTConfig(hidden_size=d, num_hidden_layers=depth, num_attention_heads=max(1, d // 64),
+                    intermediate_size=4 * d, image_size=image, patch_size=patch, num_labels=NUM_CLASSES,
+                    attn_implementation="sdpa")
+    model = ViTForImageClassification(cfg).float()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(images, 3, image, image, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (images,), generator=g)
+    data = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, images, batch_size)]
+    return model, data, torch.nn.CrossEntropyLoss(reduction="sum")
+
+
+def _run_rule(model, data, loss_fn, fields: dict):
+    """probe_site_results under a rule, with the statistics pass timed apart from the solve."""
+    import warnings
+
+    import topotransfer.derivative.topological as topo
+    import topotransfer.init_rules as ir
+    from topotransfer.config import ProbeConfig
+
+    t = {"stats": 0.0}
+    orig = ir.compute_site_statistics, topo.compute_site_statistics
+
+    def stats(*a, **k):
+        t0 = time.perf_counter()
+        out = orig[1](*a, **k)
+        t["stats"] += time.perf_counter() - t0
+        return out
+
+    ir.compute_site_statistics = topo.compute_site_statistics = stats
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = ir.probe_site_results(model, data, loss_fn, ProbeConfig(solver="matrix_free", **fields))
+    finally:
+        ir.compute_site_statistics, topo.compute_site_statistics = orig
+    warned = sum("converge" in str(w.message) for w in caught)
+    return res, t["stats"], warned
+
+
+def child_rules(spec: dict, args: argparse.Namespace) -> dict:
+    """fb and each rule alternately in one process (wall and CPU time); ratios per pair, median over pairs."""
+    import torch
+
+    model, data, loss_fn = build_tokens(spec["d"], spec["images"], args.batch_size, args.seed, spec["tokens"])
+    forward_backward(model, data[:1], loss_fn)  # warm-up
+    model.zero_grad(set_to_none=True)
+    rules = spec.get("rules", list(RULES))
+    pairs: dict[str, list] = {r: [] for r in rules}
+    out: dict = {}
+    for rep in range(args.repeats):
+        for rule in rules:
+            gc.collect()
+            t0, c0 = time.perf_counter(), time.process_time()
+            forward_backward(model, data, loss_fn)
+            t_fb, c_fb = time.perf_counter() - t0, time.process_time() - c0
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            t0, c0 = time.perf_counter(), time.process_time()
+            res, t_stats, warned = _run_rule(model, data, loss_fn, RULES[rule])
+            t_r, c_r = time.perf_counter() - t0, time.process_time() - c0
+            pairs[rule].append({"t_fb": t_fb, "cpu_fb": c_fb, "t": t_r, "cpu": c_r, "stats": t_stats})
+            out[rule] = {"lambda_max": [r.lambda_max for r in res], "quadratic": [r.quadratic for r in res],
+                         "converged": [bool(r.converged) for r in res], "k": [int(r.k) for r in res],
+                         "warnings": warned}
+            print(f"    d={spec['d']} tokens={spec['tokens']} images={spec['images']} {rule} rep {rep + 1}: fb "
+                  f"{t_fb:.2f} s, rule {t_r:.2f} s (stats {t_stats:.2f}), ratio {t_r / t_fb:.2f}, cpu "
+                  f"{c_r / c_fb:.2f}", file=sys.stderr, flush=True)
+    med = statistics.median
+    for rule in rules:
+        ps = pairs[rule]
+        out[rule].update({
+            "pairs": ps, "t_fb": med(p["t_fb"] for p in ps), "t": med(p["t"] for p in ps),
+            "ratio": med(p["t"] / p["t_fb"] for p in ps), "cpu_ratio": med(p["cpu"] / p["cpu_fb"] for p in ps),
+            "ratio_stats": med(p["stats"] / p["t_fb"] for p in ps),
+        })
+    return {**spec, "kind": "rules", "threads": torch.get_num_threads(), "load": os.getloadavg()[0], "rules": out}
+
+
+def child_agree(spec: dict, args: argparse.Namespace) -> dict:
+    """Row-wise eigenpairs (plain and whitened) against a dense float64 reference at every site and row."""
+    import torch
+
+    import topotransfer.derivative.topological as topo
+    import topotransfer.init_rules as ir
+
+    model, data, loss_fn = build_tokens(spec["d"], spec["images"], args.batch_size, args.seed, spec["tokens"],
+                                        spec.get("depth", DEPTH))
+    sites, stats, _, _ = topo.compute_site_statistics(model, data, loss_fn, solver="matrix_free")
+    rows = []
+    for s in sites:
+        st = stats[s.name]
+        z, p = torch.cat(st._z).double(), torch.cat(st._p).double()
+        Q = torch.einsum("nr,ni,nj->rij", p, z, z)
+        lam = torch.linalg.eigvalsh(Q)[:, -1]
+        M = st.second_moment()
+        L = ir._cholesky(M, 1e-6)
+        A = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, Q, upper=False).transpose(1, 2),
+                                          upper=False)
+        mu = torch.linalg.eigvalsh(0.5 * (A + A.transpose(1, 2)))[:, -1]
+        rec = {"site": s.name}
+        for name, tops, ref in (("rowwise", ir.block_tops(st), lam),
+                                ("rowwise_whiten", ir.whitened_block_tops(st, M), mu)):
+            scale = float(ref.abs().max())
+            err = (tops.values - ref).abs() / scale
+            theta, _, _ = ir.rowwise_direction(tops.values, tops.vectors)
+            quad_ref = float(torch.einsum("ri,rij,rj->", theta, Q, theta))  # theta^T Q theta in float64
+            quad_mf = st.quadratic(theta[:, :-1], theta[:, -1])
+            rec[name] = {"max_err_rel": float(err.max()), "rows_over_1e-4": int((err > 1e-4).sum()),
+                         "lambda_max_rel": abs(float(tops.values.max()) - float(ref.max())) / scale,
+                         "quad_rel": abs(quad_mf - quad_ref) / abs(quad_ref),
+                         "sign_mismatch": int(((tops.values > 0) != (ref > 0)).sum()),
+                         "converged": tops.all_converged, "work": tops.work, "iterations": tops.iterations}
+        rows.append(rec)
+    return {**spec, "kind": "agree", "sites": rows}
+
+
+CHILDREN.update({"rules": child_rules, "agree": child_agree})
+
+
+def rules_report(records: list[dict], argv: list[str]) -> str:
+    lines = ["Command: `python scripts/bench_vit_derivative.py " + " ".join(shlex.quote(a) for a in argv) + "`", "",
+             "| d | tokens/image | images | one fwd+bwd [s] | rule | rule [s] | wall ratio | CPU ratio | "
+             "stats / fb | sites converged | warnings |",
+             "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        if r.get("kind") != "rules":
+            continue
+        for rule, v in r["rules"].items():
+            lines.append(f"| {r['d']} | {r['tokens']} | {r['images']} | {v['t_fb']:.2f} | {rule} | {v['t']:.2f} | "
+                         f"{v['ratio']:.2f} | {v['cpu_ratio']:.2f} | {v['ratio_stats']:.2f} | "
+                         f"{sum(v['converged'])}/{len(v['converged'])} | {v['warnings']} |")
+    agree = [r for r in records if r.get("kind") == "agree"]
+    if agree:
+        lines += ["", "| d | tokens | images | rule | max over sites and rows of abs(lambda_r - ref) / max abs(ref) | "
+                  "rows above 1e-4 | lambda_max rel. err | theta^T Q theta rel. err | rows with another sign | "
+                  "converged | products per site |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in agree:
+            for rule in ("rowwise", "rowwise_whiten"):
+                xs = [s[rule] for s in r["sites"]]
+                lines.append(
+                    f"| {r['d']} | {r['tokens']} | {r['images']} | {rule} | {max(x['max_err_rel'] for x in xs):.1e} | "
+                    f"{sum(x['rows_over_1e-4'] for x in xs)} of {len(xs)} x {r['d']} | "
+                    f"{max(x['lambda_max_rel'] for x in xs):.1e} | {max(x['quad_rel'] for x in xs):.1e} | "
+                    f"{sum(x['sign_mismatch'] for x in xs)} | {sum(x['converged'] for x in xs)}/{len(xs)} | "
+                    f"{min(x['work'] for x in xs):.1f} - {max(x['work'] for x in xs):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def rules_main(argv: list[str]) -> None:
+    """``bench_vit_derivative.py rules``: the rules of the shipped configs vs one forward + backward."""
+    ap = argparse.ArgumentParser(prog="bench_vit_derivative.py rules")
+    ap.add_argument("--at", nargs="+", default=["192:65:32", "384:65:32", "768:65:32", "768:197:8"],
+                    metavar="D:TOKENS:IMAGES")
+    ap.add_argument("--agree-at", nargs="*", default=["192:65:16"], metavar="D:TOKENS:IMAGES")
+    ap.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=7200.0)
+    ap.add_argument("--log", type=Path, default=Path("bench_vit_rules.jsonl"))
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    records = []
+    if args.report_only and args.log.exists():
+        records = [json.loads(x) for x in args.log.read_text().splitlines() if x.strip()]
+    else:
+        jobs = [{"mode": "agree", "d": d, "tokens": t, "images": n} for d, t, n in
+                (map(int, a.split(":")) for a in args.agree_at)]
+        jobs += [{"mode": "rules", "d": d, "tokens": t, "images": n, "rules": args.rules} for d, t, n in
+                 (map(int, a.split(":")) for a in args.at)]
+        for job in jobs:
+            print(f"[{job}]", file=sys.stderr, flush=True)
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(job), "--batch-size",
+                   str(args.batch_size), "--seed", str(args.seed), "--repeats", str(args.repeats)]
+            try:
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
+                lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                res = json.loads(lines[-1][7:]) if lines else {**job, "error": f"exit {proc.returncode}"}
+            except subprocess.TimeoutExpired:
+                res = {**job, "error": "timeout"}
+            records.append(res)
+            with args.log.open("a") as f:
+                f.write(json.dumps(res) + "\n")
+    text = rules_report(records, ["rules", *argv])
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text)
+
+
+def switch_main(argv: list[str]) -> None:
+    """``bench_vit_derivative.py switch``: densify + batched eigh vs the batched Lanczos for one matrix-free
+    statistic of random rows (R = d blocks of D = d + 1), CPU time, best of 3: where ``DENSE_MAX_DIM`` goes."""
+    import torch
+
+    from topotransfer.derivative.statistics import MatrixFreeStatistic
+    from topotransfer.eigen import block_top_eigenpairs_lanczos
+    from topotransfer.init_rules import _dense_tops
+
+    torch.set_num_threads(1)
+    for n in (2048, 16384):
+        for d in (8, 16, 24, 32, 48, 64, 96, 128):
+            g = torch.Generator().manual_seed(0)
+            st = MatrixFreeStatistic(d, d, True)
+            for _ in range(0, n, 1024):
+                st.update(torch.randn(1024, d, generator=g), 0.1 * torch.randn(1024, d, generator=g))
+
+            def best(f):
+                out = math.inf
+                for _ in range(3):
+                    c0 = time.process_time()
+                    f()
+                    out = min(out, time.process_time() - c0)
+                return out
+
+            td = best(lambda st=st: _dense_tops(st.dense()))
+            tl = best(lambda st=st: block_top_eigenpairs_lanczos(st.matvec, st.R, st.D))
+            print(f"N={n} D={d + 1}: densify+eigh {td * 1e3:.1f} ms, batched Lanczos {tl * 1e3:.1f} ms", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["switch"]:
+        switch_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["rules"]:
+        rules_main(sys.argv[2:])
+    else:
+        main()

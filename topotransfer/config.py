@@ -107,6 +107,10 @@ class ProbeConfig:
         metadata={"help": "rowwise rule: generalised eigenvectors of (Q_r, input second moment): eps = RMS pre-activation"},
     )
     tol: float = field(default=1e-4, metadata={"help": "matrix-free relative residual tolerance"})
+    score: str = field(
+        default="lambda_max",
+        metadata={"help": "what ranks the sites: lambda_max (TD) | quadratic (theta^T Q theta of the inserted direction)"},
+    )
     sample_fraction: float | None = field(
         default=None, metadata={"help": "keep this fraction of the tokens / pixels of each probe batch (seeded)"}
     )
@@ -125,6 +129,8 @@ class ProbeConfig:
                f"probe.rule must be top1|cluster|topk|rowwise, got {self.rule!r}")
         _check(self.row_weighting in ("equal", "sqrt", "lambda"),
                f"probe.row_weighting must be equal|sqrt|lambda, got {self.row_weighting!r}")
+        _check(self.score in ("lambda_max", "quadratic"),
+               f"probe.score must be lambda_max|quadratic, got {self.score!r}")
         _check(0.0 <= self.c <= 1.0, f"probe.c must lie in [0, 1], got {self.c}")
         _check(self.rule != "topk" or (self.k or 0) >= 1, "probe.rule=topk needs probe.k >= 1")
         _check(self.batch_size > 0, f"probe.batch_size must be positive, got {self.batch_size}")

@@ -10,6 +10,9 @@ row r of the direction theta = vec_rows([Phi | beta]) (zeros in every other row)
   (R, D, 1), so Q is never formed (two GEMMs per step when Q comes from cached samples). Blocks that
   cannot hold one of the wanted top eigenpairs stop iterating after a few steps (pruning), so the
   later products cost a fraction of a full one.
+- :func:`block_top_eigenpairs_lanczos`: the top eigenpair of *every* block at once (the row-wise rule),
+  matrix-free: one batched Lanczos recurrence per block, all blocks' products in one ``matvec`` call,
+  converged blocks leave the batch, a final product checks every returned pair's true residual.
 - :func:`select_direction`: the initialisation rules "top1", "cluster", "topk".
 
 Signs are fixed deterministically (largest-|entry| positive), so every process and rerun inserts
@@ -26,7 +29,9 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "BlockTops",
     "EigenResult",
+    "block_top_eigenpairs_lanczos",
     "dense_top_eigenpairs",
     "fix_signs",
     "lanczos_top_eigenpairs",
@@ -387,3 +392,190 @@ def select_direction(
     theta = torch.zeros(num_blocks, result.vectors.shape[1], dtype=torch.float64, device=result.vectors.device)
     theta.index_add_(0, result.rows[:n], result.vectors[:n].to(torch.float64))
     return theta, n, float(vals[:n].sum())
+
+
+@dataclass
+class BlockTops:
+    """The top (largest algebraic) eigenpair of every block Q_r, r = 1..R.
+
+    Attributes:
+        values: (R,) lambda_r, float64. From the matrix-free solver: the Rayleigh quotient v_r^T Q_r v_r of the
+            returned vector, computed by the final product (so theta^T Q theta of any direction built from the
+            rows is exactly sum_r a_r^2 values[r] up to the products' rounding).
+        vectors: (R, D) unit v_r, float64, sign-fixed.
+        residuals: (R,) ||Q_r v_r - lambda_r v_r|| from that final product (0 for dense ``eigh`` up to rounding).
+        converged: (R,) bool, residual <= tol * (the block's own size, see
+            :func:`block_top_eigenpairs_lanczos`).
+        tol: the relative tolerance used.
+        iterations: Lanczos steps of the longest-running block (0 for dense ``eigh``).
+        work: products computed, in units of one product with all R blocks (including the final check).
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    tol: float = 0.0
+    iterations: int = 0
+    work: float = 0.0
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+    def missed(self) -> list[int]:
+        """Blocks (rows) whose residual missed the tolerance."""
+        return [int(i) for i in (~self.converged).nonzero().flatten()]
+
+
+def block_top_eigenpairs_lanczos(
+    matvec: Callable[..., torch.Tensor],
+    num_blocks: int,
+    dim: int,
+    tol: float = 1e-4,
+    steps: int = 24,
+    max_steps: int = 400,
+    check_every: int = 4,
+    min_steps: int = 8,
+    floor: float = 1e-6,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> BlockTops:
+    """Top eigenpair of every block of blockdiag(Q_1..Q_R) by batched Lanczos, given only ``matvec``.
+
+    Each block runs its own Lanczos recurrence (full re-orthogonalisation); the R products of a step are one
+    ``matvec`` call, which for cached samples is two GEMMs over Zh (N x D) and P (N x R):
+    Q(V)[r] = Zh^T (P[:, r] * (Zh V[r])) -- the same cost as one product with the whole site.
+
+    Every ``check_every`` steps (from ``min_steps`` on) each block's top Ritz pair (theta_r, y_r) is tested: its
+    residual ||Q_r y_r - theta_r y_r|| = |beta_j| |last component of the Ritz vector| (exact for Lanczos).
+    Blocks with residual <= ``tol`` * rho_r leave the batch, rho_r = the block's own size (its largest |Ritz
+    value|), clipped to [``floor``, 1] * max_r |lambda_r| (below the floor a float32 product cannot resolve the
+    block; the cap keeps every lambda_r within ``tol`` of the site's largest, since a Ritz value lies within
+    its residual of an eigenvalue). A tolerance relative to the block itself, not to the site's largest
+    block, decides the sign of small lambda_r (which rows the row-wise rule activates) and makes it unlikely
+    that a block stops on its second eigenvalue before the first has emerged; ``min_steps`` serves the same
+    purpose (a residual test after very few steps can pass on a lower Ritz pair). The products of the
+    remaining blocks cost (active / R) of a full one (``matvec(v, rows=idx)`` when it accepts ``rows``). The
+    basis memory that the converged blocks free goes to the remaining ones (longer Krylov spaces, up to D);
+    a block still unconverged when its space is full restarts from its top Ritz vector. A Lanczos breakdown
+    (invariant subspace; e.g. Q_r = 0 for an output row without adjoint) makes the Ritz pair exact.
+
+    The eigenvalue error of a pair with residual rho is at most rho^2 / gap (gap to the block's next
+    eigenvalue), so ``tol`` = 1e-4 gives lambda_r to about 1e-8 relative when the gap is not tiny.
+
+    Truthful report: after the iteration, one more product with all R blocks computes every returned vector's
+    Rayleigh quotient (the value returned) and true residual; ``converged[r]`` compares that residual, not the
+    recurrence's estimate, with the tolerance.
+
+    Args:
+        matvec: (R, D, m) -> (R, D, m); optionally ``matvec(v, rows=idx)`` with v of shape (len(idx), D, m).
+        num_blocks, dim: R and D.
+        tol: relative residual tolerance (relative to each block's own size, see above).
+        steps: Krylov dimension per block while all blocks are active (capped at D).
+        max_steps: Lanczos steps per block in total (restarts included) before giving up on a block.
+        check_every: convergence test interval.
+        min_steps: no block stops before this many steps (unless its Krylov space is exhausted).
+        floor: smallest block size considered, relative to max_r |lambda_r|.
+        dtype: precision of the recurrence (products may be float32).
+        seed: seed of the deterministic start vectors.
+
+    Returns:
+        :class:`BlockTops`.
+    """
+    R, D = num_blocks, dim
+    dev = torch.device(device)
+    with_rows = _accepts_rows(matvec)
+    k0 = max(1, min(steps, D))
+    budget = R * (k0 + 1)
+
+    def apply(v: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        if act.numel() == R:
+            return matvec(v.unsqueeze(-1)).squeeze(-1).to(dtype)
+        if with_rows:
+            return matvec(v.unsqueeze(-1), rows=act).squeeze(-1).to(dtype)
+        full = torch.zeros(R, D, 1, dtype=v.dtype, device=dev)
+        full[act, :, 0] = v
+        return matvec(full).squeeze(-1)[act].to(dtype)
+
+    vecs = torch.zeros(R, D, dtype=dtype, device=dev)
+    radius = torch.zeros(R, dtype=dtype, device=dev)
+    scale = 0.0  # running max |theta| over all blocks (only grows: Ritz values approach eigenvalues from below)
+    act = torch.arange(R, device=dev)
+    v0 = _orthonormal_start(R, D, dtype, dev, seed)
+    used = torch.zeros(R, dtype=torch.long, device=dev)  # steps taken per block
+    work = 0.0
+    while act.numel() > 0:
+        Ra = act.numel()
+        cap = max(1, min(D, max(k0, budget // Ra - 1)))
+        basis = torch.empty(Ra, cap + 1, D, dtype=dtype, device=dev)
+        alpha = torch.zeros(Ra, cap, dtype=dtype, device=dev)
+        beta = torch.zeros(Ra, cap, dtype=dtype, device=dev)
+        basis[:, 0] = v0
+        j = 0
+        while j < cap:
+            v = basis[:, j]
+            w = apply(v, act)
+            work += Ra / R
+            used[act] += 1
+            alpha[:, j] = (w * v).sum(1)
+            w = w - alpha[:, j, None] * v
+            if j > 0:
+                w = w - beta[:, j - 1, None] * basis[:, j - 1]
+            w = _reorthogonalize(basis[:, : j + 1], w)
+            b = torch.linalg.vector_norm(w, dim=1)
+            size = alpha[:, : j + 1].abs().amax(1).clamp_min(1e-300)
+            broke = b <= 1e-10 * size  # invariant subspace: beta = 0 makes the Ritz pairs exact
+            b = torch.where(broke, torch.zeros_like(b), b)
+            beta[:, j] = b
+            basis[:, j + 1] = torch.where(broke[:, None], torch.zeros_like(w), w / b.clamp_min(1e-300)[:, None])
+            j += 1
+            out_of_steps = used[act] >= max_steps
+            if not (j == cap or (j >= min_steps and j % check_every == 0) or bool(broke.any())
+                    or bool(out_of_steps.any())):
+                continue
+            theta, S, res = _ritz(alpha, beta, j, D)
+            top, res_top = theta[:, -1], res[:, -1]
+            res_top = torch.where(beta[:, j - 1] == 0, torch.zeros_like(res_top), res_top)
+            scale = max(scale, float(top.abs().max()))
+            # the block's own size: its largest |Ritz value| (both ends converge first), floored for blocks ~ 0
+            radius[act] = torch.maximum(theta[:, -1].abs(), theta[:, 0].abs()).clamp(floor * scale, scale)
+            done = (res_top <= tol * radius[act]) | out_of_steps | (beta[:, j - 1] == 0)
+            if j == cap and not bool(done.all()):
+                # Krylov space full: keep the top Ritz pair of every block (the restart vector of the others)
+                y = torch.bmm(S[:, :, -1].unsqueeze(1), basis[:, :j]).squeeze(1)
+                vecs[act] = y
+                v0 = y[~done]
+                v0 = v0 / torch.linalg.vector_norm(v0, dim=1, keepdim=True).clamp_min(1e-300)
+                act = act[~done]
+                break
+            if bool(done.any()):
+                idx = done.nonzero().squeeze(1)
+                y = torch.bmm(S[idx, :, -1].unsqueeze(1), basis[idx, :j]).squeeze(1)
+                vecs[act[idx]] = y
+                keep = (~done).nonzero().squeeze(1)
+                act = act[keep]
+                if act.numel() == 0:
+                    break
+                Ra = act.numel()
+                cap_new = max(cap, min(D, budget // Ra - 1))
+                nb = torch.empty(Ra, cap_new + 1, D, dtype=dtype, device=dev)
+                nb[:, : j + 1] = basis[keep, : j + 1]
+                na = torch.zeros(Ra, cap_new, dtype=dtype, device=dev)
+                nbeta = torch.zeros(Ra, cap_new, dtype=dtype, device=dev)
+                na[:, :j], nbeta[:, :j] = alpha[keep, :j], beta[keep, :j]
+                basis, alpha, beta, cap = nb, na, nbeta, cap_new
+                del nb, na, nbeta
+    vecs = vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True).clamp_min(1e-300)
+    vecs = fix_signs(vecs)
+    # Truthful check: Rayleigh quotients and true residuals of the returned vectors, one product for all blocks.
+    qv = apply(vecs, torch.arange(R, device=dev))
+    work += 1.0
+    values = (qv * vecs).sum(1)
+    residuals = torch.linalg.vector_norm(qv - values[:, None] * vecs, dim=1)
+    top_scale = float(values.abs().max())
+    radius = torch.maximum(radius, values.abs()).clamp(floor * top_scale, top_scale)
+    converged = residuals <= tol * radius
+    return BlockTops(values.to(torch.float64), vecs.to(torch.float64), residuals.to(torch.float64), converged,
+                     tol, int(used.max()) if R else 0, work)

@@ -46,106 +46,83 @@ from torch import nn
 from .derivative.probes import default_forward
 from .derivative.statistics import DenseStatistic, SiteStatistic, append_bias
 from .derivative.topological import (
+    SCORE_KINDS,
     LossFn,
     SiteResult,
     _to_device,
     compute_site_statistics,
     sample_mask,
+    solve_site,
     split_batch,
     topological_derivative,
 )
-from .eigen import fix_signs
+from .eigen import BlockTops, block_top_eigenpairs_lanczos, fix_signs
 from .errors import ConvergenceWarning
 from .surgery.base import Site
 
 __all__ = [
     "ROW_WEIGHTINGS",
     "block_top_eigenpairs",
+    "block_tops",
     "input_second_moments",
     "probe_site_results",
     "rowwise_direction",
     "rowwise_site_results",
     "whitened_block_top_eigenpairs",
+    "whitened_block_tops",
 ]
 
 ROW_WEIGHTINGS = ("equal", "sqrt", "lambda")
 
-#: Largest R*D*D (float64 entries) for which a matrix-free statistic is densified (64 MB).
+#: A matrix-free statistic is densified (``dense()``, then batched ``eigh``) only when R*D*D float64 entries
+#: fit in this many (64 MB) *and* D <= ``DENSE_MAX_DIM``: densifying costs D products with every block, the
+#: batched Lanczos about 10 - 20; measured crossover between D = 33 and D = 49 at N = 2048 and 16384 rows
+#: (`python scripts/bench_vit_derivative.py switch`)
 DENSE_LIMIT = 8 * 2**20
+DENSE_MAX_DIM = 40
 
 
-def _lanczos_block_tops(stat: SiteStatistic, steps: int, tol: float, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Top eigenpair of every block by batched Lanczos with full re-orthogonalisation (no restarts).
-
-    All R blocks iterate together: one ``stat.matvec`` of shape (R, D, 1) per step. Returns values (R,),
-    vectors (R, D) and residuals (R,) = |beta_j| |last component of the Ritz vector| (exact for Lanczos).
-    """
-    R, D = stat.R, stat.D
-    steps = min(steps, D)
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(R, D, generator=g, dtype=torch.float64)
-    q = q / q.norm(dim=1, keepdim=True)
-    basis = torch.zeros(R, D, steps, dtype=torch.float64)
-    alpha = torch.zeros(R, steps, dtype=torch.float64)
-    beta = torch.zeros(R, steps, dtype=torch.float64)
-    j_used = steps
-    for j in range(steps):
-        basis[:, :, j] = q
-        w = stat.matvec(q.unsqueeze(-1).to(torch.float64)).squeeze(-1).to(torch.float64)  # (R, D): Q_r q_r
-        alpha[:, j] = (w * q).sum(1)
-        # full re-orthogonalisation against the whole basis, twice (float rounding of the products)
-        for _ in range(2):
-            w = w - torch.einsum("rdk,rk->rd", basis[:, :, : j + 1], torch.einsum("rdk,rd->rk", basis[:, :, : j + 1], w))
-        beta[:, j] = w.norm(dim=1)
-        if j + 1 == steps:
-            break
-        if float(beta[:, j].max()) < 1e-12:  # every Krylov space is invariant: Ritz pairs are exact
-            j_used = j + 1
-            break
-        q = w / beta[:, j : j + 1].clamp_min(1e-300)
-    j = j_used
-    T = torch.diag_embed(alpha[:, :j]) + torch.diag_embed(beta[:, : j - 1], 1) + torch.diag_embed(beta[:, : j - 1], -1)
-    theta, S = torch.linalg.eigh(T)  # ascending
-    vals = theta[:, -1]
-    vecs = torch.einsum("rdk,rk->rd", basis[:, :, :j], S[:, :, -1])
-    res = beta[:, j - 1].abs() * S[:, -1, -1].abs()
-    if j == D:
-        res = torch.zeros_like(res)
-    scale = float(vals.abs().max().clamp_min(1e-300))
-    if float(res.max()) / scale > tol:
-        warnings.warn(
-            f"Row-wise Lanczos: largest relative residual {float(res.max()) / scale:.2e} > tol {tol:.1e} after {j} "
-            "steps; the per-row eigenvectors may be inaccurate",
-            ConvergenceWarning,
-            stacklevel=3,
-        )
-    return vals, vecs / vecs.norm(dim=1, keepdim=True), res
-
-
-def block_top_eigenpairs(
-    stat: SiteStatistic, steps: int = 64, tol: float = 1e-4
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top (largest algebraic) eigenpair of every block Q_r of a site.
-
-    Args:
-        stat: a site statistic (R blocks of size D).
-        steps: Lanczos steps when the blocks are too large to densify (R*D^2 > ``DENSE_LIMIT``).
-        tol: relative residual above which the Lanczos path warns.
-
-    Returns:
-        values (R,) float64 and unit vectors (R, D) float64 (sign-fixed: largest-|entry| positive).
-    """
+def _densify(stat: SiteStatistic) -> bool:
+    """Whether the per-block top eigenpairs come from dense blocks (else batched Lanczos on ``stat.matvec``)."""
     if isinstance(stat, DenseStatistic):
-        Q = stat.Q
-    elif stat.R * stat.D * stat.D <= DENSE_LIMIT:
-        Q = stat.dense()
-    else:
-        vals, vecs, _ = _lanczos_block_tops(stat, steps, tol)
-        return vals, fix_signs(vecs)
+        return True
+    return stat.R * stat.D * stat.D <= DENSE_LIMIT and stat.D <= DENSE_MAX_DIM
+
+
+def _dense_tops(Q: torch.Tensor) -> BlockTops:
+    """Exact top eigenpair of every dense block Q (R, D, D) by batched ``eigh`` in float64."""
     Q = Q.to(torch.float64)
     Q = 0.5 * (Q + Q.transpose(1, 2))  # exact symmetry for eigh
     values, vectors = torch.linalg.eigh(Q)  # (R, D) ascending, (R, D, D) columns
-    return values[:, -1].clone(), fix_signs(vectors[:, :, -1].clone())
+    vals, vecs = values[:, -1].clone(), fix_signs(vectors[:, :, -1].clone())
+    res = torch.linalg.vector_norm(torch.bmm(Q, vecs[:, :, None]).squeeze(-1) - vals[:, None] * vecs, dim=1)
+    return BlockTops(vals, vecs, res, torch.ones(Q.shape[0], dtype=torch.bool, device=Q.device))
+
+
+def block_tops(stat: SiteStatistic, tol: float = 1e-4, steps: int = 24, max_steps: int = 400) -> BlockTops:
+    """The top (largest algebraic) eigenpair of every block Q_r of a site, with per-block convergence.
+
+    Dense statistics (and small matrix-free ones, :data:`DENSE_MAX_DIM`): batched ``eigh``. Otherwise the
+    batched matrix-free Lanczos of :func:`~topotransfer.eigen.block_top_eigenpairs_lanczos` on ``stat.matvec``
+    (all R blocks per product, converged blocks leave the batch).
+
+    Args:
+        stat: a site statistic (R blocks of size D).
+        tol: relative residual tolerance of the Lanczos path.
+        steps, max_steps: Krylov dimension per block while all are active, and the step budget per block.
+    """
+    if _densify(stat):
+        return _dense_tops(stat.Q if isinstance(stat, DenseStatistic) else stat.dense())
+    return block_top_eigenpairs_lanczos(stat.matvec, stat.R, stat.D, tol=tol, steps=steps, max_steps=max_steps)
+
+
+def block_top_eigenpairs(
+    stat: SiteStatistic, steps: int = 24, tol: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top eigenpair of every block: values (R,) float64 and unit vectors (R, D) float64 (sign-fixed:
+    largest-|entry| positive). :func:`block_tops` without the convergence record."""
+    tops = block_tops(stat, tol=tol, steps=steps)
+    return tops.values, tops.vectors
 
 
 @torch.no_grad()
@@ -200,55 +177,75 @@ def input_second_moments(
 
 class _WhitenedBlocks:
     """The blocks A_r = L^{-1} Q_r L^{-T} of a site as a matrix-free operator (M = L L^T, the same L for
-    every row): A v = L^{-1} (Q (L^{-T} v)), two triangular solves around one ``stat.matvec``."""
+    every row): A v = L^{-1} (Q (L^{-T} v)), two triangular solves around one ``stat.matvec`` (D^2 per vector
+    against the product's 4 N D: negligible for N >> D)."""
 
     def __init__(self, stat: SiteStatistic, L: torch.Tensor) -> None:
         self.stat, self.L, self.R, self.D = stat, L, stat.R, stat.D
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """v (R, D, m) -> (R, D, m)."""
+    def matvec(self, v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """v (R, D, m) -> (R, D, m); with ``rows``, v is (len(rows), D, m) for those blocks only."""
         R, D, m = v.shape
         cols = v.to(self.L).permute(1, 0, 2).reshape(D, R * m)  # column (r, i) = v[r, :, i]
         w = torch.linalg.solve_triangular(self.L.T, cols, upper=True)  # L^{-T} v
-        qw = self.stat.matvec(w.reshape(D, R, m).permute(1, 0, 2).contiguous()).to(self.L)  # Q_r (L^{-T} v_r)
+        w = w.reshape(D, R, m).permute(1, 0, 2).contiguous()
+        qw = (self.stat.matvec(w) if rows is None else self.stat.matvec(w, rows=rows)).to(self.L)  # Q_r L^{-T} v_r
         out = torch.linalg.solve_triangular(self.L, qw.permute(1, 0, 2).reshape(D, R * m), upper=False)
         return out.reshape(D, R, m).permute(1, 0, 2)
 
 
-def whitened_block_top_eigenpairs(
-    stat: SiteStatistic, M: torch.Tensor, ridge: float = 1e-6, steps: int = 64, tol: float = 1e-4
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top generalised eigenpair (mu_r, v_r) of (Q_r, M) for every block, v_r^T M v_r = 1.
-
-    Args:
-        stat: a site statistic (R blocks of size D). Dense blocks (or R*D^2 <= ``DENSE_LIMIT``): batched
-            ``eigh`` of L^{-1} Q_r L^{-T}; larger (ViT-Base, d = 768): batched Lanczos on the same operator,
-            applied matrix-free (:class:`_WhitenedBlocks`), never forming a block.
-        M: (D, D) input second moment; ``ridge * trace(M) / D`` is added to its diagonal (conditioning:
-            a constant input coordinate, e.g. a dead ReLU unit, makes M singular).
-        steps, tol: Lanczos steps and the relative residual above which it warns (large blocks only).
-
-    Returns:
-        mu (R,) float64 and vectors (R, D) float64 with unit M-norm (sign-fixed).
-    """
+def _cholesky(M: torch.Tensor, ridge: float) -> torch.Tensor:
+    """L with L L^T = M + ridge * trace(M) / D * I (float64)."""
     D = M.shape[0]
     M = M.to(torch.float64)
     M = M + ridge * float(torch.trace(M)) / D * torch.eye(D, dtype=M.dtype, device=M.device)
-    L = torch.linalg.cholesky(M)  # M = L L^T
-    if isinstance(stat, DenseStatistic) or stat.R * stat.D * stat.D <= DENSE_LIMIT:
+    return torch.linalg.cholesky(M)
+
+
+def whitened_block_tops(
+    stat: SiteStatistic, M: torch.Tensor, ridge: float = 1e-6, tol: float = 1e-4, steps: int = 24,
+    max_steps: int = 400,
+) -> BlockTops:
+    """Top generalised eigenpair (mu_r, v_r) of (Q_r, M) for every block, v_r^T M v_r = 1.
+
+    Through one Cholesky factor M = L L^T shared by all rows: y_r = L^T v_r is the top eigenvector of
+    A_r = L^{-1} Q_r L^{-T}. Dense blocks (:func:`block_tops`' rule): batched ``eigh`` of A_r; otherwise the
+    batched matrix-free Lanczos on A (:class:`_WhitenedBlocks`), never forming a block.
+
+    Args:
+        stat: a site statistic (R blocks of size D).
+        M: (D, D) input second moment; ``ridge * trace(M) / D`` is added to its diagonal (conditioning:
+            a constant input coordinate, e.g. a dead ReLU unit, makes M singular).
+        tol, steps, max_steps: as in :func:`block_tops` (residuals and convergence refer to A_r and y_r).
+
+    Returns:
+        :class:`~topotransfer.eigen.BlockTops` with values mu (R,) and vectors v (R, D) of unit M-norm (sign-fixed).
+    """
+    L = _cholesky(M, ridge)
+    if _densify(stat):
         Q = (stat.Q if isinstance(stat, DenseStatistic) else stat.dense()).to(L)
         Q = 0.5 * (Q + Q.transpose(1, 2))
+        D = Q.shape[-1]
         Lb = L.expand(Q.shape[0], D, D)
         # A_r = L^{-1} Q_r L^{-T}: two triangular solves (A_r is symmetric)
         X = torch.linalg.solve_triangular(Lb, Q, upper=False)  # L^{-1} Q_r
         A = torch.linalg.solve_triangular(Lb, X.transpose(1, 2), upper=False).transpose(1, 2)  # (L^{-1} (L^{-1} Q_r)^T)^T
-        A = 0.5 * (A + A.transpose(1, 2))
-        mu, Y = torch.linalg.eigh(A)
-        mu, y = mu[:, -1].clone(), Y[:, :, -1]  # (R,), (R, D) unit
+        tops = _dense_tops(A)
     else:
-        mu, y, _ = _lanczos_block_tops(_WhitenedBlocks(stat, L), steps, tol)
-    v = torch.linalg.solve_triangular(L.T, y.T, upper=True).T  # v_r = L^{-T} y_r: unit M-norm
-    return mu, fix_signs(v.contiguous())
+        # whitened samples cached once (MatrixFreeStatistic.whitened), else L^{-1}, L^{-T} around each product
+        op = stat.whitened(L).matvec if hasattr(stat, "whitened") else _WhitenedBlocks(stat, L).matvec
+        tops = block_top_eigenpairs_lanczos(op, stat.R, stat.D, tol=tol, steps=steps, max_steps=max_steps)
+    v = torch.linalg.solve_triangular(L.T, tops.vectors.T, upper=True).T  # v_r = L^{-T} y_r: unit M-norm
+    tops.vectors = fix_signs(v.contiguous())
+    return tops
+
+
+def whitened_block_top_eigenpairs(
+    stat: SiteStatistic, M: torch.Tensor, ridge: float = 1e-6, steps: int = 24, tol: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mu (R,) and vectors (R, D) of :func:`whitened_block_tops`, without the convergence record."""
+    tops = whitened_block_tops(stat, M, ridge=ridge, tol=tol, steps=steps)
+    return tops.values, tops.vectors
 
 
 def rowwise_direction(
@@ -284,6 +281,22 @@ def rowwise_direction(
     return theta, int((a != 0).sum()), quad
 
 
+def _warn_unconverged(site: str, tops: BlockTops, what: str) -> None:
+    """ConvergenceWarning naming the site and the rows whose residual missed the tolerance."""
+    rows = tops.missed()
+    if not rows:
+        return
+    scale = float(tops.values.abs().max().clamp_min(1e-300))
+    shown = ", ".join(str(r) for r in rows[:20]) + (f", ... ({len(rows)} rows)" if len(rows) > 20 else "")
+    warnings.warn(
+        f"Row-wise {what} eigen-solve at site {site!r} did not converge for rows [{shown}]: largest relative residual "
+        f"{float(tops.residuals.max()) / scale:.2e} > tol {tops.tol:.1e} after {tops.iterations} Lanczos steps; "
+        "those rows' directions (and lambda_r) may be inaccurate",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
+
+
 def rowwise_site_results(
     model: nn.Module,
     data: Iterable,
@@ -298,44 +311,77 @@ def rowwise_site_results(
     max_samples_per_batch: int | None = None,
     whiten: bool = False,
     progress: bool = False,
+    score: str = "lambda_max",
+    max_steps: int = 400,
 ) -> list[SiteResult]:
     """Like :func:`~topotransfer.derivative.topological.topological_derivative`, with the row-wise rule.
 
     One pass over ``data`` accumulates every site's statistic (summed over the processes of
-    ``accelerator``, so every rank gets the same direction); each block's top eigenpair gives the site's
-    score TD_t = max_r lambda_r and the direction of :func:`rowwise_direction`.
+    ``accelerator``, so every rank gets the same direction); each block's top eigenpair (:func:`block_tops`)
+    gives lambda_max(Q_t) = max_r lambda_r and the direction of :func:`rowwise_direction`.
 
-    ``whiten=True`` uses the generalised eigenpairs of (Q_r, M_t) (module docstring; one more forward
-    pass over ``data`` for M_t); the score stays lambda_max(Q_t).
+    ``whiten=True`` uses the generalised eigenpairs of (Q_r, M_t) (module docstring); M_t comes from the
+    statistic itself when it holds every sample exactly (:meth:`~.statistics.SiteStatistic.second_moment`),
+    else from one more forward pass over ``data``.
+
+    ``score``: what ranks the sites (``SiteResult.score``, ``score_kind``): "lambda_max" (TD_t =
+    lambda_max(Q_t), the default) or "quadratic" (theta^T Q_t theta of the direction returned, i.e. the
+    predicted decrease J(0) - J(eps) ~ eps^2/2 theta^T Q theta of the layer actually inserted, for the
+    normalisation of this rule). Both numbers are recorded in every result (``lambda_max``, ``quadratic``).
+
+    Convergence (matrix-free statistics): a site where some rows missed ``tol`` warns
+    (:class:`~topotransfer.errors.ConvergenceWarning`, naming the site and the rows) and has ``converged=False``.
 
     Returns:
         One :class:`SiteResult` per site in depth order; ``eigenvalues`` holds the R per-block top
-        eigenvalues (descending), ``k`` the rows that start active, ``quadratic`` theta^T Q theta.
+        eigenvalues behind the direction (descending): lambda_r, or mu_r when whitened; ``k`` the rows that
+        start active, ``quadratic`` theta^T Q theta, ``lambda_max`` lambda_max(Q_t).
     """
+    if score not in SCORE_KINDS:
+        raise ValueError(f"Unknown score {score!r}; choose one of {SCORE_KINDS}")
     site_list, stats, layers, _ = compute_site_statistics(
         model, data, loss_fn, sites, accelerator=accelerator, solver=solver, progress=progress,
         sample_fraction=sample_fraction, max_samples_per_batch=max_samples_per_batch,
     )
-    moments = input_second_moments(model, data, site_list, layers, accelerator) if whiten else {}
+    moments: dict[str, torch.Tensor] = {}
+    if whiten:
+        moments = {s.name: stats[s.name].second_moment() for s in site_list}
+        if any(m is None for m in moments.values()):  # subsampled rows or a lossy cache: a pass of its own
+            moments = input_second_moments(model, data, site_list, layers, accelerator)
+    device = next(model.parameters()).device
     out = []
     for s in site_list:
         st, layer = stats[s.name], layers[s.name]
-        vals, vecs = block_top_eigenpairs(st, tol=tol)
         if whiten:
             # rows: generalised eigenvectors; their mu_r > 0 exactly where lambda_r > 0 (same inertia)
-            mu, wvecs = whitened_block_top_eigenpairs(st, moments[s.name], tol=tol)
-            theta, k, quad = rowwise_direction(mu, wvecs, weighting)
-            # rows have unit M-norm and sum_r a_r^2 = 1: the mean-square pre-activation is 1
-            quad = st.quadratic(theta[:, : layer.in_features], theta[:, layer.in_features] if st.bias else None)
+            wt = whitened_block_tops(st, moments[s.name], tol=tol, max_steps=max_steps)
+            _warn_unconverged(s.name, wt, "whitened ")
+            converged = wt.all_converged
+            theta, k, quad = rowwise_direction(wt.values, wt.vectors, weighting)
+            vals = wt.values  # the per-row values behind the direction: mu_r
+            if _densify(st):
+                lam = float(block_tops(st).values.max())
+                # rows have unit M-norm and sum_r a_r^2 = 1: the mean-square pre-activation is 1
+                quad = st.quadratic(theta[:, : layer.in_features], theta[:, layer.in_features] if st.bias else None)
+            else:
+                # lambda_max(Q_t) alone (the per-row lambda_r are not needed): the pruned top-1 solve, ~5
+                # products instead of ~10 - 15 for every row; theta^T Q theta = sum_r a_r^2 mu_r exactly, with
+                # mu_r the Rayleigh quotients v_r^T Q_r v_r (unit M-norm v_r) from the solver's final product.
+                eig = solve_site(st, num_eigenvalues=1, tol=tol, site=s.name)
+                lam, converged = float(eig.values[0]), converged and eig.converged
         else:
-            theta, k, quad = rowwise_direction(vals, vecs, weighting)
-        device = next(model.parameters()).device
+            tops = block_tops(st, tol=tol, max_steps=max_steps)
+            _warn_unconverged(s.name, tops, "")
+            converged = tops.all_converged
+            vals = tops.values
+            theta, k, quad = rowwise_direction(vals, tops.vectors, weighting)
+            lam = float(vals.max())
         theta = theta.to(device)
         out.append(
             SiteResult(
                 site=s.name,
                 index=s.index,
-                score=float(vals.max()),
+                score=lam if score == "lambda_max" else quad,
                 eigenvalues=vals.sort(descending=True).values,
                 weight=theta[:, : layer.in_features].contiguous(),
                 bias=theta[:, layer.in_features].contiguous() if st.bias else None,
@@ -343,9 +389,11 @@ def rowwise_site_results(
                 quadratic=quad,
                 num_samples=st.count,
                 solver="dense" if isinstance(st, DenseStatistic) else "matrix_free",
-                converged=True,
+                converged=converged,
                 layer_config=layer.config(),
                 row_scores=vals,
+                score_kind=score,
+                lambda_max=lam,
             )
         )
     if not math.isfinite(sum(r.score for r in out)):
@@ -367,9 +415,11 @@ def probe_site_results(
 
     ``probe.rule`` = top1 | cluster | topk: :func:`~topotransfer.derivative.topological.topological_derivative`;
     ``rowwise``: :func:`rowwise_site_results` (``probe.row_weighting``, ``probe.whiten``). Every recipe
-    (grow, adapt, derivative) goes through here, so a rule means the same in all of them. The score is
-    TD_t = lambda_max(Q_t) under every rule. ``sites=None`` probes ``probe.sites`` (blocks | sublayers | all;
-    sites inside blocks that already hold a layer are left out).
+    (grow, adapt, derivative) goes through here, so a rule means the same in all of them. The score that ranks
+    the sites is ``probe.score``: TD_t = lambda_max(Q_t) (default) or "quadratic", theta^T Q_t theta of the
+    direction the rule inserts; every result records both (``SiteResult.score_kind`` says which is ``score``).
+    ``sites=None`` probes ``probe.sites`` (blocks | sublayers | all; sites inside blocks that already hold a
+    layer are left out).
     """
     if sites is None and getattr(probe, "sites", "blocks") != "blocks":
         from .surgery import get_family
@@ -378,7 +428,8 @@ def probe_site_results(
         taken = {name for name, _, _ in family.inside_layers(model)}
         sites = [s.name for s in family.sites(model, probe.sites) if s.name not in taken]
     common = dict(accelerator=accelerator, solver=probe.solver, tol=probe.tol, progress=progress,
-                  sample_fraction=probe.sample_fraction, max_samples_per_batch=probe.max_samples_per_batch)
+                  sample_fraction=probe.sample_fraction, max_samples_per_batch=probe.max_samples_per_batch,
+                  score=getattr(probe, "score", "lambda_max"))
     if probe.rule == "rowwise":
         return rowwise_site_results(model, data, loss_fn, sites=sites, weighting=probe.row_weighting,
                                     whiten=probe.whiten, **common)

@@ -74,6 +74,12 @@ class SiteStatistic:
         """Sum over processes (a no-op for one process)."""
         raise NotImplementedError
 
+    def second_moment(self) -> torch.Tensor | None:
+        """M = (1/N) sum_n zh_n zh_n^T (D, D) float64 over the samples behind the statistic (summed over
+        processes), or ``None`` when the statistic cannot give it exactly (rows were subsampled, or the
+        cache is lossy): the whitened row-wise rule then takes M from a forward pass of its own."""
+        return None
+
     def quadratic(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> float:
         """theta^T Q theta for theta = rows of [weight | bias]; weight (R, d_in), bias (R,)."""
         theta = self.theta(weight, bias)
@@ -94,9 +100,11 @@ class DenseStatistic(SiteStatistic):
     def __init__(self, out_features: int, in_features: int, bias: bool, device: torch.device | str = "cpu") -> None:
         super().__init__(out_features, in_features, bias)
         self.Q = torch.zeros(self.R, self.D, self.D, dtype=torch.float64, device=device)
+        self.M = torch.zeros(self.D, self.D, dtype=torch.float64, device=device)  # sum_n zh_n zh_n^T
 
     def update(self, z: torch.Tensor, p: torch.Tensor, represents: int | None = None) -> None:
         zh = append_bias(z.to(torch.float64), self.bias)
+        self.M += zh.T @ zh  # D^2 per row next to the blocks' R D^2: the whitened rule needs no extra pass
         p = p.to(torch.float64) * SIGMA_SECOND_DERIVATIVE
         n = zh.shape[0]
         # Q_r += sum_n p_nr zh_ni zh_nj  ("nr,ni,nj->rij"), chunked over r so the (N, r, D) product stays small.
@@ -112,7 +120,13 @@ class DenseStatistic(SiteStatistic):
 
     def all_reduce(self, accelerator: object | None) -> None:
         self.Q = _reduce_sum(self.Q, accelerator)
+        self.M = _reduce_sum(self.M, accelerator)
         self._reduce_counts(accelerator, self.Q.device)
+
+    def second_moment(self) -> torch.Tensor | None:
+        if self.num_rows != self.count or self.count == 0:
+            return None
+        return self.M / self.count
 
 
 class MatrixFreeStatistic(SiteStatistic):
@@ -210,6 +224,35 @@ class MatrixFreeStatistic(SiteStatistic):
                 sq = zh[i : i + self.convert_rows].to(torch.float64).square().sum(1)  # ||zh_n||^2, (n,)
                 out += p[i : i + self.convert_rows].to(torch.float64).clamp_min(0).T @ sq  # sum_n p+_nr ||zh_n||^2
         return _reduce_sum(out, self._accelerator)
+
+    def second_moment(self) -> torch.Tensor | None:
+        lossless = self.cache_dtype in (torch.float32, torch.float64)
+        if self.num_rows != self.count or self.count == 0 or not lossless:
+            return None
+        dev = self._z[0].device if self._z else getattr(self._accelerator, "device", "cpu")
+        total = torch.zeros(self.D, self.D, dtype=torch.float64, device=dev)
+        for zh in self._z:  # one chunk per probe batch, as a forward pass would sum them
+            zh64 = zh.to(torch.float64)
+            total += zh64.T @ zh64
+        return _reduce_sum(total, self._accelerator) / self.count
+
+    def whitened(self, L: torch.Tensor) -> MatrixFreeStatistic:
+        """The statistic of the whitened samples L^{-1} zh_n (L lower triangular, (D, D)): its blocks are
+        A_r = L^{-1} Q_r L^{-T} = sum_n p_nr (L^{-1} zh_n)(L^{-1} zh_n)^T.
+
+        The rows are transformed once in float64 and cached in this statistic's dtype (one triangular solve,
+        N D^2 flops, about a quarter of a product); products with A are then as accurate as products with Q.
+        Applying L^{-T} and L^{-1} around every float32 product instead amplifies its rounding by the condition
+        number of M, which is ~1e6 - 1e15 for transformer tokens. The adjoints are shared, not copied.
+        """
+        out = MatrixFreeStatistic(self.R, self.D - int(self.bias), self.bias, self.cache_dtype, self.compute_dtype)
+        L64 = L.to(torch.float64)
+        for zh in self._z:
+            zt = torch.linalg.solve_triangular(L64.to(zh.device), zh.to(torch.float64).T, upper=False).T
+            out._z.append(zt.to(self.cache_dtype))
+        out._p = self._p
+        out.count, out.num_rows, out._accelerator = self.count, self.num_rows, self._accelerator
+        return out
 
     def all_reduce(self, accelerator: object | None) -> None:
         self._accelerator = accelerator  # products are summed lazily, one all-reduce per matvec

@@ -39,6 +39,7 @@ from .probes import capture_states, default_forward, probe_batch
 from .statistics import DenseStatistic, MatrixFreeStatistic, SiteStatistic
 
 __all__ = [
+    "SCORE_KINDS",
     "SiteResult",
     "compute_site_statistics",
     "sample_mask",
@@ -49,6 +50,8 @@ __all__ = [
 ]
 
 SOLVERS = ("auto", "dense", "matrix_free")
+#: What ``SiteResult.score`` is: lambda_max(Q_t), or theta^T Q_t theta of the direction inserted.
+SCORE_KINDS = ("lambda_max", "quadratic")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ForwardFn = Callable[[nn.Module, object], torch.Tensor]
 
@@ -60,7 +63,8 @@ class SiteResult:
     Attributes:
         site: site name (dotted path of the module producing the state).
         index: depth order t of the site.
-        score: TD_t = lambda_max(Q_t) (a sum over the probe samples: it doubles with the data).
+        score: the number that ranks the sites, named by ``score_kind``: TD_t = lambda_max(Q_t) (default) or
+            ``quadratic`` (a sum over the probe samples: it doubles with the data).
         eigenvalues: (m,) top eigenvalues over all blocks, descending.
         weight: (d_out, d_in) rows of Phi; unit Frobenius norm together with ``bias`` for rule "top1".
         bias: (d_out,) beta, or ``None`` when the layer has no bias.
@@ -70,7 +74,13 @@ class SiteResult:
         solver: "dense" or "matrix_free".
         converged: whether the eigen-solver met its tolerance.
         layer_config: constructor arguments of the layer that fits the site.
-        row_scores: (d_out,) top eigenvalue of every row block Q_r, in row order (rule "rowwise"; else ``None``).
+        row_scores: (d_out,) top eigenvalue of every row block Q_r, in row order (rule "rowwise"; else ``None``);
+            with ``whiten`` the generalised mu_r of (Q_r, M) behind the direction (per unit RMS pre-activation).
+        score_kind: "lambda_max" (``score`` = lambda_max(Q_t), the eps -> 0 decrease of the best unit direction
+            of the site) or "quadratic" (``score`` = theta^T Q_t theta of the direction returned here, the
+            predicted decrease J(0) - J(eps) ~ eps^2/2 * quadratic of the layer actually inserted, for the
+            rule's normalisation: unit Frobenius norm, or unit RMS pre-activation when whitened).
+        lambda_max: lambda_max(Q_t), recorded whatever ``score_kind`` is.
     """
 
     site: str
@@ -86,6 +96,8 @@ class SiteResult:
     converged: bool = True
     layer_config: dict = field(default_factory=dict)
     row_scores: torch.Tensor | None = None
+    score_kind: str = "lambda_max"
+    lambda_max: float = math.nan
 
 
 def split_batch(batch: object) -> tuple[object, torch.Tensor]:
@@ -384,6 +396,7 @@ def topological_derivative(
     sample_seed: int = 0,
     max_restarts: int = 20,
     prune: bool = True,
+    score: str = "lambda_max",
 ) -> list[SiteResult]:
     """Topological derivative and initial layer direction at every site, in depth order.
 
@@ -409,10 +422,14 @@ def topological_derivative(
         sample_fraction, max_samples_per_batch, sample_seed: deterministic row subsampling per batch,
             with the kept adjoints scaled by N / n (unbiased estimate of Q; see the module docstring).
         prune: let the matrix-free solver stop iterating blocks that cannot hold a top eigenpair.
+        score: what ``SiteResult.score`` is (:data:`SCORE_KINDS`): "lambda_max" (TD_t) or "quadratic" (theta^T
+            Q theta of the returned direction: the sum of the eigenvalues the rule sums).
 
     Returns:
         One :class:`SiteResult` per site, in depth order. Weights are float64 on the model's device.
     """
+    if score not in SCORE_KINDS:
+        raise ValueError(f"Unknown score {score!r}; choose one of {SCORE_KINDS}")
     site_list, stats, layers, _ = compute_site_statistics(
         model, data, loss_fn, sites, max_batches, accelerator, forward_fn, solver, dense_max_dim, cache_dtype, progress,
         max_samples=max_samples, sample_fraction=sample_fraction, max_samples_per_batch=max_samples_per_batch,
@@ -429,7 +446,7 @@ def topological_derivative(
             SiteResult(
                 site=s.name,
                 index=s.index,
-                score=float(eig.values[0]),
+                score=float(eig.values[0]) if score == "lambda_max" else quad,
                 eigenvalues=eig.values,
                 weight=weight,
                 bias=bias,
@@ -439,6 +456,8 @@ def topological_derivative(
                 solver="dense" if isinstance(st, DenseStatistic) else "matrix_free",
                 converged=eig.converged,
                 layer_config=layer.config(),
+                score_kind=score,
+                lambda_max=float(eig.values[0]),
             )
         )
     return results
