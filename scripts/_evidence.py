@@ -236,8 +236,8 @@ def finished(cfg, out: Path, imposed: dict) -> dict | None:
     out = Path(out)
     if not all((out / f).is_file() for f in ("results.json", "config.yaml")):
         return None
-    if yaml.safe_load((out / "config.yaml").read_text()) != to_dict(cfg):
-        return None
+    if config_diff(yaml.safe_load((out / "config.yaml").read_text()), to_dict(cfg), to_dict(load_config(None, []))):
+        return None  # another config (a field added since, at its default, is the same config)
     if imposed:
         saved = json.loads((out / "imposed.json").read_text()) if (out / "imposed.json").is_file() else None
         if saved is None or {k: v for k, v in saved.items() if k != "record"} != imposed:
