@@ -78,17 +78,18 @@ def run_setting(name: str, setting: dict, seeds: list[int], work: Path, raw_dir:
 
         runs = {own_rule: one(own_rule)}  # the configured method: picks the site
         site = runs[own_rule]["event"]["site"]
-        for rule, over in RULES.items():
-            if rule not in runs:
-                runs[rule] = one(rule, site=site, probe=over)
+        # the most telling comparison first (eigen vs an equally large random direction); the file is rewritten
+        # after every initialisation, so a seed cut short by time still reports what it ran (the table counts seeds)
+        todo = [("random", dict(method="random_init") if grow else dict(direction=random_direction(seed)))]
         if grow:
-            runs["random"] = one("random", site=site, method="random_init")
-            runs["net2deeper"] = one("net2deeper", site=site, method="net2deeper")
-        else:
-            runs["random"] = one("random", site=site, direction=random_direction(seed))
-        written.append(ev.write_raw(raw_dir, name, setting, "ablation", seed, runs,
-                                   {"site": site, "configured_rule": own_rule,
-                                    "ablation_wall_time": time.perf_counter() - t0}))
+            todo.append(("net2deeper", dict(method="net2deeper")))
+        todo += [(rule, dict(probe=over)) for rule, over in RULES.items() if rule != own_rule]
+        for label, kw in todo:
+            runs[label] = one(label, site=site, **kw)
+            path = ev.write_raw(raw_dir, name, setting, "ablation", seed, runs,
+                                {"site": site, "configured_rule": own_rule, "complete": len(runs) == len(todo) + 1,
+                                 "ablation_wall_time": time.perf_counter() - t0})
+        written.append(path)
         print(f"{name} seed {seed}: site {site}, {len(runs)} initialisations, {time.perf_counter() - t0:.0f} s "
               f"-> {written[-1]}", flush=True)
     return written

@@ -197,25 +197,25 @@ def ablation_table(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> li
     data = {s: ev.read_raw(raw_dir, name, setting, "ablation", s) for s in seeds}
     grow = setting["recipe"] == "grow"
     own = data[seeds[0]]["configured_rule"]
-    labels = list(data[seeds[0]]["runs"])
-    labels = [own] + [x for x in labels if x != own]
+    labels = [own] + sorted({x for d in data.values() for x in d["runs"] if x != own})
     sites = sorted({d["site"] for d in data.values()})
     lines = [f"### {name}: initialisation at the configured method's site ({len(seeds)} seeds: {seeds})", "",
              f"Sites used: {', '.join(sites)}. Same eps grid and line search (both signs) for every direction; "
              f"`random` is scaled exactly like the `{own}` direction. eps fallback = no eps lowered the held-out "
              "loss (the layer went in at the smallest eps; counted, not hidden).", "",
-             f"| initialisation | eps fallbacks | mean initial norm | held-out loss drop at insertion [%] | "
+             f"| initialisation | seeds | eps fallbacks | mean initial norm | held-out loss drop at insertion [%] | "
              f"best-val test [{unit}] | final test [{unit}] | final − {own}, per seed ({own} better on) |",
-             "|---|---|---|---|---|---|---|"]
-    ref = [data[s]["runs"][own]["final"]["test_error"] for s in seeds]
+             "|---|---|---|---|---|---|---|---|"]
     for label in labels:
-        runs = [data[s]["runs"][label] for s in seeds]
+        have = [s for s in seeds if label in data[s]["runs"]]  # a seed cut short by time lacks the last ones
+        ref = [data[s]["runs"][own]["final"]["test_error"] for s in have]
+        runs = [data[s]["runs"][label] for s in have]
         evs = [r["event"] for r in runs]
         drops = [100 * (e["loss_before"] - e["realized"]) / e["loss_before"] for e in evs
                  if e.get("realized") is not None and e.get("loss_before") and math.isfinite(e["realized"])]
         finals = [r["final"]["test_error"] for r in runs]
         lines.append(
-            f"| {label} | {sum(bool(e.get('eps_fallback')) for e in evs)}/{len(evs)} | "
+            f"| {label} | {len(have)} | {sum(bool(e.get('eps_fallback')) for e in evs)}/{len(evs)} | "
             f"{statistics.mean(e.get('init_norm', 0.0) or 0.0 for e in evs):.3g} | "
             f"{(f'{statistics.mean(drops):.2f}' if drops else '– (no search)')} | "
             f"{fmt([r['best']['test_error'] for r in runs], scale) if grow else '–'} | {fmt(finals, scale)} | "
