@@ -231,15 +231,15 @@ def test_image_size_that_cannot_be_used(base, tmp_path):
 
 
 def test_empty_dataset(base, tmp_path, monkeypatch):
+    from topotransfer import preprocess
     from topotransfer.data import load_task
-    from topotransfer.recipes import adapt
 
     def no_val(*args, **kwargs):
         task = load_task(*args, **kwargs)
         x, y = task.val.tensors
         return dataclasses.replace(task, val=TensorDataset(x[:0], y[:0]))
 
-    monkeypatch.setattr(adapt, "load_task", no_val)
+    monkeypatch.setattr(preprocess, "load_task", no_val)
     with pytest.raises(EmptyDatasetError, match="empty val split"):
         run(base, tmp_path, "adapt.head_epochs=0")
     monkeypatch.undo()

@@ -254,3 +254,17 @@ def test_read_idx_round_trip(tmp_path):
         f.write(header + images.tobytes())
     np.testing.assert_array_equal(data._read_idx(tmp_path / "x-idx3-ubyte.gz"), images)
     assert math.prod(images.shape) == 24
+
+
+def test_setting_key_unchanged_by_the_source_options():
+    """The random-site draws of a setting are seeded by this key: a config that does not use the hf: source
+    options must keep the key it had before they were added."""
+    import json
+
+    from topotransfer.config import DataConfig
+
+    d = DataConfig(name="digits", num_train=50, num_val=20)
+    before = {"name": "digits", "num_train": 50, "num_val": 20, "num_test": None, "grid": False, "noise": 0.0,
+              "image_size": None, "max_length": None}
+    assert data.setting_key(d) == json.dumps(before, sort_keys=True)
+    assert data.setting_key(DataConfig(name="hf:csv", data_files="a.csv")) != data.setting_key(DataConfig(name="hf:csv"))

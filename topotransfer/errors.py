@@ -4,9 +4,11 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterMismatchError",
+    "BadExampleError",
     "CheckpointMismatchError",
     "CorruptCheckpointError",
     "ConvergenceWarning",
+    "DatasetColumnError",
     "EmptyDatasetError",
     "ImageSizeError",
     "LabelCountMismatchError",
@@ -73,6 +75,14 @@ class ModalityMismatchError(TopoTransferError, ValueError):
 
 class EmptyDatasetError(TopoTransferError, ValueError):
     """A dataset split that the run needs has no examples."""
+
+
+class DatasetColumnError(TopoTransferError, ValueError):
+    """A dataset whose input or label column cannot be found or is ambiguous (the message lists the columns)."""
+
+
+class BadExampleError(TopoTransferError, ValueError):
+    """An example that cannot be read (a corrupt image, a missing text): the message names its file or index."""
 
 
 class ConvergenceWarning(UserWarning):

@@ -9,6 +9,12 @@ Text: sentences are encoded once with the backbone's tokenizer (:func:`prepare_t
 ``token_type_ids``) rows. The default ``DataLoader`` collation stacks them into a :class:`TextInputs` of
 (B, L) tensors, which the model is called on as ``model(**inputs)``; the attention mask is what keeps
 padding tokens out of the topological-derivative statistics.
+
+``hf:`` tasks (:mod:`topotransfer.hf_data`) are not converted here: their lazy splits get a new per-batch
+transform that does the same (images: decode, [augment], resize, normalise; text: tokenise the batch, padded
+to its longest sentence), applied when a ``DataLoader`` asks for a batch.
+
+:func:`load_for_backbone` is the whole path from a ``data`` config to the task a backbone takes.
 """
 
 from __future__ import annotations
@@ -20,14 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from .data import Task
+from .data import NON_IMAGE_TASKS, Task, load_task, source_options
 from .errors import EmptyDatasetError, ImageSizeError, ModalityMismatchError
-from .models.hf import ImageNormalization
+from .hf_data import AUGMENTATIONS, ImageTransform, LazySplit, TextTransform, augment_image, example_generator
+from .models.hf import MODALITIES, ImageNormalization, backbone_modality, load_image_normalization, load_tokenizer
+from .text_data import TEXT_TASKS
 
 __all__ = [
+    "AugmentedImages",
     "TextInputs",
     "TokenizedDataset",
     "backbone_image_size",
+    "load_for_backbone",
     "prepare_images",
     "prepare_task",
     "prepare_text_task",
@@ -89,14 +99,54 @@ def prepare_images(
     return ((images.float() - mean) / std).contiguous()
 
 
-def prepare_task(task: Task, image_size: int, num_channels: int, normalization: ImageNormalization) -> Task:
+class AugmentedImages(Dataset):
+    """An in-memory image split with a seeded training augmentation (:func:`~topotransfer.hf_data.augment_image`).
+
+    Item ``i`` is ``(augment(x_i), y_i)`` with the draw of (the loader's epoch seed, i); a loader that passes
+    no seed (evaluation, probing: :meth:`for_loader` with ``None``) sees the images unchanged.
+
+    Args:
+        images: a ``TensorDataset`` of (N, C, S, S) inputs and (N,) labels.
+        augment: one of :data:`~topotransfer.hf_data.AUGMENTATIONS`.
+    """
+
+    def __init__(self, images: TensorDataset, augment: str, epoch_seed: int | None = None) -> None:
+        self.images, self.augment, self.epoch_seed = images, augment, epoch_seed
+        self.tensors = images.tensors
+        self.num_workers = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.images[index]
+        if self.epoch_seed is not None:
+            x = augment_image(x, self.augment, example_generator(self.epoch_seed, int(index)))
+        return x, y
+
+    def for_loader(self, epoch_seed: int | None) -> AugmentedImages:
+        """The split as one loader sees it: augmentation seeded by ``epoch_seed`` (None = off)."""
+        return AugmentedImages(self.images, self.augment, epoch_seed)
+
+
+def prepare_task(
+    task: Task, image_size: int, num_channels: int, normalization: ImageNormalization, augment: str = "none"
+) -> Task:
     """A copy of ``task`` whose train / val / test inputs are the backbone's ``pixel_values``.
+
+    In-memory tasks are converted at once (:func:`prepare_images`); lazy ``hf:`` splits get a per-batch
+    :class:`~topotransfer.hf_data.ImageTransform` doing the same.
+
+    Args:
+        augment: training-split augmentation, ``none | flip | crop_flip`` (seeded per epoch and example).
 
     Raises:
         ImageSizeError: the task is not an image classification task, or its images cannot be converted.
         EmptyDatasetError: the training or validation split is empty (training and the eps line search
             need both).
     """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"data.augment must be one of {AUGMENTATIONS}, got {augment!r}")
     if task.kind != "classification" or len(task.input_shape) != 3:
         raise ImageSizeError(
             f"task {task.name!r} ({task.kind}, inputs of shape {task.input_shape}) is not an image classification "
@@ -108,13 +158,24 @@ def prepare_task(task: Task, image_size: int, num_channels: int, normalization: 
                 f"task {task.name!r} has an empty {split} split: adaptation needs training examples and validation "
                 "examples (the eps line search and the reported validation error use them)"
             )
+    shape = (num_channels, image_size, image_size)
+    if isinstance(task.train, LazySplit):
+        splits = {
+            split: getattr(task, split).with_transform(ImageTransform(
+                image_size, num_channels, normalization.mean, normalization.std, augment if split == "train" else "none"
+            ))
+            for split in ("train", "val", "test")
+        }
+        return replace(task, input_shape=shape, **splits)
     splits = {}
     for split in ("train", "val", "test"):
         x, y = getattr(task, split).tensors
         splits[split] = TensorDataset(prepare_images(x, image_size, num_channels, normalization), y) if len(y) else (
             TensorDataset(torch.empty(0, num_channels, image_size, image_size), y)
         )
-    return replace(task, input_shape=(num_channels, image_size, image_size), **splits)
+    if augment != "none":
+        splits["train"] = AugmentedImages(splits["train"], augment)
+    return replace(task, input_shape=shape, **splits)
 
 
 # ------------------------------------------------------------------------------------------------------ text
@@ -182,7 +243,8 @@ def prepare_text_task(task: Task, tokenizer: Any, max_length: int) -> Task:
         max_length: the most tokens per sentence, special tokens included.
 
     Returns:
-        The task with ``input_shape=(L_train,)`` and encoded splits.
+        The task with ``input_shape=(L_train,)`` and encoded splits; a lazy ``hf:`` task keeps its splits, each
+        batch tokenised when loaded (``input_shape=()``: the length varies by batch).
 
     Raises:
         ModalityMismatchError: the task is not a text classification task.
@@ -199,6 +261,9 @@ def prepare_text_task(task: Task, tokenizer: Any, max_length: int) -> Task:
                 f"task {task.name!r} has an empty {split} split: adaptation needs training examples and validation "
                 "examples (the eps line search and the reported validation error use them)"
             )
+    if isinstance(task.train, LazySplit):  # tokenised per batch, padded to the batch's longest example
+        transform = TextTransform(tokenizer, max_length)
+        return replace(task, input_shape=(), **{s: getattr(task, s).with_transform(transform) for s in ("train", "val", "test")})
     splits = {}
     for split in ("train", "val", "test"):
         data = getattr(task, split)
@@ -212,3 +277,92 @@ def prepare_text_task(task: Task, tokenizer: Any, max_length: int) -> Task:
         splits[split] = TokenizedDataset(encoding, data.labels)
     width = splits["train"].encoding["input_ids"].shape[1]
     return replace(task, input_shape=(width,), **splits)
+
+
+# ------------------------------------------------------------------------------------------- data for a backbone
+def load_for_backbone(data_cfg: Any, seed: int, name_or_path: str, revision: str | None,
+                      backbone_config: object) -> tuple[Task, dict, Any]:
+    """The task of ``data_cfg`` prepared for a backbone: sentences tokenised, or images resized and normalised.
+
+    Args:
+        data_cfg: a :class:`~topotransfer.config.DataConfig`.
+        seed: the run seed (splits, subsets).
+        name_or_path: the backbone (its tokenizer / image processor are read from there).
+        revision: hub revision.
+        backbone_config: the backbone's transformers config.
+
+    Returns:
+        ``(task, preprocessing record for results.json, the tokenizer or None)``.
+
+    Raises:
+        UnsupportedModelError: a backbone of no known family (checked before any data is read).
+        ModalityMismatchError: a text task for an image backbone, or an image task for a text backbone.
+        ImageSizeError: ``data.image_size`` differs from the backbone's, or a task without images.
+    """
+    d = data_cfg
+    modality = backbone_modality(backbone_config)
+    builtin = d.name.strip().lower().replace("-", "_")
+    model_type = backbone_config.model_type
+    user_data = d.name.strip().startswith(("hf:", "imagefolder:"))
+    options = source_options(d)
+    sizes = {"seed": seed, "num_train": d.num_train, "num_val": d.num_val, "num_test": d.num_test}
+    if modality == "text":
+        if builtin not in TEXT_TASKS and not user_data:  # refuse before loading a built-in image dataset
+            raise ModalityMismatchError(
+                f"task {d.name!r} is not a text task but the backbone ({model_type}) is a text encoder: use a text "
+                f"task ({', '.join(TEXT_TASKS)}, or an hf: dataset with a text column)"
+            )
+        if d.image_size is not None:
+            raise ModalityMismatchError(f"data.image_size does not apply to the text backbone ({model_type})")
+        if d.augment != "none":
+            raise ModalityMismatchError(f"data.augment applies to images, not to the text backbone ({model_type})")
+        tokenizer = load_tokenizer(name_or_path, revision, backbone_config)
+        max_length = text_max_length(tokenizer, backbone_config, d.max_length)
+        task = load_task(d.name, **sizes, **(options if user_data else {}))
+        if task.modality != "text":
+            raise ModalityMismatchError(
+                f"task {d.name!r} holds images but the backbone ({model_type}) is a text encoder: set "
+                "data.text_column to a text column, or adapt an image backbone"
+            )
+        task = prepare_text_task(task, tokenizer, max_length)
+        lazy = isinstance(task.train, LazySplit)
+        record = {"normalization": None, "tokenizer": {
+            "class": type(tokenizer).__name__, "max_length": max_length,
+            "padded_length": "per batch" if lazy else {
+                s: int(getattr(task, s).encoding["input_ids"].shape[1]) for s in ("train", "val", "test")},
+        }}
+        if task.source is not None:
+            record["data_source"] = task.source
+        return task, record, tokenizer
+    if builtin in TEXT_TASKS:
+        raise ModalityMismatchError(
+            f"task {d.name!r} is a text task but the backbone ({model_type}) takes images: adapt a text encoder "
+            f"({', '.join(t for t, m in MODALITIES.items() if m == 'text')}) to it"
+        )
+    if d.max_length is not None:
+        raise ModalityMismatchError(f"data.max_length applies to text backbones only, not to {model_type}")
+    size = backbone_image_size(backbone_config)
+    channels = int(getattr(backbone_config, "num_channels", 3))
+    if d.image_size is not None and d.image_size != size:
+        raise ImageSizeError(
+            f"data.image_size={d.image_size} but the backbone takes {size}x{size} images (its position embeddings "
+            "are fixed): leave data.image_size unset and the images are resized to the backbone's size"
+        )
+    if builtin in NON_IMAGE_TASKS:  # load_task would refuse image_size with a less useful message
+        raise ImageSizeError(
+            f"task {d.name!r} is not an image classification task: the adapt recipe needs (C, H, W) images with "
+            "class labels"
+        )
+    task = load_task(d.name, **sizes, image_size=size, **(options if user_data else {}))
+    if task.modality == "text":
+        raise ModalityMismatchError(
+            f"task {d.name!r} holds text but the backbone ({model_type}) takes images: set data.image_column to an "
+            "image column, or adapt a text encoder"
+        )
+    norm = load_image_normalization(name_or_path, revision, channels)
+    record: dict[str, Any] = {"normalization": {"mean": list(norm.mean), "std": list(norm.std), "source": norm.source}}
+    if d.augment != "none":
+        record["augment"] = d.augment
+    if task.source is not None:
+        record["data_source"] = task.source
+    return prepare_task(task, size, channels, norm, d.augment), record, None

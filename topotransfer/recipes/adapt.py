@@ -29,15 +29,14 @@ from torch import nn
 
 from ..adapter import TopoAdapter, head_module_names, load_adapter, merge_and_save, save_adapter, unwrap_peft
 from ..config import AdaptConfig, ConfigError, RunConfig, TrainConfig, to_dict
-from ..data import Task, load_task
-from ..errors import CheckpointMismatchError, ImageSizeError, LabelCountMismatchError, ModalityMismatchError
+from ..data import Task, setting_key
+from ..errors import CheckpointMismatchError, LabelCountMismatchError
 from ..growth import count_parameters, random_site_generator, realized_site
 from ..init_rules import probe_site_results
 from ..insertion import DEFAULT_EPSILONS, insert_layer, line_search_epsilon
-from ..models.hf import MODALITIES, backbone_modality, load_backbone, load_image_normalization, load_tokenizer
-from ..preprocess import backbone_image_size, prepare_task, prepare_text_task, text_max_length
+from ..models.hf import load_backbone
+from ..preprocess import load_for_backbone
 from ..surgery import get_family
-from ..text_data import TEXT_TASKS
 from ..training.checkpoint import (
     check_finite,
     check_free_space,
@@ -68,7 +67,6 @@ __all__ = [
 ]
 
 INSERTION_METHODS = ("topo", "random_site", "last_block")
-NON_IMAGE_TASKS = ("regression",)
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -220,7 +218,7 @@ def _insertion_event(
     """
     family = get_family(model)
     sites = family.sites(model)
-    gen = random_site_generator(cfg.seed, event, json.dumps(to_dict(cfg.data), sort_keys=True))  # per setting
+    gen = random_site_generator(cfg.seed, event, setting_key(cfg.data))  # per setting
     chosen = None
     if method == "random_site":
         chosen = [sites[int(torch.randint(len(sites), (1,), generator=gen))].name]
@@ -280,52 +278,7 @@ def _load_data(cfg: RunConfig, backbone_config: object) -> tuple[Task, dict, Any
         UnsupportedModelError: a backbone of no known family (checked before any data is read).
         ModalityMismatchError: a text task for an image backbone, or an image task for a text backbone.
     """
-    d = cfg.data
-    modality = backbone_modality(backbone_config)
-    builtin = d.name.strip().lower().replace("-", "_")
-    model_type = backbone_config.model_type
-    if modality == "text":
-        if builtin not in TEXT_TASKS:  # refuse before loading (and maybe downloading) an image dataset
-            raise ModalityMismatchError(
-                f"task {d.name!r} is not a text task but the backbone ({model_type}) is a text encoder: use a text "
-                f"task ({', '.join(TEXT_TASKS)})"
-            )
-        if d.image_size is not None:
-            raise ModalityMismatchError(f"data.image_size does not apply to the text backbone ({model_type})")
-        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, backbone_config)
-        max_length = text_max_length(tokenizer, backbone_config, d.max_length)
-        task = load_task(d.name, seed=cfg.seed, num_train=d.num_train, num_val=d.num_val, num_test=d.num_test)
-        task = prepare_text_task(task, tokenizer, max_length)
-        record = {"normalization": None, "tokenizer": {
-            "class": type(tokenizer).__name__, "max_length": max_length,
-            "padded_length": {s: int(getattr(task, s).encoding["input_ids"].shape[1]) for s in ("train", "val", "test")},
-        }}
-        return task, record, tokenizer
-    if builtin in TEXT_TASKS:
-        raise ModalityMismatchError(
-            f"task {d.name!r} is a text task but the backbone ({model_type}) takes images: adapt a text encoder "
-            f"({', '.join(t for t, m in MODALITIES.items() if m == 'text')}) to it"
-        )
-    if d.max_length is not None:
-        raise ModalityMismatchError(f"data.max_length applies to text backbones only, not to {model_type}")
-    size = backbone_image_size(backbone_config)
-    channels = int(getattr(backbone_config, "num_channels", 3))
-    d = cfg.data
-    if d.image_size is not None and d.image_size != size:
-        raise ImageSizeError(
-            f"data.image_size={d.image_size} but the backbone takes {size}x{size} images (its position embeddings "
-            "are fixed): leave data.image_size unset and the images are resized to the backbone's size"
-        )
-    if d.name.strip().lower() in NON_IMAGE_TASKS:  # load_task would refuse image_size with a less useful message
-        raise ImageSizeError(
-            f"task {d.name!r} is not an image classification task: the adapt recipe needs (C, H, W) images with "
-            "class labels"
-        )
-    task = load_task(d.name, seed=cfg.seed, num_train=d.num_train, num_val=d.num_val, num_test=d.num_test,
-                     image_size=size)
-    norm = load_image_normalization(cfg.model.name_or_path, cfg.model.revision, channels)
-    record = {"normalization": {"mean": list(norm.mean), "std": list(norm.std), "source": norm.source}}
-    return prepare_task(task, size, channels, norm), record, None
+    return load_for_backbone(cfg.data, cfg.seed, cfg.model.name_or_path, cfg.model.revision, backbone_config)
 
 
 def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRun:

@@ -19,11 +19,19 @@ __all__ = ["EvalResult", "epoch_seed", "evaluate", "make_loader", "train_epoch",
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """A DataLoader whose shuffling depends only on ``seed`` (resume-safe: seed = f(run seed, epoch))."""
+    """A DataLoader whose shuffling depends only on ``seed`` (resume-safe: seed = f(run seed, epoch)).
+
+    A dataset with ``for_loader`` (lazy ``hf:`` splits, augmented images) is seen through it: a shuffled
+    (training) loader's augmentation is seeded by ``seed``, an unshuffled one has none; its
+    ``num_workers`` decode the batches.
+    """
     if len(dataset) == 0:
         raise ValueError("Cannot build a data loader on an empty dataset")
     gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen)
+    workers = 0
+    if hasattr(dataset, "for_loader"):
+        dataset, workers = dataset.for_loader(seed if shuffle else None), dataset.num_workers
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers)
 
 
 def train_epoch(
