@@ -1,4 +1,5 @@
-"""topotransfer.data: task names -> TensorDatasets (regression, digits, MNIST, Fashion-MNIST, imagefolder, hf)."""
+"""topotransfer.data: task names -> TensorDatasets (regression, digits, MNIST, Fashion-MNIST), lazy splits
+(imagefolder, hf; their loaders in detail: test_hf_data.py)."""
 
 from __future__ import annotations
 
@@ -29,12 +30,22 @@ def _rows(ds: torch.utils.data.TensorDataset) -> set[bytes]:
     return {x.numpy().tobytes() for x in ds.tensors[0]}
 
 
+def _tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of a split: a TensorDataset's tensors, or a lazy split's items stacked."""
+    if hasattr(ds, "tensors"):
+        return ds.tensors
+    if len(ds) == 0:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64)
+    xs, ys = zip(*ds.__getitems__(list(range(len(ds)))), strict=True)
+    return torch.stack(xs), torch.stack(ys)
+
+
 def _check_classification(task: Task, input_shape: tuple[int, ...], num_classes: int) -> None:
     assert task.kind == "classification"
     assert task.input_shape == input_shape
     assert task.num_outputs == num_classes
     for ds in (task.train, task.val, task.test):
-        x, y = ds.tensors
+        x, y = _tensors(ds)
         assert x.dtype == torch.float32 and y.dtype == torch.int64
         assert x.shape[1:] == input_shape and y.shape == (x.shape[0],)
         if len(y):
@@ -179,11 +190,11 @@ def test_imagefolder_round_trip(tmp_path):
     assert (len(task.train), len(task.val), len(task.test)) == (9, 1, 2)  # 12 -> round(2.4) test, round(1.0) val
     seen = {}
     for ds in (task.train, task.val, task.test):
-        for x, y in zip(*ds.tensors, strict=True):
+        for x, y in zip(*_tensors(ds), strict=True):
             seen[x.numpy().tobytes()] = int(y)
     assert seen == expected  # every image exactly once, with its folder's label and pixel / 255
     again = load_task(f"imagefolder:{tmp_path / 'imgs'}", cache_dir=tmp_path / "cache")
-    assert torch.equal(again.test.tensors[0], task.test.tensors[0])
+    assert torch.equal(_tensors(again.test)[0], _tensors(task.test)[0])
 
 
 def test_imagefolder_rgb_resize_and_given_splits(tmp_path):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from .errors import TopoTransferError
+from .errors import ModalityMismatchError, TopoTransferError
 from .text_data import SENTIMENT_CLASSES, TEXT_TASKS, TextDataset, make_sentiment
 
 __all__ = [
@@ -486,8 +486,11 @@ def _load_hf(name: str, loader_args: tuple, options: Any, *, seed: int, num_trai
         transform: Any = ImageTransform(side, channels, (0.0,) * channels, (1.0,) * channels)
         input_shape: tuple[int, ...] = (channels, side, side)
     else:
-        if image_size is not None:
-            raise ValueError(f"image_size does not apply to the text dataset {name!r}")
+        if image_size is not None:  # (a ValueError: image_size was given for images)
+            raise ModalityMismatchError(
+                f"task {name!r} holds text (column {src.columns.inputs[0]!r}), not images: image_size and image "
+                "backbones need an image column (data.image_column)"
+            )
         transform, input_shape = TextTransform(), ()
     parts = {k: LazySplit(source_of[k], rows, labels, src.columns, transform, k, options.num_workers)
              for k, (rows, labels) in splits.items()}

@@ -36,6 +36,7 @@ from ..init_rules import probe_site_results
 from ..insertion import DEFAULT_EPSILONS, insert_layer, line_search_epsilon
 from ..models.hf import load_backbone
 from ..preprocess import load_for_backbone
+from ..requirements import check_requirements
 from ..surgery import get_family
 from ..training.checkpoint import (
     check_finite,
@@ -322,6 +323,7 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
     a, name, revision = cfg.adapt, cfg.model.name_or_path, cfg.model.revision
     if not name:
         raise ConfigError("the adapt recipe needs model.name_or_path (a hub name or a local save_pretrained dir)")
+    check_requirements(cfg)  # a missing package (peft for LoRA...) fails now, not after the head phase
     out = check_output_dir(cfg.output_dir)  # before anything slow: an unwritable directory fails at once
     own_accelerator = accelerator is None
     acc = accelerator if accelerator is not None else build_accelerator(cfg.device, cfg.train.mixed_precision)
