@@ -78,7 +78,11 @@ def test_adapter_round_trip_is_bit_identical(base_dir, tmp_path):
     adapter = save_adapter(model, base_dir, None, records, tmp_path / "adapter")
     assert adapter.base_num_hidden_layers == 2 and adapter.head == ["classifier"] and adapter.num_labels == 5
     saved = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_NAME).read_text())
-    assert saved["insertions"] == records and saved["format_version"] == 1
+    assert [{"site": r["site"], "layer": r["layer"]} for r in saved["insertions"]] == records
+    assert saved["format_version"] == 1
+    # stable labels: after base block 1, then after the embeddings (which moved base block 1 to layers.2)
+    assert [(r["site_label"], r["label"]) for r in saved["insertions"]] == [
+        ("vit.layers.1", "vit.layers.1+1"), ("vit.embeddings", "vit.embeddings+1")]
     assert sorted(saved["tensors"]["inserted"]) == sorted(
         f"vit.layers.{p}.layer.{w}" for p in (0, 3) for w in ("weight", "bias")
     )

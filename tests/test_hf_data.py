@@ -166,8 +166,24 @@ def test_corrupt_image_is_named_in_one_line_or_skipped(tmp_path):
     message = str(err.value)
     assert str(bad) in message and "\n" not in message and "skip_bad_examples" in message
     task = load_task(f"imagefolder:{tmp_path / 'imgs'}", cache_dir=tmp_path / "cache", skip_bad_examples=True)
-    assert task.source["skipped"] == {"train": 1}
+    assert sum(task.source["skipped"].values()) == 1
     assert len(task.train) + len(task.val) + len(task.test) == 20
+
+
+def test_only_the_rows_used_are_decoded(tmp_path, monkeypatch):
+    make_images(tmp_path / "imgs", per_class=20)
+    checked = []
+    real = hf_data._ImageCheck.__init__
+
+    def spy(self, source, column, split, rows):
+        checked.extend(rows)
+        real(self, source, column, split, rows)
+
+    monkeypatch.setattr(hf_data._ImageCheck, "__init__", spy)
+    task = load_task(f"imagefolder:{tmp_path / 'imgs'}", cache_dir=tmp_path / "cache", num_train=6, num_val=2,
+                     num_test=4)
+    used = sorted(torch.cat([task.train.rows, task.val.rows, task.test.rows]).tolist())
+    assert sorted(checked) == used and len(used) == 12  # not the 40 rows of the folder
 
 
 def test_missing_text_is_named(tmp_path):

@@ -17,7 +17,9 @@ labels and, optionally, peft LoRA matrices. Two ways to persist the result:
   the base architecture, replays the insertions and loads the weights strictly.
 
 Site names in insertion records are relative to the transformers model (never prefixed by a peft
-wrapper), in the order the layers were inserted: ``{"site": name at insertion time, "layer": config}``.
+wrapper), in the order the layers were inserted: ``{"site": name at insertion time, "layer": config}``;
+saved adapters add the stable ``site_label`` / ``label`` of :mod:`topotransfer.surgery.labels` (the place
+in the base model and the insertion order there).
 """
 
 from __future__ import annotations
@@ -334,7 +336,7 @@ def save_adapter(
         model_type=config.model_type,
         hidden_size=int(config.hidden_size),
         base_num_hidden_layers=base_depth,
-        insertions=records,
+        insertions=_labelled(base, records, family),
         num_labels=num_labels,
         id2label={str(k): str(v) for k, v in getattr(config, "id2label", {}).items()} or None,
         head=head,
@@ -346,6 +348,17 @@ def save_adapter(
     save_file(_cpu_tensors(tensors), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     adapter.save(directory)
     return adapter
+
+
+def _labelled(base: nn.Module, records: list[dict], family) -> list[dict]:
+    """The records with their stable labels (``site_label``, ``label``: :mod:`topotransfer.surgery.labels`);
+    unchanged for site kinds the labels do not know. Loading reads only ``site`` and ``layer``."""
+    from .surgery.labels import label_insertions
+
+    try:
+        return label_insertions(base, records, family)
+    except ValueError:
+        return records
 
 
 def check_base(model: nn.Module, adapter: TopoAdapter) -> None:

@@ -77,6 +77,24 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = _load(args, "pretrain")
+    from .config import ConfigError
+    from .errors import TopoTransferError
+    from .recipes.pretrain import run_pretrain
+
+    try:
+        results = run_pretrain(cfg)
+    except (ConfigError, TopoTransferError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    print(json.dumps({k: results[k] for k in ("task", "val_error", "test_error", "params", "wall_time")}, indent=2))
+    print(f"backbone (save_pretrained + image processor) in {results['backbone']}: adapt it with "
+          f"model.name_or_path={results['backbone']}")
+    return 0
+
+
 def _cmd_derivative(args: argparse.Namespace) -> int:
     cfg = _load(args, "grow")
     from .recipes.derivative import run_derivative
@@ -123,13 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from output_dir/latest if present")
     p.set_defaults(func=_cmd_adapt)
 
+    p = sub.add_parser("pretrain", help="train a small ViT from scratch and save it as a backbone for adapt")
+    common(p)
+    p.set_defaults(func=_cmd_pretrain)
+
     p = sub.add_parser("derivative", help="train the starting network briefly and print TD at every site")
     common(p)
     p.set_defaults(func=_cmd_derivative)
 
     p = sub.add_parser("validate", help="check a config and print it fully resolved")
     common(p)
-    p.add_argument("--task", default="grow", choices=["grow", "adapt"])
+    p.add_argument("--task", default="grow", choices=["grow", "adapt", "pretrain"])
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("configs", help="list the built-in configs")

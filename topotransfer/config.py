@@ -305,7 +305,7 @@ class AdaptConfig:
 class RunConfig:
     """A whole run."""
 
-    task: str = field(default="grow", metadata={"help": "grow | adapt"})
+    task: str = field(default="grow", metadata={"help": "grow | adapt | pretrain"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     output_dir: str = field(default="outputs/run", metadata={"help": "where history, checkpoints and plots go"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
@@ -318,7 +318,7 @@ class RunConfig:
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
     def __post_init__(self) -> None:
-        _check(self.task in ("grow", "adapt"), f"task must be grow|adapt, got {self.task!r}")
+        _check(self.task in ("grow", "adapt", "pretrain"), f"task must be grow|adapt|pretrain, got {self.task!r}")
 
 
 def _is_dataclass_type(tp: Any) -> bool:

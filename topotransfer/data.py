@@ -474,13 +474,33 @@ def _load_hf(name: str, loader_args: tuple, options: Any, *, seed: int, num_trai
     but row indices and labels). Images come out as (C, S, S) float in [0, 1], texts as strings."""
     if importlib.util.find_spec("datasets") is None:
         raise DatasetUnavailableError(f"task {name!r} needs the datasets library: pip install datasets pillow")
-    from .hf_data import ImageTransform, LazySplit, TextTransform, image_shape, load_source
+    from .hf_data import (
+        ImageTransform,
+        LazySplit,
+        TextTransform,
+        bad_example_error,
+        image_shape,
+        load_source,
+        unreadable_images,
+    )
 
     src = load_source(name, loader_args, options)
     pools = {k: (src.rows[k], src.labels[k]) for k in src.splits}
     splits = _split_pools(name, pools["train"], pools.get("val"), pools.get("test"), seed=seed,
                           num_train=num_train, num_val=num_val, num_test=num_test)
-    source_of = {k: src.splits.get(k, src.splits["train"]) for k in ("train", "val", "test")}
+    source_name = {k: k if k in src.splits else "train" for k in ("train", "val", "test")}
+    source_of = {k: src.splits[source_name[k]] for k in source_name}
+    skipped = {k: len(v) for k, v in src.bad.items()}
+    if src.columns.modality == "image":  # every image the splits use is decoded once, before any training
+        for k, (rows, labels) in splits.items():
+            bad = unreadable_images(source_of[k], src.columns.inputs[0], source_name[k], rows.tolist(),
+                                    options.num_workers)
+            if bad and not options.skip_bad_examples:
+                raise bad_example_error(name, bad)
+            if bad:
+                keep = torch.tensor([int(r) not in bad for r in rows.tolist()], dtype=torch.bool)
+                splits[k] = (rows[keep], labels[keep])
+                skipped[k] = skipped.get(k, 0) + len(bad)
     if src.columns.modality == "image":
         channels, side = image_shape(source_of["train"], src.columns.inputs[0], splits["train"][0], image_size, "train")
         transform: Any = ImageTransform(side, channels, (0.0,) * channels, (1.0,) * channels)
@@ -495,7 +515,7 @@ def _load_hf(name: str, loader_args: tuple, options: Any, *, seed: int, num_trai
     parts = {k: LazySplit(source_of[k], rows, labels, src.columns, transform, k, options.num_workers)
              for k, (rows, labels) in splits.items()}
     info = {"columns": {"inputs": list(src.columns.inputs), "label": src.columns.label},
-            "skipped": {k: len(v) for k, v in src.bad.items()}, "unlabelled_splits_dropped": src.dropped}
+            "skipped": skipped, "unlabelled_splits_dropped": src.dropped}
     return Task(name=name, kind="classification", train=parts["train"], val=parts["val"], test=parts["test"],
                 input_shape=input_shape, num_outputs=len(src.class_names), class_names=src.class_names,
                 modality="tensor" if src.columns.modality == "image" else "text", source=info)

@@ -388,9 +388,8 @@ class _ImageCheck(Dataset):
         return self.__getitems__([index])[0]
 
 
-def find_bad_examples(source: Any, columns: Columns, split: str, num_workers: int = 0,
-                      batch_size: int = 256) -> dict[int, str]:
-    """Rows of ``source`` that cannot be used: an image that does not decode, a missing text or label.
+def missing_values(source: Any, columns: Columns, split: str) -> dict[int, str]:
+    """Rows of ``source`` with no text or no label (a column scan: nothing is decoded).
 
     Returns:
         ``{row: one-line reason}``, rows in increasing order.
@@ -402,16 +401,30 @@ def find_bad_examples(source: Any, columns: Columns, split: str, num_workers: in
         if values.null_count:
             for row in np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False)).tolist():
                 bad.setdefault(row, f"{split} example {row} has no value in column {name!r}")
-    if columns.modality == "image":
-        rows = [r for r in range(len(source)) if r not in bad]
-        if rows:
-            check = _ImageCheck(source, columns.inputs[0], split, rows)
-            loader = DataLoader(check, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
-            for chunk in loader:
-                for row, reason in chunk:
-                    if reason is not None:
-                        bad[row] = reason
     return dict(sorted(bad.items()))
+
+
+def unreadable_images(source: Any, column: str, split: str, rows: Sequence[int], num_workers: int = 0,
+                      batch_size: int = 256) -> dict[int, str]:
+    """Rows (of ``rows``) whose image does not open and decode, with ``num_workers`` processes.
+
+    Returns:
+        ``{row: one-line reason naming the file (or split and row)}``, rows in increasing order.
+    """
+    bad: dict[int, str] = {}
+    if len(rows):
+        check = _ImageCheck(source, column, split, [int(r) for r in rows])
+        for chunk in DataLoader(check, batch_size=batch_size, num_workers=num_workers, collate_fn=list):
+            bad.update({row: reason for row, reason in chunk if reason is not None})
+    return dict(sorted(bad.items()))
+
+
+def bad_example_error(name: str, found: dict[int, str]) -> BadExampleError:
+    """The one-line error for the first of ``found``."""
+    row, reason = next(iter(found.items()))
+    more = f" ({len(found) - 1} more bad examples)" if len(found) > 1 else ""
+    return BadExampleError(f"task {name!r}: {reason}{more}; fix or remove it, or set data.skip_bad_examples=true "
+                           "to leave bad examples out")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -424,7 +437,7 @@ class LoadedSource:
         labels: ``{split: (N,) int64}`` class indices.
         columns: the columns read.
         class_names: one name per class.
-        bad: ``{split: {row: reason}}`` of the examples left out (``skip_bad_examples``).
+        bad: ``{split: {row: reason}}`` of the examples without text or label left out (``skip_bad_examples``).
         rows: ``{split: (N,) int64}`` the usable rows of each split (all but the bad ones), aligned with
             ``labels``.
         dropped: given splits without labels (e.g. a hub test split labelled -1) that were not used.
@@ -444,7 +457,8 @@ def _labels(ds: Any, column: str) -> list[Any]:
 
 
 def load_source(name: str, loader_args: tuple, options: SourceOptions) -> LoadedSource:
-    """``datasets.load_dataset`` + column detection + labels + the bad-example check.
+    """``datasets.load_dataset`` + column detection + labels + the missing-value check (images are checked
+    later, on the rows the splits use: :func:`unreadable_images`).
 
     Raises:
         DatasetUnavailableError: the source cannot be loaded (offline, missing files); the message says why.
@@ -501,14 +515,11 @@ def load_source(name: str, loader_args: tuple, options: SourceOptions) -> Loaded
                                                                          for v in raw[k])]
     for k in dropped:  # e.g. GLUE's test splits: every label is -1; carve one from train instead
         del parts[k], raw[k]
-    bad: dict[str, dict[int, str]] = {}
+    bad: dict[str, dict[int, str]] = {}  # missing texts / labels; images are checked on the rows used
     for split, ds in parts.items():
-        found = find_bad_examples(ds, columns, split, options.num_workers)
+        found = missing_values(ds, columns, split)
         if found and not options.skip_bad_examples:
-            row, reason = next(iter(found.items()))
-            more = f" ({len(found) - 1} more bad examples in this split)" if len(found) > 1 else ""
-            raise BadExampleError(f"task {name!r}: {reason}{more}; fix or remove it, or set "
-                                  "data.skip_bad_examples=true to leave bad examples out")
+            raise bad_example_error(name, found)
         bad[split] = found
 
     if isinstance(label_feature, datasets.ClassLabel):

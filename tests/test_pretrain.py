@@ -1,0 +1,78 @@
+"""``topotransfer pretrain``: a small ViT trained from a ViTConfig, saved with its image processor; then the
+offline three-step path of the README: pretrain -> adapt on the result -> reload the adapter, identical logits."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import topotransfer as tt  # noqa: E402
+from topotransfer.cli import main  # noqa: E402
+from topotransfer.config import ConfigError, load_config  # noqa: E402
+from topotransfer.recipes.pretrain import run_pretrain  # noqa: E402
+
+TINY = ["model.width=16", "model.depth=2", "model.num_heads=2", "model.patch_size=4", "data.name=digits",
+        "data.num_train=200", "data.num_val=50", "data.num_test=50", "train.epochs=1", "train.batch_size=32",
+        "train.warmup_steps=0", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    code = main(["pretrain", "--config", "pretrain_vit_mnist", f"output_dir={out}", *TINY])
+    assert code == 0
+    return out
+
+
+def test_pretrain_output_loads_with_from_pretrained(pretrained, capsys):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification
+
+    results = json.loads((pretrained / "results.json").read_text())
+    assert results["recipe"] == "pretrain" and results["test_error"] is not None and results["epochs"] == 1
+    assert results["image_size"] == 8 and results["num_channels"] == 1 and results["num_labels"] == 10
+    model = AutoModelForImageClassification.from_pretrained(pretrained / "model")
+    assert isinstance(model, ViTForImageClassification)
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 16
+    assert model.config.id2label[3] == "3"
+    processor = AutoImageProcessor.from_pretrained(pretrained / "model")
+    assert processor.size == {"height": 8, "width": 8}
+    assert list(processor.image_mean) == [0.5] and list(processor.image_std) == [0.5]
+    # the saved weights are the trained ones: the recorded test error is reproduced from the directory
+    from topotransfer.data import load_task
+
+    task = load_task("digits", num_train=200, num_val=50, num_test=50)
+    x, y = task.test.tensors
+    with torch.no_grad():
+        pred = model.eval()(pixel_values=(x - 0.5) / 0.5).logits.argmax(-1)
+    assert int((pred != y).sum()) / len(y) == pytest.approx(results["test_error"], abs=1e-12)
+
+
+def test_pretrain_adapt_reload_offline(pretrained, tmp_path):
+    from topotransfer.recipes.adapt import run_adapt
+
+    backbone = pretrained / "model"
+    cfg = load_config(None, ["task=adapt", f"model.name_or_path={backbone}", f"output_dir={tmp_path / 'adapt'}",
+                             "data.name=digits", "data.num_train=60", "data.num_val=30", "data.num_test=30",
+                             "probe.batch_size=30", "probe.batches=1", "train.batch_size=20", "progress=false",
+                             "adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=1"])
+    run = run_adapt(cfg)
+    assert run.results["insertions"] == 1 and run.results["normalization"]["mean"] == [0.5]
+    reloaded = tt.load_adapter(str(backbone), tmp_path / "adapt" / "adapter")
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(run.model.eval()(pixel_values=x).logits, reloaded.eval()(pixel_values=x).logits)
+
+
+def test_pretrain_refuses_what_it_cannot_build(tmp_path):
+    base = [f"output_dir={tmp_path / 'x'}", *TINY]
+    with pytest.raises(ConfigError, match="model.family=vit"):
+        run_pretrain(load_config(None, ["task=pretrain", *base, "model.family=mlp"]))
+    with pytest.raises(ConfigError, match="needs an image classification task"):
+        run_pretrain(load_config(None, ["task=pretrain", *base, "model.family=vit", "data.name=sentiment"]))
+    with pytest.raises(SystemExit, match=re.escape("config has task='grow' but the command is 'pretrain'")):
+        main(["pretrain", "--config", "grow_digits"])
