@@ -93,3 +93,21 @@ def test_vit_labels_with_a_peft_prefix():
     labels = site_labels(model, records)
     assert labels[stem] == stem and labels[f"{container}.1"] == f"{container}.0+1"
     assert labels[f"{container}.2"] == f"{container}.1"
+
+
+def test_event_records_get_the_labels_of_their_time():
+    from topotransfer.surgery.labels import label_event
+
+    model, records = ResidualMLP(2, 4, 2, 1), []
+    insert(model, records, "layers.0", 1.0)  # -> layers.0+1 at position 1
+    # an event that scored every site of the model as it was (3 blocks), then inserted after layers.1 (+1 there)
+    scores = {"input_layer": 0.1, "layers.0": 0.2, "layers.1": 0.5, "layers.2": 0.3}
+    insert(model, records, "layers.1", 2.0)
+    record = label_event({"site": "layers.1", "scores": scores}, model, records)
+    assert record["site_labels"] == {"input_layer": "input_layer", "layers.0": "layers.0", "layers.1": "layers.0+1",
+                                     "layers.2": "layers.1"}
+    assert (record["site_label"], record["label"]) == ("layers.0+1", "layers.0+2")
+    stopped = label_event({"site": None, "scores": {}}, model, records)  # nothing inserted: the sites as they are
+    assert stopped["site_labels"]["layers.2"] == "layers.0+2" and "site_label" not in stopped
+    unknown = label_event({"site": "layers.9"}, model, records + [{"site": "head.attn", "layer": {}}])
+    assert "site_labels" not in unknown  # site kinds the labels do not know: the record is left as it is

@@ -23,7 +23,7 @@ from torch import nn
 
 from .base import ChainFamily
 
-__all__ = ["label_insertions", "site_labels"]
+__all__ = ["label_event", "label_insertions", "site_labels"]
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -79,18 +79,47 @@ def label_insertions(model: nn.Module, insertions: Sequence[dict], family: Chain
     return [{**dict(r), **lab} for r, lab in zip(insertions, labels, strict=True)]
 
 
-def site_labels(model: nn.Module, insertions: Sequence[dict], family: ChainFamily | None = None) -> dict[str, str]:
-    """``{dotted site name of the current model: label}`` for every site (see the module docstring).
+def site_labels(model: nn.Module, insertions: Sequence[dict], family: ChainFamily | None = None,
+                applied: int | None = None) -> dict[str, str]:
+    """``{dotted site name: label}`` for every site (see the module docstring).
 
     Args:
         model: the network with ``insertions`` applied (peft-wrapped or not; names are given without the
             peft prefix).
         insertions: every insertion the network has had, in order (an adapter's base insertions first).
+        applied: name the sites of the network as it was after the first ``applied`` insertions (default:
+            all of them, the network as it is).
 
     Raises:
         ValueError: the records do not fit the model (a site that did not exist when it was recorded).
     """
     family, stem, container, blocks = _names(model, family)
-    chain, _ = _replay(insertions, stem, container, blocks - len(insertions))
-    names = [stem] + [f"{container}.{i}" for i in range(blocks)]
+    base_blocks = blocks - len(insertions)
+    applied = len(insertions) if applied is None else applied
+    chain, _ = _replay(insertions[:applied], stem, container, base_blocks)
+    names = [stem] + [f"{container}.{i}" for i in range(base_blocks + applied)]
     return dict(zip(names, chain, strict=True))
+
+
+def label_event(record: dict, model: nn.Module, insertions: Sequence[dict]) -> dict:
+    """Add the labels to a growth / insertion event record (in place; returned too).
+
+    ``site_labels`` maps the dotted names the record uses (its ``scores``, ``realized`` and ``site``, named
+    as the network was when the event ran) to labels; ``site_label`` is the label of the chosen site and
+    ``label`` that of the inserted layer. A record of site kinds the labels do not know is left as it is.
+
+    Args:
+        record: the event record (``"site"`` None when nothing was inserted).
+        model: the network after the event.
+        insertions: every insertion the network has had, in order, this event's last when it inserted.
+    """
+    before = len(insertions) - (record.get("site") is not None)
+    try:
+        labels = site_labels(model, insertions, applied=before)
+        labelled = label_insertions(model, insertions)
+    except ValueError:
+        return record
+    record["site_labels"] = labels
+    if record.get("site") is not None:
+        record["site_label"], record["label"] = labelled[-1]["site_label"], labelled[-1]["label"]
+    return record
