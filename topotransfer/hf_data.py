@@ -505,6 +505,8 @@ def load_source(name: str, loader_args: tuple, options: SourceOptions) -> Loaded
     keep = [*columns.inputs, columns.label]
     for split in parts:
         ds = parts[split].select_columns(keep)
+        if getattr(ds, "_indices", None) is not None:  # rows are read from the Arrow table by position
+            ds = ds.flatten_indices()
         if columns.modality == "image" and isinstance(ds.features[columns.inputs[0]], datasets.Image):
             ds = ds.cast_column(columns.inputs[0], datasets.Image(decode=False))
         parts[split] = ds
