@@ -36,6 +36,7 @@ from torch import nn
 from . import __version__
 from .errors import AdapterMismatchError, CheckpointMismatchError, LabelCountMismatchError
 from .surgery import build_inserted, get_family
+from .surgery.labels import label_insertions
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -336,7 +337,7 @@ def save_adapter(
         model_type=config.model_type,
         hidden_size=int(config.hidden_size),
         base_num_hidden_layers=base_depth,
-        insertions=_labelled(base, records, family),
+        insertions=label_insertions(base, records, family, strict=False),
         num_labels=num_labels,
         id2label={str(k): str(v) for k, v in getattr(config, "id2label", {}).items()} or None,
         head=head,
@@ -348,17 +349,6 @@ def save_adapter(
     save_file(_cpu_tensors(tensors), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     adapter.save(directory)
     return adapter
-
-
-def _labelled(base: nn.Module, records: list[dict], family) -> list[dict]:
-    """The records with their stable labels (``site_label``, ``label``: :mod:`topotransfer.surgery.labels`);
-    unchanged for site kinds the labels do not know. Loading reads only ``site`` and ``layer``."""
-    from .surgery.labels import label_insertions
-
-    try:
-        return label_insertions(base, records, family)
-    except ValueError:
-        return records
 
 
 def check_base(model: nn.Module, adapter: TopoAdapter) -> None:

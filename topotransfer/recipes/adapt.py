@@ -38,6 +38,7 @@ from ..models.hf import load_backbone
 from ..preprocess import load_for_backbone
 from ..requirements import check_requirements
 from ..surgery import get_family
+from ..surgery.labels import label_event, label_insertions
 from ..training.checkpoint import (
     check_finite,
     check_free_space,
@@ -509,6 +510,7 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
                     records.append({"site": record["site"], "layer": record["layer"]})
                     _set_trainable(model, head, backbone=False, lora=use_lora)
                     optimizer = _optimizer(model, head, a, cfg.train, old=optimizer)
+                label_event(record, model, records)  # the stable names of the sites it scored and chose
                 state["events"].append(record)
                 acc.free_memory()
                 wrapped, optimizer = prepare_again(acc, model, optimizer)
@@ -531,6 +533,7 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
     if test_batches is not None:
         test = evaluate(model, test_batches, "classification", device, accelerator=acc)
     base, _ = unwrap_peft(model)
+    records = label_insertions(base, records, strict=False)  # + the stable site_label / label of each
     results = {
         "method": a.method,
         "lora": use_lora,

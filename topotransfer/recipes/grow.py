@@ -28,9 +28,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ..config import RunConfig, to_dict
-from ..data import load_task
+from ..data import load_task, source_options
 from ..growth import GrowthEvent, PlateauDetector, count_parameters, grow_once
 from ..models.build import build_model
+from ..surgery.labels import label_event
 from ..training.checkpoint import (
     check_finite,
     check_free_space,
@@ -128,7 +129,7 @@ def run_grow(
     d = cfg.data
     task = load_task(
         d.name, seed=cfg.seed, num_train=d.num_train, num_val=d.num_val, num_test=d.num_test,
-        grid=d.grid, noise=d.noise, image_size=d.image_size,
+        grid=d.grid, noise=d.noise, image_size=d.image_size, **source_options(d),
     )
     g = cfg.growth
     base_depth = cfg.model.depth + (g.max_insertions if g.method == "fixed" else 0)
@@ -292,6 +293,7 @@ def run_grow(
                     detector.reset()
                     state["last_event_epoch"] = epoch + 1
                     grew = True
+                label_event(record, net, manifest["insertions"])  # the stable names of the sites it scored and chose
                 state["events"].append(record)
                 acc.free_memory()
                 model, optimizer = prepare_again(acc, net, optimizer)

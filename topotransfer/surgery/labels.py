@@ -64,18 +64,26 @@ def _names(model: nn.Module, family: ChainFamily | None) -> tuple[ChainFamily, s
     return family, stem.removeprefix(_PEFT_PREFIX), container.removeprefix(_PEFT_PREFIX), blocks
 
 
-def label_insertions(model: nn.Module, insertions: Sequence[dict], family: ChainFamily | None = None) -> list[dict]:
+def label_insertions(model: nn.Module, insertions: Sequence[dict], family: ChainFamily | None = None,
+                     strict: bool = True) -> list[dict]:
     """The records with their labels added: ``site_label`` (where the layer went) and ``label`` (the layer).
 
     Args:
         model: the network *with* these insertions applied (its block count minus theirs is the base depth).
         insertions: ordered ``{"site": dotted name at insertion time, ...}`` records (peft prefix allowed).
+        strict: raise on records the labels cannot place; ``False`` returns copies without labels instead
+            (site kinds other than block boundaries).
 
     Returns:
         Copies of the records with ``site_label`` and ``label`` set.
     """
-    _, stem, container, blocks = _names(model, family)
-    _, labels = _replay(insertions, stem, container, blocks - len(insertions))
+    try:
+        _, stem, container, blocks = _names(model, family)
+        _, labels = _replay(insertions, stem, container, blocks - len(insertions))
+    except ValueError:
+        if strict:
+            raise
+        return [dict(r) for r in insertions]
     return [{**dict(r), **lab} for r, lab in zip(insertions, labels, strict=True)]
 
 
