@@ -172,3 +172,20 @@ def test_sites_inside_blocks(tmp_path):
     assert torch.equal(logits(load_adapter(base_dir, tmp_path / "adapter"), batch), logits(model, batch))
     merge_and_save(model, tmp_path / "merged")
     assert torch.equal(logits(load_merged(tmp_path / "merged"), batch), logits(model, batch))
+
+
+def test_line_search_on_a_decoder_uses_full_passes_and_never_raises_the_loss():
+    """The eps line search (realized site selection) on a decoder: the family has no downstream shortcut, so it
+    runs full forward passes; the model comes back unchanged and the chosen eps gives the reported loss."""
+    from topotransfer import line_search_epsilon
+
+    model, probe, held_out = make_gpt2(), [make_batch(seed=1)], [make_batch(seed=2)]
+    before = logits(model, held_out[0])
+    r = topological_derivative(model, probe, CausalLMLoss(), rule="top1")[1]
+    ls = line_search_epsilon(model, r, held_out, CausalLMLoss())
+    assert not ls.downstream and ls.loss <= ls.baseline_loss
+    assert torch.equal(logits(model, held_out[0]), before) and model.config.num_hidden_layers == LAYERS
+    grown = insert_layer(copy.deepcopy(model), r, epsilon=ls.epsilon)
+    with torch.no_grad():
+        loss = float(CausalLMLoss()(logits(grown, held_out[0]), held_out[0]["labels"]))
+    assert loss == pytest.approx(ls.loss, rel=1e-12)

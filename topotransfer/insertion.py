@@ -117,6 +117,9 @@ def insert_layer(
     family = get_family(model)
     resolved = family.site(model, site)
     layer = family.new_layer(model, resolved) if layer is None else copy.deepcopy(layer)
+    model_ref = next(iter(model.parameters()), None)
+    if model_ref is not None:  # the model's dtype before the direction is set: float64 directions stay float64
+        layer = layer.to(device=model_ref.device, dtype=model_ref.dtype)
     if weight is not None:
         if weight.numel() != layer.weight.numel():
             raise ValueError(
