@@ -265,3 +265,28 @@ def test_lora_baseline_at_the_parameter_budget_of_the_copies(arch, targets):
     assert count == r * per_rank <= budget < (r + 1) * per_rank
     with pytest.raises(ValueError, match="no 2-D weight module"):
         lora_rank_matching(model, budget, ["nonexistent"])
+
+
+def test_scores_leave_the_model_clean_and_handle_a_source_with_a_layer_inside():
+    """copy_site_scores runs the source blocks themselves (outputs of their projections zeroed by hooks): no hook
+    stays, nothing changes; a source holding a layer inside it is scored on its copy (which has no such layer)."""
+    from topotransfer import insert_layer
+
+    model, batch = make_llama(), make_batch()
+    g = torch.Generator().manual_seed(0)
+    insert_layer(model, "model.layers.1.post_attention_layernorm", torch.randn(HIDDEN, HIDDEN, generator=g),
+                 torch.randn(HIDDEN, generator=g), epsilon=0.5)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = copy_site_scores(model, [batch], CausalLMLoss())
+    assert model.training and all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    site = next(s for s in scores if s.site == "model.layers.1")  # its source holds the inserted layer
+    grown = copy.deepcopy(model)
+    block = insert_copied_block(grown, site.site)
+    loss = CausalLMLoss()(grown(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
+    names = sorted(site.direction)
+    params = dict(block.block.named_parameters())
+    for n, gr in zip(names, torch.autograd.grad(loss, [params[n] for n in names]), strict=True):
+        torch.testing.assert_close(-gr, site.score * site.direction[n], rtol=1e-8, atol=1e-10)

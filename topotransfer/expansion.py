@@ -40,7 +40,8 @@ from site to site (it duplicates a different block, so a and m differ), the scor
 (site, copy) pair, not of the site alone.
 
 Cost: one forward + backward pass of the probe batch (states and adjoints at every site, as for the
-TopoLayer) plus, per site, one forward pass of one block on the captured state.
+TopoLayer) plus, per site, one forward pass of one block on the captured state (the source block itself,
+its output projections' outputs replaced by zeros: no copy is made).
 
 Positions: :func:`copy_site_scores` gives TD1_t at every site; :func:`choose_sites` keeps the best B, or
 :func:`realized_copy_sites` keeps the B whose line search over eps (held-out data) lowers the loss most. The
@@ -142,14 +143,17 @@ class _ArgsHook:
             self.call = (args, dict(kwargs))
 
 
-class _InputHook:
-    """Forward hook storing a module's input tensor."""
+class _ZeroOutputHook:
+    """Forward hook storing a module's input and replacing its output by zeros: the source block then computes
+    exactly what its copy with zero output projections computes (both residual branches add 0), and the
+    stored inputs are the copy's a_n and m_n -- without copying the block."""
 
     def __init__(self) -> None:
         self.x: torch.Tensor | None = None
 
-    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         self.x = args[0]
+        return torch.zeros_like(output)
 
 
 def copy_site_scores(
@@ -179,7 +183,13 @@ def copy_site_scores(
     site_list = all_sites if sites is None else sorted((family.site(model, s) for s in sites), key=lambda s: s.index)
     container = model.get_submodule(site_list[0].container)
     sources = {s.name: family.source_position(model, s) for s in site_list}
-    copies = {s.name: family.copy_block(model, s) for s in site_list}
+    # The source block itself, with its output projections' outputs zeroed by hooks, computes the copy's a and m;
+    # a source holding a layer inside it differs from its copy (copy_block strips the layer): copy those only.
+    runners = {
+        s.name: (family.copy_block(model, s).block if hasattr(type(container[sources[s.name]]), "_topo_base")
+                 else container[sources[s.name]])
+        for s in site_list
+    }
     sums: dict[str, dict[str, torch.Tensor]] = {s.name: {} for s in site_list}
     counts = dict.fromkeys(sums, 0)
     forward_fn = forward_fn or _no_cache_forward
@@ -202,22 +212,23 @@ def copy_site_scores(
                     h, p = captured.pop(s.name)
                     keep = sample_mask(inputs, h)
                     args, kwargs = arg_hooks[sources[s.name]].call
-                    copy_ = copies[s.name]
-                    in_hooks = {name: _InputHook() for name in family.output_projections}
-                    hs = [copy_.block.get_submodule(n).register_forward_hook(in_hooks[n]) for n in in_hooks]
+                    runner = runners[s.name]
+                    in_hooks = {name: _ZeroOutputHook() for name in family.output_projections}
+                    hs = [runner.get_submodule(n).register_forward_hook(in_hooks[n]) for n in in_hooks]
                     try:
                         with torch.no_grad():
-                            copy_(h, *args[1:], **kwargs)
+                            runner(h, *args[1:], **kwargs)
                     finally:
                         for handle in hs:
                             handle.remove()
+                        store.clear()  # the source block is a site module: its probe hook just fired again
                     pr = p.reshape(-1, p.shape[-1]).to(torch.float64)
                     if keep is not None:  # padding tokens are not samples (their adjoint is 0 anyway)
                         pr = pr * keep[:, None]
                     counts[s.name] += int(pr.shape[0] if keep is None else keep.sum())
                     for name, hook in in_hooks.items():
                         x = hook.x.reshape(-1, hook.x.shape[-1]).to(torch.float64)
-                        proj = copy_.block.get_submodule(name)
+                        proj = runner.get_submodule(name)
                         for pname, d in _descent(proj, x, pr).items():
                             key = f"{name}.{pname}"
                             sums[s.name][key] = sums[s.name].get(key, 0) + d
