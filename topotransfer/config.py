@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,12 +25,14 @@ __all__ = [
     "ADAPT_METHODS",
     "AdaptConfig",
     "ConfigError",
+    "DEFAULT_OUTPUT_DIR",
     "DataConfig",
     "GrowthConfig",
     "ModelConfig",
     "ProbeConfig",
     "RunConfig",
     "TrainConfig",
+    "check_runnable",
     "from_dict",
     "load_config",
     "to_dict",
@@ -45,11 +48,38 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+MODEL_FAMILIES = ("mlp", "cnn", "vit")  # the families `grow` builds (models.build.MODEL_FAMILIES)
+DEVICES = ("auto", "cpu", "cuda")  # what training.distributed.build_accelerator can honour
+DEFAULT_OUTPUT_DIR = "outputs/{config}/{method}-seed{seed}"
+"""One directory per (config, method, seed): a baseline or another seed never writes into a finished run."""
+
+
+def _check_task_name(name: str) -> None:
+    """``data.name`` is a built-in task, ``hf:<name>[:<config>]`` or ``imagefolder:<dir>`` (what load_task takes)."""
+    from .data import AVAILABLE_TASKS  # lazy: data imports torch, and `topotransfer --help` stays instant
+
+    key = name.strip()
+    if key.lower().replace("-", "_") in AVAILABLE_TASKS:
+        return
+    for prefix, example in (("hf:", "hf:mnist"), ("imagefolder:", "imagefolder:data/my_images")):
+        if key.startswith(prefix):
+            _check(bool(key[len(prefix):].strip(": ")), f"data.name={name!r} needs a name after {prefix!r}, e.g. {example!r}")
+            return
+    raise ConfigError(
+        f"data.name must be one of {'|'.join(AVAILABLE_TASKS)}, 'hf:<name>[:<config>]' or 'imagefolder:<dir>', got {name!r}"
+    )
+
+
+def _check_epsilons(key: str, values: list[float] | None) -> None:
+    _check(values is None or (len(values) > 0 and all(v > 0 for v in values)),
+           f"{key} must be null or a non-empty list of positive numbers, got {values}")
+
+
 @dataclass
 class ModelConfig:
     """Which network to start from."""
 
-    family: str = field(default="mlp", metadata={"help": "mlp | cnn | vit (grow); hf name/path for adapt"})
+    family: str = field(default="mlp", metadata={"help": "mlp | cnn | vit (grow; adapt reads name_or_path)"})
     width: int = field(default=16, metadata={"help": "hidden width (mlp), channels (cnn), hidden size (vit)"})
     depth: int = field(default=2, metadata={"help": "initial number of hidden residual layers / blocks"})
     kernel_size: int = field(default=3, metadata={"help": "cnn kernel size"})
@@ -59,8 +89,15 @@ class ModelConfig:
     revision: str | None = field(default=None, metadata={"help": "hub revision"})
 
     def __post_init__(self) -> None:
+        _check(self.family in MODEL_FAMILIES, f"model.family must be one of {'|'.join(MODEL_FAMILIES)}, got {self.family!r}")
         _check(self.width > 0, f"model.width must be positive, got {self.width}")
         _check(self.depth >= 0, f"model.depth must be >= 0, got {self.depth}")
+        _check(self.kernel_size >= 1 and self.kernel_size % 2 == 1,
+               f"model.kernel_size must be a positive odd number, got {self.kernel_size}")
+        _check(self.num_heads >= 1, f"model.num_heads must be >= 1, got {self.num_heads}")
+        _check(self.patch_size >= 1, f"model.patch_size must be >= 1, got {self.patch_size}")
+        _check(self.family != "vit" or self.width % self.num_heads == 0,
+               f"model.width ({self.width}) must be a multiple of model.num_heads ({self.num_heads}) for vit")
 
 
 @dataclass
@@ -103,6 +140,9 @@ class DataConfig:
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(self.max_length is None or self.max_length >= 2,
                f"data.max_length must be >= 2 (room for the special tokens), got {self.max_length}")
+        _check(self.noise >= 0, f"data.noise must be >= 0, got {self.noise}")
+        _check(self.image_size is None or self.image_size >= 1, f"data.image_size must be >= 1, got {self.image_size}")
+        _check_task_name(self.name)
 
 
 @dataclass
@@ -153,6 +193,9 @@ class ProbeConfig:
         _check(0.0 <= self.c <= 1.0, f"probe.c must lie in [0, 1], got {self.c}")
         _check(self.rule != "topk" or (self.k or 0) >= 1, "probe.rule=topk needs probe.k >= 1")
         _check(self.batch_size > 0, f"probe.batch_size must be positive, got {self.batch_size}")
+        _check(self.batches is None or self.batches >= 1, f"probe.batches must be >= 1 or null, got {self.batches}")
+        _check(self.k is None or self.k >= 1, f"probe.k must be >= 1 or null, got {self.k}")
+        _check(self.tol > 0, f"probe.tol must be positive, got {self.tol}")
         _check(self.sample_fraction is None or 0.0 < self.sample_fraction <= 1.0,
                f"probe.sample_fraction must lie in (0, 1], got {self.sample_fraction}")
         _check(self.max_samples_per_batch is None or self.max_samples_per_batch >= 1,
@@ -204,6 +247,11 @@ class GrowthConfig:
                f"growth.max_stage_epochs must be >= 1 or null, got {self.max_stage_epochs}")
         _check(self.max_stage_epochs is None or self.epochs_per_stage is None,
                "growth.max_stage_epochs and growth.epochs_per_stage exclude each other (set one)")
+        _check(self.min_delta >= 0, f"growth.min_delta must be >= 0, got {self.min_delta}")
+        for key in ("max_depth", "max_params", "epochs_per_stage"):
+            v = getattr(self, key)
+            _check(v is None or v >= 1, f"growth.{key} must be >= 1 or null, got {v}")
+        _check_epsilons("growth.epsilons", self.epsilons)
 
 
 @dataclass
@@ -240,6 +288,8 @@ class TrainConfig:
         _check(self.lr > 0, f"train.lr must be positive, got {self.lr}")
         _check(self.batch_size > 0, f"train.batch_size must be positive, got {self.batch_size}")
         _check(self.optimizer in ("adam", "adamw", "sgd"), f"train.optimizer must be adam|adamw|sgd, got {self.optimizer!r}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {self.max_steps}")
 
 
 ADAPT_METHODS = ("topo", "random_site", "last_block", "linear_probe", "full_finetune", "lora")
@@ -299,6 +349,8 @@ class AdaptConfig:
         )
         _check(self.lora_target_modules is None or len(self.lora_target_modules) > 0,
                "adapt.lora_target_modules must be null or a non-empty list")
+        _check(self.lora_alpha > 0, f"adapt.lora_alpha must be positive, got {self.lora_alpha}")
+        _check_epsilons("adapt.epsilons", self.epsilons)
 
 
 @dataclass
@@ -307,7 +359,11 @@ class RunConfig:
 
     task: str = field(default="grow", metadata={"help": "grow | adapt | pretrain"})
     seed: int = field(default=0, metadata={"help": "random seed"})
-    output_dir: str = field(default="outputs/run", metadata={"help": "where history, checkpoints and plots go"})
+    output_dir: str = field(
+        default=DEFAULT_OUTPUT_DIR,
+        metadata={"help": "where history, checkpoints and plots go; {config}, {method}, {seed} and {task} are "
+                          "replaced by the config file's name, growth.method (grow) or adapt.method (adapt), seed, task"},
+    )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -319,6 +375,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(self.task in ("grow", "adapt", "pretrain"), f"task must be grow|adapt|pretrain, got {self.task!r}")
+        _check(self.device in DEVICES, f"device must be one of {'|'.join(DEVICES)}, got {self.device!r}")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check(bool(self.output_dir.strip()), "output_dir must not be empty")
+        method = {"grow": self.growth.method, "adapt": self.adapt.method}.get(self.task, self.task)
+        # {config} is replaced by load_config (it knows the file); a config built in code is "default"
+        for key, value in (("config", "default"), ("method", method), ("seed", self.seed), ("task", self.task)):
+            self.output_dir = self.output_dir.replace("{" + key + "}", str(value))
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -355,6 +418,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, got {value!r}")
+        _check(math.isfinite(value), f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         _check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
@@ -413,7 +477,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"Cannot read config file {str(path)!r}: {e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {_yaml_problem(e)}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping at the top level")
         tree = loaded
@@ -421,5 +490,66 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in item:
             raise ConfigError(f"Override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Override {item!r}: the value is not valid YAML: {_yaml_problem(e)}") from e
+        _set_dotted(tree, key.strip(), value)
+    if cls is RunConfig:
+        out = tree.get("output_dir", DEFAULT_OUTPUT_DIR)
+        if isinstance(out, str):
+            tree["output_dir"] = out.replace("{config}", Path(path).stem if path is not None else "default")
     return from_dict(cls, tree)
+
+
+def _yaml_problem(e: Exception) -> str:
+    """One line from a PyYAML error: what is wrong and where (its own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def check_runnable(cfg: RunConfig, command: str | None = None) -> None:
+    """The checks across sections that the run of ``cfg.task`` (or ``command``) would otherwise fail on later.
+
+    ``topotransfer validate`` and every run command call this before anything is written.
+
+    Args:
+        command: "grow", "derivative" or "adapt" (default: ``cfg.task``); grow and derivative need a grow config.
+
+    Raises:
+        ConfigError: the config cannot run as ``command``.
+    """
+    from .text_data import TEXT_TASKS
+
+    command = command or cfg.task
+    needs = command if command in ("adapt", "pretrain") else "grow"
+    _check(cfg.task == needs,
+           f"the config has task={cfg.task!r}: run it with `topotransfer {cfg.task}`, not `topotransfer {command}`")
+    builtin = cfg.data.name.strip().lower().replace("-", "_")
+    if builtin != "regression":
+        _check(not cfg.data.grid and not cfg.data.noise,
+               f"data.grid and data.noise apply to the regression task only, not to {cfg.data.name!r}")
+    if needs == "pretrain":  # a ViT from scratch on an image task (recipes/pretrain.py)
+        _check(cfg.model.family == "vit", f"pretrain builds a ViT: set model.family=vit (got {cfg.model.family!r})")
+        _check(builtin not in TEXT_TASKS and builtin != "regression",
+               f"pretrain needs an image classification task, not {cfg.data.name!r}")
+        return
+    if needs == "adapt":
+        _check(bool(cfg.model.name_or_path),
+               "the adapt recipe needs model.name_or_path (a hub name or a local save_pretrained dir), "
+               "e.g. model.name_or_path=path/to/vit")
+        return
+    _check(builtin not in TEXT_TASKS,
+           f"data.name={cfg.data.name!r} is a text task: grow builds networks on tensors; adapt a pretrained text "
+           "encoder instead (topotransfer adapt --config adapt_sentiment_minilm model.name_or_path=DIR)")
+    if cfg.model.family in ("cnn", "vit"):
+        _check(builtin != "regression", f"model.family={cfg.model.family!r} needs an image task, not {cfg.data.name!r}")
+    if builtin == "regression":
+        _check(cfg.data.image_size is None, "data.image_size does not apply to the regression task")
+    if cfg.model.family == "vit":
+        _check(cfg.model.depth >= 1, "model.family='vit' needs model.depth >= 1 (sites are block boundaries)")
+        size = cfg.data.image_size
+        _check(size is None or size % cfg.model.patch_size == 0,
+               f"data.image_size={size} must be divisible by model.patch_size={cfg.model.patch_size}")

@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["plot_learning_curves", "plot_method_comparison", "plot_site_scores"]
+__all__ = ["plot_learning_curves", "plot_method_comparison", "plot_runs", "plot_site_scores"]
 
 
 def _plt():
     try:
         import matplotlib
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("Plotting needs matplotlib: pip install 'topotransfer[plots]'") from e
+        raise ImportError("Plotting needs matplotlib: pip install 'topotransfer[plots]'", name="matplotlib") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -136,3 +136,42 @@ def plot_method_comparison(
     ax.set_title(title or "mean +- std over seeds")
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    """Short unique labels: the directory name, with its parent's when names repeat (``grow_digits/topo-seed0``)."""
+    names = [p.name for p in paths]
+    if len(set(names)) == len(names) and len(paths) > 1:
+        return names
+    return [f"{p.parent.name}/{p.name}" if p.parent.name else p.name for p in paths]
+
+
+def plot_runs(paths: Sequence[str | Path], out: str | Path | None = None) -> list[Path]:
+    """The plots of ``topotransfer plot``: learning curves of every run with its growth / insertion events
+    (``learning_curves.png``), and per run with events the TD of every site at each event
+    (``site_scores-<run>.png``).
+
+    Args:
+        paths: run directories (each with ``history.json``).
+        out: directory of the PNGs (default: the run's directory for one run, ``./plots`` for several).
+
+    Returns:
+        The PNG paths written.
+
+    Raises:
+        ImportError: matplotlib is not installed (the message gives the pip command).
+        RunNotFoundError: a directory without ``history.json``.
+    """
+    from .reporting import read_history
+
+    _plt()  # refuse before reading anything when matplotlib is missing
+    dirs = [Path(p) for p in paths]
+    histories = {label: read_history(d) for label, d in zip(_labels(dirs), dirs, strict=True)}
+    target = Path(out) if out is not None else (dirs[0] if len(dirs) == 1 else Path("plots"))
+    written = [plot_learning_curves(histories, target / "learning_curves.png")]
+    for label, hist in histories.items():
+        if any(e.get("scores") for e in hist["events"]):
+            name = label.replace("/", "_")
+            written.append(plot_site_scores(hist["events"], target / f"site_scores-{name}.png", title=f"{label}: "
+                                            "topological derivative per site (red: chosen)"))
+    return written

@@ -5,13 +5,21 @@ the time of insertion + layer config). A loader rebuilds the base model, replays
 only then loads the weights with ``strict=True``. Writes are atomic: everything goes into a
 temporary directory that is renamed into place, then the ``latest`` pointer is replaced, so an
 interrupted save never becomes the latest checkpoint.
+
+``manifest.json`` also holds the SHA-256 of every other file of the checkpoint (``"checksums"``): a
+truncated or corrupted file is found before anything is loaded and named in a
+:class:`~topotransfer.errors.CorruptCheckpointError`. A checkpoint that replaces ``last`` moves the one
+it replaces to ``last.previous`` (one generation), so a corrupt ``last`` still leaves a checkpoint to
+resume from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import CheckpointMismatchError
+from ..errors import CheckpointMismatchError, CorruptCheckpointError
 from ..surgery import build_inserted, get_family
 
 __all__ = [
@@ -30,14 +38,18 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "load_rng_states",
+    "read_manifest",
     "replay_insertions",
     "restore_rng_state",
     "resume_rng_states",
     "save_checkpoint",
+    "verify_checkpoint",
     "write_json_atomic",
 ]
 
 LATEST = "latest"
+PREVIOUS = ".previous"  # suffix of the checkpoint a new one of the same name replaced
+MANIFEST = "manifest.json"
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -76,9 +88,19 @@ def gather_rng_states(accelerator: Any | None = None) -> list[dict[str, torch.Te
 
 
 def load_rng_states(path: str | Path) -> list[dict[str, torch.Tensor]] | None:
-    """The per-rank RNG states of a checkpoint (``None`` when it holds none)."""
+    """The per-rank RNG states of a checkpoint (``None`` when it holds none).
+
+    Raises:
+        CorruptCheckpointError: ``rng.pt`` differs from its checksum or cannot be read.
+    """
     f = Path(path) / "rng.pt"
-    return torch.load(f, weights_only=True) if f.is_file() else None
+    if not f.is_file():
+        return None
+    verify_checkpoint(path, files=("rng.pt",))
+    try:
+        return torch.load(f, weights_only=True)
+    except Exception as e:  # pickle / zip errors of a file written before checksums existed
+        raise _corrupt(Path(path), "rng.pt", f"cannot be read ({type(e).__name__}: {e})") from e
 
 
 def resume_rng_states(path: str | Path, state: dict, num_processes: int) -> list[dict[str, torch.Tensor]] | None:
@@ -166,7 +188,8 @@ def save_checkpoint(
         rng_states: every rank's RNG states (:func:`gather_rng_states`), for a mid-epoch checkpoint.
 
     Returns:
-        The checkpoint directory (also recorded in ``output_dir/latest``).
+        The checkpoint directory (also recorded in ``output_dir/latest``). ``manifest.json`` is written
+        with a ``"checksums"`` entry (file name -> SHA-256) added to ``manifest``.
     """
     output_dir = Path(output_dir)
     final = output_dir / name
@@ -179,9 +202,16 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if rng_states is not None:
         torch.save(rng_states, tmp / "rng.pt")
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
     (tmp / "state.json").write_text(json.dumps(state or {}, indent=2, default=float))
-    if final.exists():  # replace an older checkpoint of the same name: move aside, then delete
+    checksums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({**manifest, "checksums": checksums}, indent=2, default=float))
+    if final.exists() and update_latest:  # the replaced checkpoint stays as `<name>.previous` (one generation)
+        previous = output_dir / f"{name}{PREVIOUS}"
+        if previous.exists():
+            shutil.rmtree(previous)
+        os.replace(final, previous)
+        os.replace(tmp, final)
+    elif final.exists():  # replace an older side copy: move aside, then delete
         trash = output_dir / f".old-{name}-{os.getpid()}"
         os.replace(final, trash)
         os.replace(tmp, final)
@@ -219,23 +249,114 @@ def load_checkpoint(
             it holds all of them (strict).
 
     Returns:
-        ``{"manifest": ..., "state": ...}`` as saved.
+        ``{"manifest": ..., "state": ...}`` as saved (``manifest`` with its ``"checksums"``).
+
+    Raises:
+        CorruptCheckpointError: a file of the checkpoint is missing, differs from its checksum or cannot be read.
+        CheckpointMismatchError: the weights do not fit ``model`` (missing / unexpected keys, other shapes).
     """
     path = Path(path)
-    tensors = load_file(str(path / "model.safetensors"))
+    files = ["model.safetensors", "state.json"] + (["optimizer.pt"] if optimizer is not None else [])
+    manifest = verify_checkpoint(path, files=files)
+    try:
+        tensors = load_file(str(path / "model.safetensors"))
+    except Exception as e:  # safetensors' own error type, or OSError: a checkpoint written before checksums
+        raise _corrupt(path, "model.safetensors", f"cannot be read ({e})") from e
     ref = next(model.parameters())
-    missing, unexpected = model.load_state_dict({k: v.to(ref.device) for k, v in tensors.items()}, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict({k: v.to(ref.device) for k, v in tensors.items()}, strict=False)
+    except RuntimeError as e:  # shapes differ: torch lists every "size mismatch for ..." on its own line
+        sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise CheckpointMismatchError(
+            f"Checkpoint {path} was written for another architecture: {'; '.join(sizes[:3]) or e}. Resume with the "
+            "config that wrote it (its config.yaml), or start a new run in another output_dir"
+        ) from e
     if keys is not None:
         missing = sorted(set(keys) - set(tensors))
         unexpected = sorted(set(unexpected) | (set(tensors) - set(keys)))
     if missing or unexpected:
-        raise RuntimeError(
+        raise CheckpointMismatchError(
             f"Checkpoint {path} does not match the rebuilt model: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]} (was the architecture manifest replayed?)"
+            f"unexpected keys {unexpected[:5]}. Resume with the config that wrote it (its config.yaml), or start "
+            "a new run in another output_dir"
         )
     if optimizer is not None and (path / "optimizer.pt").is_file():
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location=ref.device))
-    return {
-        "manifest": json.loads((path / "manifest.json").read_text()),
-        "state": json.loads((path / "state.json").read_text()),
-    }
+        try:
+            saved = torch.load(path / "optimizer.pt", weights_only=True, map_location=ref.device)
+        except Exception as e:  # zip / pickle errors of a file written before checksums
+            raise _corrupt(path, "optimizer.pt", f"cannot be read ({type(e).__name__}: {e})") from e
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError) as e:
+            raise CheckpointMismatchError(
+                f"Checkpoint {path}: its optimizer state does not fit this run's optimizer ({e}); resume with the "
+                "config that wrote it (its config.yaml)"
+            ) from e
+    return {"manifest": manifest, "state": _read_json(path, "state.json")}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _corrupt(path: Path, file: str, what: str) -> CorruptCheckpointError:
+    """The error naming the bad file, its checkpoint, and what is left to continue from."""
+    out, name = path.parent, path.name
+    hints = []
+    previous = out / f"{name}{PREVIOUS}"
+    if not name.endswith(PREVIOUS) and (previous / MANIFEST).is_file():
+        hints.append(f"resume from the previous checkpoint with --resume-from {previous.name}")
+    if name != "best" and (out / "best" / "model.safetensors").is_file():
+        hints.append(f"the best model so far is in {out / 'best'}")
+    if not hints:
+        hints.append("no other checkpoint is left: start the run again with --overwrite")
+    return CorruptCheckpointError(f"Checkpoint {path} is corrupt: {file} {what}; {'; '.join(hints)}")
+
+
+def _read_json(path: Path, file: str) -> dict:
+    try:
+        value = json.loads((path / file).read_text())
+    except FileNotFoundError as e:
+        raise _corrupt(path, file, "is missing") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _corrupt(path, file, f"is not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise _corrupt(path, file, "does not hold a JSON object")
+    return value
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of checkpoint ``path`` (architecture, insertions, ``"checksums"``).
+
+    Raises:
+        CorruptCheckpointError: ``manifest.json`` is missing or not valid JSON.
+    """
+    return _read_json(Path(path), MANIFEST)
+
+
+def verify_checkpoint(path: str | Path, files: Sequence[str] | None = None) -> dict:
+    """Check the files of checkpoint ``path`` against the SHA-256 sums in its manifest; returns the manifest.
+
+    Args:
+        files: the files to check (default: every file the manifest lists). A file the manifest does not list
+            (a checkpoint written before checksums) is not checked here; reading it then finds the damage.
+
+    Raises:
+        CorruptCheckpointError: the manifest is unreadable, or a listed file is missing or differs from its sum.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    sums = manifest.get("checksums") or {}
+    for file in sums if files is None else files:
+        if file not in sums:
+            continue
+        f = path / file
+        if not f.is_file():
+            raise _corrupt(path, file, "is missing")
+        if _sha256(f) != sums[file]:
+            raise _corrupt(path, file, f"does not match its checksum in {MANIFEST} (truncated or overwritten?)")
+    return manifest
