@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 
 from test_adapt import IMAGE, logits, overrides, run, save_vit  # noqa: E402
-from test_distributed import LAUNCH_ENV, _launch_cmd  # noqa: E402
+from test_distributed import LAUNCH_ENV, _launch_cmd, kill_launch  # noqa: E402
 
 import topotransfer.recipes.adapt as adapt_recipe  # noqa: E402
 from topotransfer.adapter import load_adapter, load_merged  # noqa: E402
@@ -130,11 +130,11 @@ def _kill_after_first_insertion(cmd: list[str], out, env: dict, group: bool = Fa
             time.sleep(0.01)
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL) if group else proc.send_signal(signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
+        if group:  # the launcher and its ranks (torch elastic gives every rank a session of its own)
+            kill_launch(proc)
+        else:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
     state = json.loads((latest_checkpoint(out) / "state.json").read_text())
     assert 1 <= len(state["events"]) and state["phase"] != "done"
     assert not (out / "results.json").exists()

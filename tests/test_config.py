@@ -79,3 +79,79 @@ def test_every_rule_runs_in_the_derivative_recipe_with_the_same_scores(tmp_path)
     for a, b in zip(out["cluster"], out["rowwise"], strict=True):
         assert b.score == pytest.approx(a.score, rel=1e-6)
     assert any(b.k > a.k for a, b in zip(out["cluster"], out["rowwise"], strict=True))  # more rows start active
+
+
+def test_default_output_dir_names_config_method_and_seed(tmp_path):
+    from topotransfer.config import DEFAULT_OUTPUT_DIR
+
+    assert RunConfig().output_dir == "outputs/default/topo-seed0"
+    assert load_config(BUILTIN_CONFIGS / "grow_digits.yaml", ["seed=2"]).output_dir == "outputs/grow_digits/topo-seed2"
+    cfg = load_config(BUILTIN_CONFIGS / "adapt_digits_vit.yaml", ["adapt.method=lora"])
+    assert cfg.output_dir == "outputs/adapt_digits_vit/lora-seed0"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("output_dir: runs/{config}-{task}/{method}/s{seed}\ngrowth: {method: fixed}\n")
+    assert load_config(mine).output_dir == "runs/mine-grow/fixed/s0"
+    assert load_config(None, ["output_dir=plain/{x}"]).output_dir == "plain/{x}"  # unknown braces stay
+    assert "{config}" in DEFAULT_OUTPUT_DIR and all("output_dir" not in p.read_text() for p in CONFIGS)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("model.family=rnn", "model.family must be one of"),
+        ("data.name=cifar", "data.name must be one of"),
+        ("device=tpu", "device must be one of"),
+        ("data.noise=nan", "finite"),
+        ("data.noise=-1", "data.noise must be >= 0"),
+        ("probe.tol=.inf", "finite"),
+        ("growth.epsilons=[]", "growth.epsilons"),
+        ("model.kernel_size=4", "odd"),
+        ("train.weight_decay=-1", "weight_decay"),
+        ("seed=-3", "seed must be >= 0"),
+    ],
+)
+def test_enumerations_and_ranges_are_checked_when_the_config_is_read(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_task_name_forms():
+    for name in ("digits", "Fashion-MNIST", "hf:mnist", "hf:glue:sst2", "imagefolder:data/x"):
+        assert load_config(None, [f"data.name={name}"]).data.name == name
+    for name in ("hf:", "imagefolder:"):
+        with pytest.raises(ConfigError, match="needs a name after"):
+            load_config(None, [f"data.name='{name}'"])
+
+
+def test_check_runnable_reads_the_task_and_checks_across_sections(tmp_path):
+    from topotransfer.config import check_runnable
+
+    adapt = load_config(BUILTIN_CONFIGS / "adapt_digits_vit.yaml")
+    with pytest.raises(ConfigError, match="model.name_or_path"):
+        check_runnable(adapt)
+    (tmp_path / "vit").mkdir()
+    with pytest.raises(ConfigError, match="without config.json"):
+        check_runnable(load_config(BUILTIN_CONFIGS / "adapt_digits_vit.yaml", [f"model.name_or_path={tmp_path / 'vit'}"]))
+    (tmp_path / "vit" / "config.json").write_text("{}")
+    check_runnable(load_config(BUILTIN_CONFIGS / "adapt_digits_vit.yaml", [f"model.name_or_path={tmp_path / 'vit'}"]))
+    check_runnable(load_config(BUILTIN_CONFIGS / "adapt_digits_vit.yaml", ["model.name_or_path=org/model"]))  # a hub name
+    with pytest.raises(ConfigError, match="no such directory"):
+        check_runnable(load_config(BUILTIN_CONFIGS / "adapt_digits_vit.yaml", ["model.name_or_path=./nowhere"]))
+    with pytest.raises(ConfigError, match="topotransfer adapt"):
+        check_runnable(adapt, "grow")
+    for bad, match in [("data.name=sentiment", "text task"), ("model.family=cnn", "image task"),
+                       ("data.name=digits data.noise=0.1", "regression task only"),
+                       ("model.family=vit data.name=digits data.image_size=10", "divisible")]:
+        with pytest.raises(ConfigError, match=match):
+            check_runnable(load_config(None, bad.split()))
+    check_runnable(load_config(None, []))
+
+
+def test_yaml_errors_are_one_line_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: grow\n  seed: [1\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: .* at line \d+, column \d+") as e:
+        load_config(bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(None, ["train.lr={"])

@@ -269,3 +269,42 @@ def test_mid_epoch_checkpoint_of_another_process_count_is_refused(tmp_path):
     assert resume_rng_states(ckpt, {"epoch_progress": None}, 1) is None  # epoch boundary: any count
     with pytest.raises(CheckpointMismatchError, match="written mid-epoch by 2 processes.*this run has 1"):
         resume_rng_states(ckpt, {"epoch_progress": {"batches": 3}}, 1)
+
+
+def test_checkpoints_carry_checksums_and_keep_the_previous_generation(tmp_path):
+    """Every file of a checkpoint is listed with its SHA-256 in manifest.json; a damaged file is named (file and
+    checkpoint) before anything loads; the replaced `last` stays as `last.previous` and still loads."""
+    import hashlib
+
+    from topotransfer.errors import CheckpointMismatchError, CorruptCheckpointError
+    from topotransfer.training.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+
+    torch.manual_seed(0)
+    net = ResidualMLP(2, 4, 1, 1)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    manifest = {"format": 1, "insertions": []}
+    save_checkpoint(tmp_path, "last", net, manifest, opt, {"epoch": 1})
+    first = load_file(str(tmp_path / "last" / "model.safetensors"))
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)
+    save_checkpoint(tmp_path, "last", net, manifest, opt, {"epoch": 2})
+    assert "checksums" not in manifest, "the caller's manifest is not changed"
+    saved = verify_checkpoint(tmp_path / "last")
+    assert sorted(saved["checksums"]) == ["model.safetensors", "optimizer.pt", "state.json"]
+    for name, digest in saved["checksums"].items():
+        assert hashlib.sha256((tmp_path / "last" / name).read_bytes()).hexdigest() == digest
+    previous = load_file(str(tmp_path / "last.previous" / "model.safetensors"))
+    assert all(torch.equal(first[k], previous[k]) for k in first)
+    assert load_checkpoint(tmp_path / "last.previous", ResidualMLP(2, 4, 1, 1))["state"] == {"epoch": 1}
+
+    weights = tmp_path / "last" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    with pytest.raises(CorruptCheckpointError, match=r"last is corrupt: model.safetensors .*--resume-from last.previous"):
+        load_checkpoint(tmp_path / "last", ResidualMLP(2, 4, 1, 1))
+    # another architecture: a one-line mismatch error, not torch's "size mismatch" traceback
+    with pytest.raises(CheckpointMismatchError, match="another architecture.*size mismatch for"):
+        load_checkpoint(tmp_path / "last.previous", ResidualMLP(2, 6, 1, 1))
+    with pytest.raises(CheckpointMismatchError, match="missing keys"):
+        load_checkpoint(tmp_path / "last.previous", ResidualMLP(2, 4, 2, 1))

@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -166,19 +168,41 @@ def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"  # under accelerate launch / torchrun only rank 0 reports
 
 
+class _LoadReportFilter(logging.Filter):
+    """transformers' "LOAD REPORT" on the CLI: dropped when it only lists the classifier re-initialised for the
+    target labels (what the adapt recipe asks for), else kept without its raw ANSI colour codes."""
+
+    ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        plain = self.ANSI.sub("", message)
+        rows = [line.split("|") for line in plain.splitlines() if line.count("|") >= 2]
+        statuses = {cells[1].strip() for cells in rows[1:]}  # rows[0] is the header
+        if statuses == {"MISMATCH"}:
+            return False
+        record.msg, record.args = plain, ()
+        return True
+
+
 def _quiet_libraries() -> None:
-    """transformers' load reports (tables with raw ANSI colour codes) and peft's per-run FutureWarnings are
-    for library developers; a run's own output says what was loaded."""
+    """Keep the run's own output readable: no transformers load report for the expected new head (or its raw
+    ANSI codes), no per-run FutureWarnings that transformers / peft raise about their own internals, no
+    weight-loading / shard-writing progress bars."""
     import warnings
 
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(peft|transformers)(\.|$)")
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # transformers is a dependency; without it the run fails later with its own message
         return
-    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    hf_logging.get_logger("transformers")  # creates the library's handler
+    for handler in logging.getLogger("transformers").handlers:
+        if not any(isinstance(f, _LoadReportFilter) for f in handler.filters):
+            handler.addFilter(_LoadReportFilter())
 
 
 def _start(args: argparse.Namespace, command: str, files: tuple[str, ...] = RUN_FILES):
@@ -380,7 +404,11 @@ def describe_error(e: BaseException) -> tuple[int, str]:
     if hf is not None:
         return EXIT_INPUT, hf
     if isinstance(e, OSError):  # file system, and what transformers / huggingface_hub raise for missing models
-        return EXIT_INPUT, _one_line(e)
+        message = _one_line(e)
+        if "huggingface.co" in message and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+            message += (" [HF_HUB_OFFLINE is set: only models already in the Hugging Face cache load; give "
+                        "model.name_or_path a local save_pretrained directory]")
+        return EXIT_INPUT, message
     if isinstance(e, ValueError):  # the library's convention for bad input (data, model, sizes)
         return EXIT_INPUT, _one_line(e)
     return EXIT_INTERNAL, (f"internal error ({type(e).__name__}: {_one_line(e)}); rerun with --debug for the "

@@ -502,6 +502,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(cls, tree)
 
 
+def _check_backbone_source(name: str) -> None:
+    """``model.name_or_path`` is a ``save_pretrained`` directory, or something that can only be a hub name.
+
+    A path-like name (``./x``, ``/x``, ``~/x``, ``a/b/c``) that is no directory is a typo, not a hub repo; a
+    directory needs the ``config.json`` that ``save_pretrained`` writes.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        _check((path / "config.json").is_file(),
+               f"model.name_or_path={name!r} is a directory without config.json: give a directory written by "
+               "save_pretrained (config.json + weights)")
+        return
+    _check(not path.exists(), f"model.name_or_path={name!r} is a file: give the save_pretrained directory holding it")
+    path_like = name.startswith(("/", "./", "../", "~", ".")) or name.count("/") > 1 or "\\" in name
+    _check(not path_like,
+           f"model.name_or_path={name!r}: no such directory (and not a hub name 'namespace/name'); give a local "
+           "save_pretrained directory")
+
+
 def _yaml_problem(e: Exception) -> str:
     """One line from a PyYAML error: what is wrong and where (its own message spans several lines)."""
     mark = getattr(e, "problem_mark", None)
@@ -540,6 +559,7 @@ def check_runnable(cfg: RunConfig, command: str | None = None) -> None:
         _check(bool(cfg.model.name_or_path),
                "the adapt recipe needs model.name_or_path (a hub name or a local save_pretrained dir), "
                "e.g. model.name_or_path=path/to/vit")
+        _check_backbone_source(cfg.model.name_or_path)
         return
     _check(builtin not in TEXT_TASKS,
            f"data.name={cfg.data.name!r} is a text task: grow builds networks on tensors; adapt a pretrained text "
