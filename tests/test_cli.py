@@ -225,7 +225,7 @@ def test_missing_optional_packages_name_the_pip_command(tmp_path, vit_dir, finis
                            f"output_dir={tmp_path / 'a'}", block=("sklearn",)), "pip install scikit-learn")
     assert_input_error(cli("adapt", "--config", "adapt_digits_vit", *ADAPT_SMALL, "adapt.method=lora",
                            f"model.name_or_path={vit_dir}", f"output_dir={tmp_path / 'b'}", block=("peft",)),
-                       "peft", "pip install")
+                       "peft", "pip install peft")
     assert_input_error(cli("plot", str(finished), block=("matplotlib",)), "matplotlib", "pip install")
 
 

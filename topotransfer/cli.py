@@ -37,8 +37,8 @@ EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3
 
 #: import name -> what to install when a module of an optional feature is missing.
 OPTIONAL_PACKAGES = {
-    "peft": "pip install 'topotransfer[peft]'",
-    "matplotlib": "pip install 'topotransfer[plots]'",
+    "peft": "pip install peft",
+    "matplotlib": "pip install matplotlib",
     "sklearn": "pip install scikit-learn",
     "datasets": "pip install datasets pillow",
     "PIL": "pip install pillow",
@@ -99,7 +99,7 @@ def _guard_output_dir(cfg, args: argparse.Namespace, files: tuple[str, ...] = RU
             for another architecture.
     """
     from .config import ConfigError
-    from .errors import NoCheckpointError, RunExistsError
+    from .errors import RunExistsError
 
     out = Path(cfg.output_dir)
     resume = getattr(args, "resume", False) or getattr(args, "resume_from", None) is not None
@@ -386,13 +386,13 @@ def describe_error(e: BaseException) -> tuple[int, str]:
 
     if isinstance(e, FloatingPointError):
         return EXIT_DIVERGED, _one_line(e)
+    if isinstance(e, (TopoTransferError, ConfigError)):  # the library's own messages say what to do
+        return EXIT_INPUT, _one_line(e)
     if isinstance(e, ImportError):
         name = (e.name or "").split(".")[0]
         if name in OPTIONAL_PACKAGES:
             return EXIT_INPUT, f"this needs the optional package {name!r}, which is not installed: {OPTIONAL_PACKAGES[name]}"
         return EXIT_INPUT, _one_line(e) if e.name is None else f"cannot import {e.name!r} ({_one_line(e)}): install it"
-    if isinstance(e, (TopoTransferError, ConfigError)):
-        return EXIT_INPUT, _one_line(e)
     try:
         import yaml
 
