@@ -27,6 +27,7 @@ from ..data import load_task, source_options
 from ..models.build import build_model
 from ..models.hf import ImageNormalization
 from ..preprocess import prepare_task
+from ..requirements import check_requirements
 from ..training.checkpoint import write_json_atomic
 from ..training.distributed import build_accelerator, shard
 from ..training.loop import evaluate, make_loader, train_run_epoch
@@ -95,6 +96,7 @@ def run_pretrain(cfg: RunConfig, accelerator=None) -> dict:
     """
     from ..recipes.grow import check_output_dir
 
+    check_requirements(cfg)
     out = check_output_dir(cfg.output_dir)
     acc = accelerator if accelerator is not None else build_accelerator(cfg.device, cfg.train.mixed_precision)
     torch.manual_seed(cfg.seed)
