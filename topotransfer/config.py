@@ -124,7 +124,7 @@ class DataConfig:
     label_column: str | None = field(
         default=None, metadata={"help": "hf: class column (None = label / labels / the one ClassLabel column)"}
     )
-    augment: str = field(default="none", metadata={"help": "images, training split: none | flip | crop_flip (seeded)"})
+    augment: str = field(default="none", metadata={"help": "adapt / pretrain images, training split: none | flip | crop_flip (seeded)"})
     num_workers: int = field(default=0, metadata={"help": "hf: DataLoader workers decoding the batches"})
     skip_bad_examples: bool = field(
         default=False, metadata={"help": "hf: leave unreadable examples out (counted) instead of stopping"}
