@@ -262,3 +262,91 @@ def test_whitened_rowwise_rule_is_a_generalised_eigenvector_with_unit_preactivat
         grown = insert_layer(copy.deepcopy(model), "layers.0", res.weight, res.bias, epsilon=eps)
         j = sum(float(loss_fn(grown(a), b)) for a, b in data)
     assert 2 * (j0 - j) / eps**2 == pytest.approx(res.quadratic, rel=1e-3)
+
+
+def _search_problem(kind: str):
+    """A model, three held-out batches, probe results at every site (float32, as the recipes run)."""
+    torch.manual_seed(5)
+    g = torch.Generator().manual_seed(6)
+    if kind == "mlp":
+        model = ResidualMLP(6, 12, 3, 3)
+        x = torch.randn(90, 6, generator=g)
+    elif kind == "cnn":
+        model = ResidualCNN(2, 4, 2, 3)
+        x = torch.randn(30, 2, 6, 6, generator=g)
+    else:
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                                     image_size=8, patch_size=4, num_labels=3, attn_implementation="sdpa")
+        model = transformers.ViTForImageClassification(cfg).eval()
+        x = torch.randn(30, 3, 8, 8, generator=g)
+    y = torch.randint(0, 3, (x.shape[0],), generator=g)
+    held = [(x[i : i + x.shape[0] // 3], y[i : i + x.shape[0] // 3]) for i in range(0, x.shape[0], x.shape[0] // 3)]
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    return model, held, loss_fn, topological_derivative(model, held[:1], loss_fn)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "vit"])
+def test_shared_states_give_bit_identical_line_searches(kind, monkeypatch):
+    """reuse_site_states (one full pass for every site and sign) changes nothing: every (eps, loss) is
+    bit-identical to one line search at a time; several eps per downstream pass (opt-in) agree to float
+    rounding."""
+    import topotransfer.insertion as ins
+    from topotransfer.insertion import reuse_site_states
+
+    model, held, loss_fn, results = _search_problem(kind)
+    full_passes = []
+    model.register_forward_pre_hook(lambda m, a, kw=None: full_passes.append(1))
+
+    def searches():
+        return [(line_search_epsilon(model, r.site, held, loss_fn, r.weight, r.bias).tried,
+                 line_search_epsilon(model, r.site, held, loss_fn, -r.weight, None if r.bias is None else -r.bias).tried)
+                for r in results]
+
+    alone = searches()
+    passes_alone = len(full_passes)
+    full_passes.clear()
+    with reuse_site_states([r.site for r in results]):
+        shared = searches()
+    assert shared == alone
+    monkeypatch.setattr(ins, "EPS_BATCH_ELEMENTS", 2**20)
+    with reuse_site_states([r.site for r in results]):
+        batched = searches()
+    full_passes.clear()
+    for a, b in zip(alone, batched, strict=True):
+        for ta, tb in zip(a, b, strict=True):
+            assert [e for e, _ in ta] == [e for e, _ in tb]
+            assert [v for _, v in tb] == pytest.approx([v for _, v in ta], rel=1e-5)
+    monkeypatch.undo()
+    with reuse_site_states([r.site for r in results]):
+        searches()
+    # alone: per line search, one pass per batch + the first batch's check; shared: one pass per batch for all
+    # sites, and the check once per site
+    assert passes_alone == 2 * len(results) * (len(held) + 1)
+    assert len(full_passes) == len(held) + len(results)
+    assert ins._REUSE is None  # the context cleaned up
+
+
+def test_probe_cache_cap_stops_before_exceeding_and_warns():
+    from topotransfer.config import ProbeConfig
+    from topotransfer.derivative.topological import compute_site_statistics
+    from topotransfer.init_rules import probe_cache_cap
+
+    torch.manual_seed(0)
+    model = ResidualMLP(300, 300, 1, 3)  # D = 301 > 257: matrix-free statistics
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(10, 300, generator=g), torch.randint(0, 3, (10,), generator=g)) for _ in range(5)]
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    _, full, _, _ = compute_site_statistics(model, data, loss_fn)
+    per_batch = sum(st.nbytes() for st in full.values()) // 5
+    assert all(st.count == 50 for st in full.values())
+    with pytest.warns(RuntimeWarning, match="cache cap reached.*20 examples"):
+        _, capped, _, _ = compute_site_statistics(model, data, loss_fn, max_cache_bytes=int(2.5 * per_batch))
+    assert all(st.count == 20 for st in capped.values())
+    assert sum(st.nbytes() for st in capped.values()) <= 2.5 * per_batch
+    with pytest.warns(RuntimeWarning, match="10 examples"):  # at least one batch, whatever the cap
+        compute_site_statistics(model, data, loss_fn, max_cache_bytes=1)
+    assert probe_cache_cap(ProbeConfig(max_cache_gb=0)) is None
+    assert probe_cache_cap(ProbeConfig(max_cache_gb=1.5)) == 1_500_000_000
+    auto = probe_cache_cap(ProbeConfig())
+    assert auto is None or auto > 0

@@ -166,6 +166,11 @@ class ProbeConfig:
         metadata={"help": "rowwise rule: generalised eigenvectors of (Q_r, input second moment): eps = RMS pre-activation"},
     )
     tol: float = field(default=1e-4, metadata={"help": "matrix-free relative residual tolerance"})
+    max_cache_gb: float | None = field(
+        default=None,
+        metadata={"help": "cap on the matrix-free probe cache in GB (the probe stops before exceeding it); "
+                          "None = half the memory available when the probe starts, 0 = no cap"},
+    )
     score: str = field(
         default="lambda_max",
         metadata={"help": "what ranks the sites: lambda_max (TD) | quadratic (theta^T Q theta of the inserted direction)"},
@@ -188,6 +193,8 @@ class ProbeConfig:
                f"probe.rule must be top1|cluster|topk|rowwise, got {self.rule!r}")
         _check(self.row_weighting in ("equal", "sqrt", "lambda"),
                f"probe.row_weighting must be equal|sqrt|lambda, got {self.row_weighting!r}")
+        _check(self.max_cache_gb is None or self.max_cache_gb >= 0,
+               f"probe.max_cache_gb must be >= 0, got {self.max_cache_gb}")
         _check(self.score in ("lambda_max", "quadratic"),
                f"probe.score must be lambda_max|quadratic, got {self.score!r}")
         _check(0.0 <= self.c <= 1.0, f"probe.c must lie in [0, 1], got {self.c}")

@@ -34,7 +34,7 @@ from torch import nn
 
 from .derivative.topological import LossFn, topological_derivative
 from .init_rules import input_second_moments, probe_site_results
-from .insertion import DEFAULT_EPSILONS, fill_inactive_rows, line_search_epsilon
+from .insertion import DEFAULT_EPSILONS, fill_inactive_rows, line_search_epsilon, reuse_site_states
 from .layers import build_topo_layer
 from .surgery import get_family
 
@@ -350,7 +350,8 @@ def realized_site(results: list, search) -> tuple:
         (result, payload) of the site with the lowest loss among those with TD > 0 (ties: the larger TD), and
         ``{site: loss}`` of every site searched.
     """
-    searched = {r.site: (r, *search(r)) for r in results if r.score > 0}
+    with reuse_site_states([r.site for r in results if r.score > 0]):  # one full pass for all sites and signs
+        searched = {r.site: (r, *search(r)) for r in results if r.score > 0}
     best, _, payload = min(searched.values(), key=lambda v: (v[1], -v[0].score))
     return best, payload, {name: float(v[1]) for name, v in searched.items()}
 

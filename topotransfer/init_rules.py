@@ -64,7 +64,9 @@ __all__ = [
     "ROW_WEIGHTINGS",
     "block_top_eigenpairs",
     "block_tops",
+    "available_memory_bytes",
     "input_second_moments",
+    "probe_cache_cap",
     "probe_site_results",
     "rowwise_direction",
     "rowwise_site_results",
@@ -313,6 +315,7 @@ def rowwise_site_results(
     progress: bool = False,
     score: str = "lambda_max",
     max_steps: int = 400,
+    max_cache_bytes: int | None = None,
 ) -> list[SiteResult]:
     """Like :func:`~topotransfer.derivative.topological.topological_derivative`, with the row-wise rule.
 
@@ -341,7 +344,7 @@ def rowwise_site_results(
         raise ValueError(f"Unknown score {score!r}; choose one of {SCORE_KINDS}")
     site_list, stats, layers, _ = compute_site_statistics(
         model, data, loss_fn, sites, accelerator=accelerator, solver=solver, progress=progress,
-        sample_fraction=sample_fraction, max_samples_per_batch=max_samples_per_batch,
+        sample_fraction=sample_fraction, max_samples_per_batch=max_samples_per_batch, max_cache_bytes=max_cache_bytes,
     )
     moments: dict[str, torch.Tensor] = {}
     if whiten:
@@ -401,6 +404,28 @@ def rowwise_site_results(
     return out
 
 
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), or ``None`` where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def probe_cache_cap(probe) -> int | None:
+    """Bytes the matrix-free probe cache may hold: ``probe.max_cache_gb`` when set (0: no cap), else half of
+    the memory available when the probe starts (``None`` where that is unknown)."""
+    gb = getattr(probe, "max_cache_gb", None)
+    if gb is not None:
+        return None if gb == 0 else int(gb * 1e9)
+    avail = available_memory_bytes()
+    return None if avail is None else avail // 2
+
+
 def probe_site_results(
     model: nn.Module,
     data: Iterable,
@@ -429,7 +454,7 @@ def probe_site_results(
         sites = [s.name for s in family.sites(model, probe.sites) if s.name not in taken]
     common = dict(accelerator=accelerator, solver=probe.solver, tol=probe.tol, progress=progress,
                   sample_fraction=probe.sample_fraction, max_samples_per_batch=probe.max_samples_per_batch,
-                  score=getattr(probe, "score", "lambda_max"))
+                  score=getattr(probe, "score", "lambda_max"), max_cache_bytes=probe_cache_cap(probe))
     if probe.rule == "rowwise":
         return rowwise_site_results(model, data, loss_fn, sites=sites, weighting=probe.row_weighting,
                                     whiten=probe.whiten, **common)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "fill_inactive_rows",
     "insert_layer",
     "line_search_epsilon",
+    "reuse_site_states",
 ]
 
 #: Default eps grid: log-spaced from 1e-3 to 1, three points per decade (the direction has unit norm per
@@ -199,40 +201,133 @@ def _sum_over_processes(values: list[float], n: int, accelerator: object | None)
     return out[:-1], int(out[-1])
 
 
+#: While :func:`reuse_site_states` is active: the held-out states of a search, shared by its line searches.
+_REUSE: dict | None = None
+
+#: Largest batch (in state elements) of one downstream pass over several eps stacked along the batch; 0 = one
+#: eps per pass (default). Off by default: a larger batch changes the rounding of some kernels (the ResidualCNN's
+#: convolutions gave losses differing in the 6th digit), and with it, on near ties, the eps chosen; on a CPU the
+#: batched pass saves only per-call overhead (same flops). Set e.g. 64 * 2**20 to use it.
+EPS_BATCH_ELEMENTS = 0
+
+
+@contextmanager
+def reuse_site_states(sites: Sequence[str | Site] | None = None) -> Iterator[None]:
+    """Share the held-out states of the downstream line search between calls (a site search).
+
+    Inside the context, :func:`line_search_epsilon` on the same (model, data, max_batches) runs the full forward
+    pass over ``data`` once and caches the state h_t at every site of ``sites`` (or only the site asked for,
+    when ``sites`` is ``None``): a search over S sites and both signs of each direction costs one full forward
+    pass plus the downstream passes, instead of 2 S full passes. The caller must not change the model inside
+    the context (the line search does not: it leaves the model as it was). The loss at eps = 0 is the same
+    number for every site (the sum of the same per-batch losses), the first batch's check of the downstream
+    path runs once per site. Nested use keeps the outer cache.
+    """
+    global _REUSE
+    if _REUSE is not None:
+        yield
+        return
+    _REUSE = {"sites": None if sites is None else [getattr(s, "site", getattr(s, "name", s)) for s in sites],
+              "states": {}, "checked": {}}
+    try:
+        yield
+    finally:
+        _REUSE = None
+
+
 @torch.no_grad()
 def _site_states(model, family, site: Site, data, loss_fn, max_batches):
-    """One full forward pass per batch: the state h_t at ``site``, the batch and its loss (eval, no grad)."""
-    store: list[torch.Tensor] = []
+    """One full forward pass per batch: the state h_t at ``site``, the batch and its loss (eval, no grad).
+
+    Under :func:`reuse_site_states` the states of every site of the search are captured in that one pass and
+    kept for the next calls.
+    """
+    if _REUSE is not None:
+        key = (id(model), id(data), max_batches, id(loss_fn))
+        entry = _REUSE["states"].get(key)
+        if entry is None or site.name not in entry[0]:
+            names = _REUSE["sites"] if _REUSE["sites"] and site.name in _REUSE["sites"] else [site.name]
+            targets = [t for t in (family.site(model, n) for n in names) if t.kind == "output" or t.name == site.name]
+            per_site, total = _states_at(model, family, targets, data, loss_fn, max_batches)
+            entry = (per_site, total)
+            _REUSE["states"][key] = entry
+        return entry[0][site.name], entry[1]
+    per_site, total = _states_at(model, family, [site], data, loss_fn, max_batches)
+    return per_site[site.name], total
+
+
+def _states_at(model, family, sites: list[Site], data, loss_fn, max_batches):
+    """{site name: [(h_t, inputs, targets) per batch]} and the summed loss, from one full forward pass per batch."""
+    stores: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
     device = next(model.parameters()).device
-    cached, total = [], 0.0
-    handle = hook_state(model, site, store.append, family)
+    cached: dict[str, list] = {s.name: [] for s in sites}
+    total, n = 0.0, 0
+    handles = [hook_state(model, s, stores[s.name].append, family) for s in sites]
     try:
         for batch in data:
-            if max_batches is not None and len(cached) >= max_batches:
+            if max_batches is not None and n >= max_batches:
                 break
             inputs, targets = split_batch(batch)
             inputs, targets = _to_device(inputs, device), _to_device(targets, device)
-            store.clear()
+            for st in stores.values():
+                st.clear()
             loss = float(loss_fn(default_forward(model, inputs), targets))
-            if len(store) != 1:
-                raise RuntimeError(f"Site module {site.name!r} ran {len(store)} times in one forward pass")
-            cached.append((store[0], inputs, targets))
+            for s in sites:
+                if len(stores[s.name]) != 1:
+                    raise RuntimeError(f"Site module {s.name!r} ran {len(stores[s.name])} times in one forward pass")
+                cached[s.name].append((stores[s.name][0], inputs, targets))
             total += loss
+            n += 1
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return cached, total
 
 
+def _repeat_inputs(x: object, times: int) -> object | None:
+    """A tensor batch repeated ``times`` along dim 0, or ``None`` when the inputs are not a plain tensor."""
+    if isinstance(x, torch.Tensor) and x.dim() > 0:
+        return x.repeat(times, *([1] * (x.dim() - 1)))
+    return None
+
+
 def _downstream_losses(model, family, site, layer, cached, loss_fn, weight, bias, epsilons) -> list[float]:
-    """Summed loss over the cached states for each eps: layer(h_t) -> blocks after the site -> head."""
+    """Summed loss over the cached states for each eps: layer(h_t) -> blocks after the site -> head.
+
+    With :data:`EPS_BATCH_ELEMENTS` > 0, several eps run in one batched downstream pass (their layer outputs
+    stacked along the batch dimension, at most that many state elements per pass) when the inputs are a tensor;
+    each eps's loss is then ``loss_fn`` on its own slice of the predictions, summed over the batches in the
+    same order as one eps at a time. The layer's output for each eps is computed separately (the same
+    ``layer(h)`` as before); only the network downstream sees a larger batch.
+    """
     ref = layer.weight
-    out = []
-    for eps in epsilons:
+    E = len(epsilons)
+    sums = [0.0] * E
+
+    def set_eps(eps: float) -> None:
         layer.set_direction(
             (eps * weight.to(torch.float64)).to(ref), None if bias is None else (eps * bias.to(torch.float64)).to(ref)
         )
-        out.append(sum(float(loss_fn(family.forward_from(model, site, layer(h), x), y)) for h, x, y in cached))
-    return out
+
+    for h, x, y in cached:
+        B = h.shape[0]
+        chunk = max(1, min(E, EPS_BATCH_ELEMENTS // max(1, h.numel()))) if EPS_BATCH_ELEMENTS > 0 else 1
+        if _repeat_inputs(x, 1) is None:
+            chunk = 1
+        for e0 in range(0, E, chunk):
+            group = list(range(e0, min(E, e0 + chunk)))
+            outs = []
+            for e in group:
+                set_eps(epsilons[e])
+                outs.append(layer(h))
+            if len(group) == 1:
+                preds = [family.forward_from(model, site, outs[0], x)]
+            else:
+                big = family.forward_from(model, site, torch.cat(outs), _repeat_inputs(x, len(group)))
+                preds = list(big.split(B))
+            for e, pred in zip(group, preds, strict=True):
+                sums[e] += float(loss_fn(pred, y))
+    return sums
 
 
 def line_search_epsilon(
@@ -311,6 +406,30 @@ def line_search_epsilon(
     return LineSearchResult(best_eps, best_loss, baseline, tried, used_downstream)
 
 
+def _downstream_reproduces(model, family, site, cached, loss_fn) -> bool:
+    """Whether the downstream path reproduces the full forward pass at eps = 0 on the first batch."""
+    try:
+        for _, x, _ in cached[:1]:
+            family.head(model, x)
+        if cached:
+            h, x, y = cached[0]
+            full = float(loss_fn(default_forward(model, x), y))
+            down = float(loss_fn(family.forward_from(model, site, h, x), y))
+            tol = 100 * torch.finfo(h.dtype).eps * max(1.0, abs(full)) if h.is_floating_point() else 0.0
+            if not abs(full - down) <= tol:
+                warnings.warn(
+                    f"Downstream evaluation from site {site.name!r} gives loss {down!r} but the full model "
+                    f"{full!r}: {type(model).__name__}'s forward is not blocks + the known head; using full "
+                    "forward passes for the line search",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return False
+    except DownstreamUnsupportedError:
+        return False
+    return True
+
+
 def _line_search_downstream(model, family, site, data, loss_fn, weight, bias, epsilons, max_batches, accelerator,
                             template=None):
     """The eps losses via cached states, or ``None`` when the full forward pass must be used instead.
@@ -322,26 +441,13 @@ def _line_search_downstream(model, family, site, data, loss_fn, weight, bias, ep
     try:
         with torch.no_grad():
             cached, total = _site_states(model, family, site, data, loss_fn, max_batches)
-            ok = True
-            try:
-                for _, x, _ in cached[:1]:
-                    family.head(model, x)
-                if cached:  # the downstream path must reproduce the full forward pass at eps = 0
-                    h, x, y = cached[0]
-                    full = float(loss_fn(default_forward(model, x), y))
-                    down = float(loss_fn(family.forward_from(model, site, h, x), y))
-                    tol = 100 * torch.finfo(h.dtype).eps * max(1.0, abs(full)) if h.is_floating_point() else 0.0
-                    if not abs(full - down) <= tol:
-                        warnings.warn(
-                            f"Downstream evaluation from site {site.name!r} gives loss {down!r} but the full model "
-                            f"{full!r}: {type(model).__name__}'s forward is not blocks + the known head; using full "
-                            "forward passes for the line search",
-                            RuntimeWarning,
-                            stacklevel=3,
-                        )
-                        ok = False
-            except DownstreamUnsupportedError:
-                ok = False
+            check_key = (id(model), id(data), max_batches, id(loss_fn), site.name)
+            if _REUSE is not None and check_key in _REUSE["checked"]:
+                ok = _REUSE["checked"][check_key]
+            else:
+                ok = _downstream_reproduces(model, family, site, cached, loss_fn)
+                if _REUSE is not None:
+                    _REUSE["checked"][check_key] = ok
             flags, _ = _sum_over_processes([0.0 if ok else 1.0], 0, accelerator)
             if flags[0] > 0:
                 return None

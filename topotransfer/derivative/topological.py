@@ -221,6 +221,7 @@ def compute_site_statistics(
     sample_fraction: float | None = None,
     max_samples_per_batch: int | None = None,
     sample_seed: int = 0,
+    max_cache_bytes: int | None = None,
 ) -> tuple[list[Site], dict[str, SiteStatistic], dict[str, nn.Module], float]:
     """Stream the probe data once and accumulate every site's statistic.
 
@@ -244,6 +245,9 @@ def compute_site_statistics(
             docstring: the kept adjoints are scaled by N / n, so Q stays an unbiased estimate of the sum).
         max_samples_per_batch: keep at most this many rows of every batch.
         sample_seed: seed of the row selection (with the batch index).
+        max_cache_bytes: cap on the rows the matrix-free statistics cache (13 ViT sites x N rows x (2d + 1)
+            floats grow with the probe): the probe stops before the first batch that would exceed it (at least
+            one batch is used) and warns with the number of examples used. ``None``: no cap.
 
     Returns:
         ``(sites, statistics by site name, zero layer that fits each site, total loss J)``.
@@ -287,6 +291,7 @@ def compute_site_statistics(
 
                 iterator = tqdm(data, desc="topological derivative", total=max_batches, leave=False)
             n_examples = 0
+            cache_per_row = any(isinstance(st, MatrixFreeStatistic) for st in stats.values())
             subsampling = sample_fraction is not None or max_samples_per_batch is not None
             for batch in iterator:
                 if max_batches is not None and n_batches >= max_batches:
@@ -294,6 +299,17 @@ def compute_site_statistics(
                 if max_samples is not None and n_examples >= max_samples:
                     break
                 inputs, targets = split_batch(batch)
+                if max_cache_bytes is not None and n_batches > 0 and cache_per_row:
+                    held = sum(st.nbytes() for st in stats.values() if isinstance(st, MatrixFreeStatistic))
+                    if held + held / max(1, n_examples) * targets.shape[0] > max_cache_bytes:
+                        warnings.warn(
+                            f"Probe cache cap reached: the matrix-free statistics hold {held / 1e6:.0f} MB after "
+                            f"{n_examples} examples, the next batch would exceed max_cache_bytes = "
+                            f"{max_cache_bytes / 1e6:.0f} MB; the derivative uses these {n_examples} examples only",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                        break
                 if max_samples is not None and n_examples + targets.shape[0] > max_samples:
                     inputs, targets = _truncate(inputs, targets, max_samples - n_examples)
                 n_examples += targets.shape[0]
@@ -397,6 +413,7 @@ def topological_derivative(
     max_restarts: int = 20,
     prune: bool = True,
     score: str = "lambda_max",
+    max_cache_bytes: int | None = None,
 ) -> list[SiteResult]:
     """Topological derivative and initial layer direction at every site, in depth order.
 
@@ -422,6 +439,7 @@ def topological_derivative(
         sample_fraction, max_samples_per_batch, sample_seed: deterministic row subsampling per batch,
             with the kept adjoints scaled by N / n (unbiased estimate of Q; see the module docstring).
         prune: let the matrix-free solver stop iterating blocks that cannot hold a top eigenpair.
+        max_cache_bytes: cap on the matrix-free probe cache (see :func:`compute_site_statistics`).
         score: what ``SiteResult.score`` is (:data:`SCORE_KINDS`): "lambda_max" (TD_t) or "quadratic" (theta^T
             Q theta of the returned direction: the sum of the eigenvalues the rule sums).
 
@@ -433,7 +451,7 @@ def topological_derivative(
     site_list, stats, layers, _ = compute_site_statistics(
         model, data, loss_fn, sites, max_batches, accelerator, forward_fn, solver, dense_max_dim, cache_dtype, progress,
         max_samples=max_samples, sample_fraction=sample_fraction, max_samples_per_batch=max_samples_per_batch,
-        sample_seed=sample_seed,
+        sample_seed=sample_seed, max_cache_bytes=max_cache_bytes,
     )
     results = []
     for s in site_list:
