@@ -371,3 +371,22 @@ def test_adapt_output_has_no_load_report_or_future_warning(tmp_path, vit_dir):
               f"model.name_or_path={vit_dir}", f"output_dir={tmp_path / 'o'}")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "LOAD REPORT" not in run.stderr and "FutureWarning" not in run.stderr and "\x1b[" not in run.stderr
+
+
+@pytest.mark.parametrize("error,code,needle", [
+    (FloatingPointError("Training loss is nan (epoch 3). The run diverged; out/last stays the latest checkpoint"), 3,
+     "diverged"),
+    (RuntimeError("an index that cannot happen\nsecond line"), 1, "internal error (RuntimeError: an index"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_exit_codes_of_a_diverged_run_a_bug_and_an_interrupt(monkeypatch, error, code, needle):
+    import topotransfer.cli as cli_module
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli_module, "_cmd_validate", fail)
+    run = in_process("validate")
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == code and len(lines) == 1 and needle in lines[0], run.stderr
+    assert "Traceback" not in run.stderr

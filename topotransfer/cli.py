@@ -460,6 +460,22 @@ def _interrupted_message(argv: list[str]) -> str:
     return f"interrupted; the last checkpoint is {ckpt}{when}. Continue with: topotransfer {shlex.join(words)} --resume"
 
 
+def _end_process_group() -> None:
+    """Tear down a process group a failed or interrupted command left behind (a successful run ends its own).
+
+    Exiting with a live gloo group lets its threads meet interpreter finalisation (gloo then aborts with
+    "terminate called without an active exception"); destroying it also lets ranks blocked in a collective
+    with this one fail at once instead of waiting for a timeout.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort on the way out; the command's own error is what is reported
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; returns the exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -471,12 +487,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if _is_main_rank():
             print(f"\n{_interrupted_message(argv)}", file=sys.stderr)
+        _end_process_group()
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place every error becomes a message and an exit code
         code, message = describe_error(e)
         if debug:
             traceback.print_exc()
         print(f"error: {message}", file=sys.stderr)
+        _end_process_group()
         return code
 
 
