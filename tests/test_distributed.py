@@ -321,3 +321,28 @@ def test_two_process_derivative_recipe_prints_the_one_process_scores(tmp_path):
     assert list(printed) == [r.site for r in ref]
     for r in ref:
         assert printed[r.site] == pytest.approx(r.score, rel=1e-5), r.site
+
+
+def test_ctrl_c_of_a_launched_run_stops_every_rank_and_names_the_resume_command(tmp_path):
+    """Ctrl-C reaches the launcher only (the ranks run in sessions of their own); it passes the signal on, every
+    rank stops, and rank 0 alone prints the checkpoint and the arguments that continue the run."""
+    import signal
+
+    import psutil
+
+    out = tmp_path / "run"
+    args = ["grow", *KILL_RUN, "train.epochs=40", f"output_dir={out}"]
+    proc = subprocess.Popen(_launch_cmd(args, "cpu_2proc"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=LAUNCH_ENV)
+    deadline = time.monotonic() + 120
+    while not (out / "latest").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    gone, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive, f"ranks left running: {alive}"
+    hints = [line for line in err.splitlines() if line.startswith("interrupted;")]
+    assert len(hints) == 1, err[-3000:]
+    assert str(out / "last") in hints[0] and hints[0].endswith(f"-m topotransfer.cli {' '.join(args)} --resume")

@@ -443,9 +443,9 @@ def _interrupted_message(argv: list[str]) -> str:
     if ckpt is None:
         return f"interrupted before the first checkpoint: nothing to resume in {out}; rerun the command to start again"
     try:
-        epoch = json.loads((ckpt / "state.json").read_text()).get("epoch")
+        state = json.loads((ckpt / "state.json").read_text())
     except (OSError, ValueError):
-        epoch = None
+        state = {}
     words, skip = [], False
     for a in argv:
         if skip:
@@ -456,8 +456,16 @@ def _interrupted_message(argv: list[str]) -> str:
             skip = True
         elif not a.startswith("--resume-from="):
             words.append(a)
-    when = f" (after epoch {epoch})" if epoch is not None else ""
-    return f"interrupted; the last checkpoint is {ckpt}{when}. Continue with: topotransfer {shlex.join(words)} --resume"
+    when = ""
+    if isinstance(state.get("epoch"), int):
+        mid = state.get("epoch_progress") is not None
+        when = f" ({'in' if mid else 'after'} epoch {state['epoch'] + mid}, optimizer step {state.get('steps', '?')})"
+    command = f"{shlex.join(words)} --resume"
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # launched: the launcher's own options are not ours to know
+        how = f"the same launch command (same number of processes) running: -m topotransfer.cli {command}"
+    else:
+        how = f"topotransfer {command}"
+    return f"interrupted; the last checkpoint is {ckpt}{when}. Continue with: {how}"
 
 
 def _end_process_group() -> None:
