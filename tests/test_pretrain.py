@@ -61,6 +61,10 @@ def test_pretrain_adapt_reload_offline(pretrained, tmp_path):
                              "adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=1"])
     run = run_adapt(cfg)
     assert run.results["insertions"] == 1 and run.results["normalization"]["mean"] == [0.5]
+    # sites named as users think of them: the place in the base model + the insertion order there
+    event, record = run.results["events"][0], run.results["insertion_records"][0]
+    assert event["site_labels"][event["site"]] == event["site_label"] == record["site_label"]
+    assert event["label"] == record["label"] == f"{record['site_label']}+1"
     reloaded = tt.load_adapter(str(backbone), tmp_path / "adapt" / "adapter")
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
