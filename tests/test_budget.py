@@ -78,3 +78,49 @@ def test_plan_from_rowwise_results_predicts_the_decrease():
     assert len(model.layers) == 3 + len(plan)
     with pytest.raises(ValueError, match="rowwise"):
         plan_insertions([dataclasses.replace(results[0], row_scores=None)], budget)
+
+
+def test_insert_budgeted_on_a_bert_with_sub_block_sites():
+    """The executor: rank-k layers at several sites (block and inside-block), each line-searched, the loss drops."""
+    pytest.importorskip("transformers")
+    from test_surgery_bert import make_batch, make_bert
+
+    from topotransfer.config import ProbeConfig
+    from topotransfer.init_rules import probe_site_results
+    from topotransfer.insertion import evaluate_loss
+    from topotransfer.surgery import get_family
+    from topotransfer.budget import insert_budgeted
+
+    model, data = make_bert(), [make_batch(), make_batch(seed=2)]
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    results = probe_site_results(model, data, loss_fn, ProbeConfig(rule="rowwise", sites="all", solver="dense"))
+    budget = 6 * rank_cost(16)
+    before = evaluate_loss(model, data, loss_fn)
+    records = insert_budgeted(model, results, budget, data, loss_fn, epsilons=(0.01, 0.1, 1.0),
+                              choose_epsilon=lambda ls: ls.epsilon or 0.01, max_rank=3)
+    assert len(records) >= 2 and sum(r["parameters"] for r in records) <= budget
+    assert all(r["rank"] <= 3 and r["layer"]["type"] == "lowrank" for r in records)
+    inserted = get_family(model).inserted(model)
+    assert len(inserted) == len(records)
+    assert sum(sum(p.numel() for p in layer.parameters()) for _, layer in inserted) == sum(r["parameters"] for r in records)
+    assert evaluate_loss(model, data, loss_fn) < before
+    for r in records:  # each line search tried the eps it inserted with (0.01 = fallback when none lowered the loss)
+        loss = dict(r["eps_tried"])[r["epsilon"]]
+        assert loss < r["loss_before"] or r["epsilon"] == 0.01
+
+
+def test_lora_shapes_count_wrapped_modules_once():
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from test_surgery_bert import make_bert
+
+    from topotransfer.budget import lora_shapes
+
+    model = make_bert()
+    shapes = lora_shapes(model, ["query", "value"])
+    assert shapes == [(16, 16)] * 4
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["query", "value"]))
+    assert lora_shapes(wrapped, ["query", "value"]) == shapes
+    lora = sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n)
+    assert lora == lora_parameter_count(shapes, 2)
+

@@ -9,14 +9,18 @@ plain numbers; the recipe turns an allocation into layers (:func:`plan_insertion
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .layers import lowrank_from_rows
+from .layers import LowRankTopoLayer, TopoLayer, lowrank_from_rows
 
-__all__ = ["Allocation", "allocate_ranks", "lora_parameter_count", "plan_insertions", "rank_cost", "split_budget"]
+__all__ = [
+    "Allocation", "allocate_ranks", "insert_budgeted", "lora_parameter_count", "lora_shapes", "plan_insertions",
+    "rank_cost", "split_budget",
+]
 
 
 def rank_cost(dim: int, bias: bool = True) -> int:
@@ -140,3 +144,57 @@ def plan_insertions(results: Sequence, budget: int, *, min_rank: int = 1, max_ra
         predicted = float((a2 * r.row_scores.to(torch.float64)[rows]).sum() / a2.sum().clamp_min(1e-300))
         out.append(Allocation(site, r.index, rows, up, weight, bias, predicted, k * costs[site]))
     return sorted(out, key=lambda a: -a.index)
+
+
+def lora_shapes(model: nn.Module, targets: Sequence[str]) -> list[tuple[int, int]]:
+    """(in, out) of every linear module whose last name component is in ``targets`` (what peft LoRA wraps; a
+    module peft already wrapped counts once, by its own ``in_features`` / ``out_features``)."""
+    return [(int(m.in_features), int(m.out_features)) for name, m in model.named_modules()
+            if name.rsplit(".", 1)[-1] in set(targets) and hasattr(m, "in_features") and hasattr(m, "out_features")]
+
+
+def insert_budgeted(
+    model: nn.Module,
+    results: Sequence,
+    budget: int,
+    heldout: Iterable,
+    loss_fn: Callable,
+    *,
+    epsilons: Sequence[float],
+    choose_epsilon: Callable[[object], float],
+    accelerator: object | None = None,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+) -> list[dict]:
+    """Spend ``budget`` on rank-k layers (:func:`plan_insertions`), deepest site first: line-search each layer's eps
+    on ``heldout`` with the layers inserted before it in place, then insert it.
+
+    Args:
+        results: row-wise site results of the current model.
+        choose_epsilon: ``LineSearchResult -> eps`` (> 0; e.g. the recipe's first-local-minimum rule).
+
+    Returns:
+        One record per inserted layer: ``site`` (name at insertion time), ``layer`` (config), ``rows``, ``rank``,
+        ``parameters``, ``predicted`` (sum_j a_j^2 lambda_{r_j}), ``epsilon``, ``eps_tried``, ``loss_before``.
+    """
+    from .insertion import insert_layer, line_search_epsilon
+    from .surgery import get_family
+
+    family = get_family(model)
+    records = []
+    for a in plan_insertions(results, budget, min_rank=min_rank, max_rank=max_rank):
+        full = family.new_layer(model, family.site(model, a.site))
+        if not isinstance(full, TopoLayer):
+            raise ValueError(f"rank-k layers replace token-wise TopoLayers only; site {a.site!r} takes {type(full).__name__}")
+        template = LowRankTopoLayer.like(full, len(a.rows))
+        template.set_up(a.up)
+        ls = line_search_epsilon(model, a.site, heldout, loss_fn, a.weight, a.bias, epsilons=epsilons,
+                                 accelerator=accelerator, layer=template)
+        eps = float(choose_epsilon(ls))
+        insert_layer(model, a.site, a.weight, a.bias, epsilon=eps, layer=template)
+        records.append({
+            "site": a.site, "layer": template.config(), "rows": a.rows, "rank": len(a.rows),
+            "parameters": a.parameters, "predicted": a.predicted, "epsilon": eps, "eps_tried": ls.tried,
+            "loss_before": ls.baseline_loss,
+        })
+    return records
