@@ -19,6 +19,7 @@ from test_adapt import base, run  # noqa: E402, F401  (base: the module's tiny s
 from test_distributed import launch_two_processes  # noqa: E402
 
 import topotransfer.recipes.adapt as adapt_recipe  # noqa: E402
+import topotransfer.training.run as run_skeleton  # noqa: E402  (checkpoints are written by the run skeleton)
 from topotransfer.config import load_config  # noqa: E402
 from topotransfer.training.checkpoint import latest_checkpoint  # noqa: E402
 from topotransfer.training.optim import lr_factor  # noqa: E402
@@ -54,7 +55,7 @@ def test_mid_epoch_checkpoint_resumes_to_the_uninterrupted_weights(base, tmp_pat
     """Stopped right after the mid-epoch checkpoint of step 8 (epoch 3, 2 of 3 batches; after insertion 1,
     LoRA dropout drawing from the RNG), resumed: the trained tensors equal the uninterrupted run's."""
     extra = (*SCHEDULE, "train.checkpoint_every_steps=4")
-    real_save = adapt_recipe.save_checkpoint
+    real_save = run_skeleton.save_checkpoint
     seen = []
 
     def save_then_die(out, name, model, manifest, optimizer=None, state=None, **kw):
@@ -65,12 +66,12 @@ def test_mid_epoch_checkpoint_resumes_to_the_uninterrupted_weights(base, tmp_pat
                 raise _Killed
         return path
 
-    monkeypatch.setattr(adapt_recipe, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(run_skeleton, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
         run(base, tmp_path / "run", *extra)
     assert seen == [(4, 1, 1), (8, 2, 2)]
     assert (latest_checkpoint(tmp_path / "run") / "rng.pt").is_file()
-    monkeypatch.setattr(adapt_recipe, "save_checkpoint", real_save)
+    monkeypatch.setattr(run_skeleton, "save_checkpoint", real_save)
     resumed = adapt_recipe.run_adapt(
         load_config(adapt_recipe_config(), _over(base, tmp_path / "run", *extra)), resume=True
     )

@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from topotransfer.config import load_config
+from topotransfer.errors import NoCheckpointError, RunExistsError
 from topotransfer.growth import PlateauDetector
 from topotransfer.recipes.grow import run_grow
 
@@ -198,3 +200,85 @@ def test_forced_site_inserts_there_and_records_every_sites_scores(tmp_path):
     rec = grow_once(model, "topo", data, data, loss, event=0, epoch=0, site="input_layer", probe_cfg=cfg.probe)
     assert rec.site == "input_layer" and rec.forced_site and set(rec.scores) == {"input_layer", "layers.0"}
     assert set(rec.quadratics) == set(rec.scores) and rec.depth == 2
+
+# ------------------------------------------------------------------------------- runs never destroy runs
+def _files(directory) -> dict:
+    """Every file under ``directory`` with its bytes (a run's exact state on disk)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_is_refused_byte_for_byte_unless_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    run_grow(_cfg(out, "train.epochs=5"))
+    finished = _files(out)
+    assert {"results.json", "history.json", "latest", "config.yaml"} <= set(finished)
+    for extra in ([], ["growth.method=random_site", "seed=1"], ["data.name=cifar"]):
+        with pytest.raises(RunExistsError) as refused:
+            run_grow(_cfg(out, *extra))
+        message = str(refused.value)
+        assert "\n" not in message and "--overwrite" in message and "--resume" in message and str(out) in message
+        assert _files(out) == finished
+    # --overwrite with a config that fails in set-up: still nothing touched (the old run is removed only
+    # once the new one's data and model are set up)
+    with pytest.raises(ValueError):
+        run_grow(_cfg(out, "data.name=cifar"), overwrite=True)
+    assert _files(out) == finished
+
+    replaced = run_grow(_cfg(out, "train.epochs=5", "seed=1"), overwrite=True)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["seed"] == replaced["seed"] == 1 and on_disk["test_error"] == replaced["test_error"]
+    assert "seed: 1" in (out / "config.yaml").read_text()
+
+
+def test_resume_without_a_checkpoint_is_an_error_and_writes_nothing(tmp_path):
+    out = tmp_path / "empty"
+    with pytest.raises(NoCheckpointError) as nothing:
+        run_grow(_cfg(out), resume=True)
+    assert "nothing to resume" in str(nothing.value) and "--resume" in str(nothing.value)
+    assert "\n" not in str(nothing.value)
+    assert list(out.iterdir()) == []
+
+
+def test_a_run_that_fails_in_set_up_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError):
+        run_grow(_cfg(out, "data.name=cifar"))
+    assert list(out.iterdir()) == []  # not even config.yaml
+
+
+# ------------------------------------------------------------------------------- progress people can read
+EVENT_LINE = re.compile(
+    r"event (\d+) @ epoch (\d+): (\S+) \| TD ((?:\S+=\S+ ?)+) \| eps (\S+) \| held-out loss (\S+) -> (\S+) "
+    r"\| depth (\d+), ([\d,]+) params"
+)
+
+
+def test_event_lines_epoch_bar_and_summary_on_screen(tmp_path, capsys):
+    res = run_grow(_cfg(tmp_path, "progress=true"))
+    err = capsys.readouterr().err
+    lines = EVENT_LINE.findall(err)
+    assert len(lines) == len(res["events"]) == 2
+    for (num, epoch, site, scores, eps, before, after, depth, params), ev in zip(lines, res["events"], strict=True):
+        assert (int(num), int(epoch), site) == (ev["event"] + 1, ev["epoch"], ev["site"])
+        assert [s.split("=")[0] for s in scores.split()] == list(ev["scores"])  # every site's score, one row
+        assert float(eps) == pytest.approx(ev["epsilon"], rel=1e-2)
+        assert float(before) == pytest.approx(ev["loss_before"], rel=1e-3)
+        assert float(after) == pytest.approx(ev["loss_after"], rel=1e-3)
+        assert (int(depth), int(params.replace(",", ""))) == (ev["depth"], ev["params"])
+    assert re.search(r"grow\[topo\].*loss \S+, val MSE \S+", err), "the epoch bar shows no loss / validation error"
+    best = re.search(r"best validation model \(epoch (\d+)\): test MSE (\S+) \| depth (\d+), ([\d,]+) params", err)
+    final = re.search(r"final model \(epoch 12\): test MSE (\S+) \| depth (\d+), ([\d,]+) params", err)
+    assert best and final, err[-2000:]
+    assert int(best.group(1)) == res["best_epoch"] and float(best.group(2)) == pytest.approx(res["test_error"], rel=1e-3)
+    assert (int(best.group(3)), int(best.group(4).replace(",", ""))) == (res["best_depth"], res["best_params"])
+    assert float(final.group(1)) == pytest.approx(res["final_test_error"], rel=1e-3)
+    assert (int(final.group(2)), int(final.group(3).replace(",", ""))) == (res["depth"], res["params"]) == (3, res["events"][-1]["params"])
+
+
+def test_results_record_wall_time_per_phase(tmp_path):
+    res = run_grow(_cfg(tmp_path))
+    times = json.loads((tmp_path / "results.json").read_text())["phase_times"]
+    assert set(times) == {"training", "evaluation", "saving", "derivative", "line_search"}
+    assert all(t > 0 for t in times.values())
+    assert sum(times.values()) <= res["wall_time"]  # phases do not overlap (nested blocks are not counted twice)
+    assert times["derivative"] == pytest.approx(sum(e["seconds"]["derivative"] for e in res["events"]))

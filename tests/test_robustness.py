@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import topotransfer.recipes.grow as grow_recipe
+import topotransfer.training.run as run_skeleton  # the life cycle (checkpoints, evaluation) the recipes share
 from topotransfer import ResidualMLP, compute_site_statistics
 from topotransfer.config import load_config
 from topotransfer.derivative.statistics import DenseStatistic
@@ -70,7 +71,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
 
 
 def test_nonfinite_weights_are_never_checkpointed(tmp_path, monkeypatch):
-    real_evaluate = grow_recipe.evaluate
+    real_evaluate = run_skeleton.evaluate
 
     def evaluate_then_corrupt(model, *args, **kwargs):
         out = real_evaluate(model, *args, **kwargs)
@@ -80,7 +81,7 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path, monkeypatch):
                 next(model.parameters())[0] = float("inf")  # silently corrupted after a valid evaluation
         return out
 
-    monkeypatch.setattr(grow_recipe, "evaluate", evaluate_then_corrupt)
+    monkeypatch.setattr(run_skeleton, "evaluate", evaluate_then_corrupt)
     with pytest.raises(FloatingPointError, match="Non-finite parameters.*refusing to checkpoint"):
         run_grow(_cfg(tmp_path / "run", "train.checkpoint_every=1"))
     last = latest_checkpoint(tmp_path / "run")
@@ -206,7 +207,7 @@ def test_mid_epoch_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, mon
     epoch boundary here, 5 steps per epoch) resumes by skipping the batches already trained on in that
     epoch's shuffle, and ends bit-identical to the uninterrupted run (weights, history, LR schedule)."""
     extra = ("train.checkpoint_every_steps=7", "train.lr_schedule=cosine")
-    real_save = grow_recipe.save_checkpoint
+    real_save = run_skeleton.save_checkpoint
     seen = []
 
     def save_then_die(out, name, net, manifest, optimizer=None, state=None, **kw):
@@ -217,12 +218,12 @@ def test_mid_epoch_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, mon
                 raise _Killed
         return path
 
-    monkeypatch.setattr(grow_recipe, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(run_skeleton, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
         run_grow(_cfg(tmp_path / "run", *extra))
     assert seen[-1]["steps"] == 28 and seen[-1]["epoch"] == 5 and seen[-1]["batches"] == 3
     assert (latest_checkpoint(tmp_path / "run") / "rng.pt").is_file()
-    monkeypatch.setattr(grow_recipe, "save_checkpoint", real_save)
+    monkeypatch.setattr(run_skeleton, "save_checkpoint", real_save)
     resumed = run_grow(_cfg(tmp_path / "run", *extra), resume=True)
     full = run_grow(_cfg(tmp_path / "full", *extra))
     assert _same_weights(tmp_path / "run" / "last", tmp_path / "full" / "last")
@@ -250,7 +251,7 @@ def test_a_nearly_full_disk_fails_before_training(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     calls = []
-    monkeypatch.setattr(grow_recipe, "train_run_epoch", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(run_skeleton, "train_run_epoch", lambda *a, **k: calls.append(1))
     with pytest.raises(OSError, match=r"MB free; this run's checkpoints need"):
         run_grow(_cfg(tmp_path / "run"))
     assert not calls and latest_checkpoint(tmp_path / "run") is None

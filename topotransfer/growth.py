@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -105,6 +106,7 @@ class GrowthEvent:
         init_norm: Frobenius norm of the inserted layer's [W | b] (eps times the direction's norm).
         forced_site: the site was imposed by the caller (``grow_once(site=...)``: every-site sweeps and
             initialisation ablations), not chosen by the method.
+        seconds: wall time of the event's steps (``"derivative"``, ``"line_search"``).
     """
 
     event: int
@@ -128,6 +130,7 @@ class GrowthEvent:
     eps_fallback: bool = False
     init_norm: float = 0.0
     forced_site: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -229,6 +232,9 @@ def grow_once(
 
     Returns:
         The :class:`GrowthEvent`; ``site is None`` and ``stopped`` set when nothing was inserted.
+
+    The steps: the derivative (:func:`_site_results`), then the site, direction, eps and layer
+    (:func:`_eigen_layer`), or a baseline's rule; then the insertion.
     """
     family = get_family(model)
     gen = torch.Generator().manual_seed(10_007 * (seed + 1) + event)
@@ -236,95 +242,24 @@ def grow_once(
     if site is not None and site not in {s.name for s in sites}:
         raise ValueError(f"site {site!r} is not a site of the model; sites: {[s.name for s in sites]}")
     site_gen = random_site_generator(seed, event, setting)
-    eps_grid = tuple(epsilons) if epsilons else DEFAULT_EPSILONS
     rec = GrowthEvent(event=event, epoch=epoch, method=method, site=None, forced_site=site is not None)
     if method in ("topo", "random_site", "random_init"):
-        only = None
-        if method == "random_site" and site is None:
-            only = [sites[int(torch.randint(len(sites), (1,), generator=site_gen))].name]
-        if probe_cfg is not None:  # the configured rule (topotransfer.init_rules.probe_site_results)
-            results = probe_site_results(model, probe_data, loss_fn, probe_cfg, sites=only, accelerator=accelerator)
-        else:
-            results = topological_derivative(model, probe_data, loss_fn, sites=only, accelerator=accelerator)
-        rec.scores = {r.site: r.score for r in results}
-        rec.quadratics = {r.site: float(r.quadratic) for r in results}
-        best = max(results, key=lambda r: r.score)
-        if site is not None:
-            best = next(r for r in results if r.site == site)
-        elif method != "random_site" and best.score <= 0:
-            rec.stopped = "score<=0"  # no insertion lowers the loss to second order: stop growing
+        search = _LineSearch(model, heldout_data, loss_fn, tuple(epsilons) if epsilons else DEFAULT_EPSILONS,
+                             accelerator, both_signs)
+        t0 = time.perf_counter()
+        results = _site_results(model, method, sites, site, site_gen, probe_data, loss_fn, probe_cfg, accelerator)
+        rec.seconds["derivative"] = time.perf_counter() - t0
+        found = _eigen_layer(model, method, results, site, gen, rec, probe_data, probe_cfg, accelerator, search,
+                             fill_inactive, site_selection)
+        if found is None:
             return rec
-
-        def search(result, weight, bias):
-            """Line search along +theta (and -theta): (result of the better sign, weight, bias, sign)."""
-            ls = line_search_epsilon(
-                model, result.site, heldout_data, loss_fn, weight, bias, epsilons=eps_grid, accelerator=accelerator
-            )
-            sign = 1
-            if both_signs:
-                # sigma(x) = x^2/2 + x^3/3 + ...: the direction's sign does not change the second-order
-                # decrease but flips the cubic term, which limits how large eps can be. Try -theta too.
-                neg = line_search_epsilon(
-                    model, result.site, heldout_data, loss_fn, -weight, None if bias is None else -bias,
-                    epsilons=eps_grid, accelerator=accelerator,
-                )
-                if neg.loss < ls.loss:
-                    ls, weight, bias, sign = neg, -weight, (None if bias is None else -bias), -1
-            return ls, weight, bias, sign
-
-        def eigen(r):
-            return (fill_inactive_rows(r.weight, r.bias, fill_inactive, gen) if fill_inactive > 0
-                    else (r.weight, r.bias))
-
-        if site is None and method in ("topo", "random_init") and site_selection == "realized":
-            def candidate(r):
-                found = search(r, *eigen(r))
-                return found[0].loss, found
-
-            best, (ls, weight, bias, rec.sign), rec.realized = realized_site(results, candidate)
-        if method == "random_init":
-            # the same site, a random direction of the eigen direction's size (scale_matched_random_direction)
-            moment = None
-            if probe_cfg is not None and probe_cfg.rule == "rowwise" and probe_cfg.whiten:
-                target = family.site(model, best.site)
-                moment = input_second_moments(model, probe_data, [target], {target.name: family.new_layer(model, target)},
-                                              accelerator)[target.name]
-            weight, bias = scale_matched_random_direction(best.weight, best.bias, gen, moment)
-            ls, weight, bias, rec.sign = search(best, weight, bias)
-        elif site is not None or method != "topo" or site_selection != "realized":
-            ls, weight, bias, rec.sign = search(best, *eigen(best))
-        rec.k = best.k if method != "random_init" else int(weight.shape[0])
-        rec.quadratic = float(best.quadratic) if method != "random_init" else math.nan
-        rec.eps_tried, rec.loss_before = ls.tried, ls.baseline_loss
-        # eps = 0 would insert a layer that can never train (sigma'(0) = 0 gives it zero gradient), so
-        # when no eps lowers the held-out loss we seed with the smallest eps of the grid and say so.
-        rec.eps_fallback = not ls.epsilon > 0
-        rec.epsilon = ls.epsilon if ls.epsilon > 0 else min(eps_grid)
-        rec.loss_after = ls.loss if ls.epsilon > 0 else dict(ls.tried).get(rec.epsilon, math.nan)
-        target = family.site(model, best.site)
-        layer = family.new_layer(model, target)
-        ref = layer.weight
-        layer.set_direction(
-            (rec.epsilon * weight).to(ref), None if bias is None else (rec.epsilon * bias).to(ref)
-        )
-        theta_sq = weight.square().sum() + (0 if bias is None else bias.square().sum())
-        rec.init_norm = rec.epsilon * float(theta_sq.sqrt())
-        site = target
+        site, layer = found
     elif method == "net2deeper":
         site = family.site(model, site) if site is not None else sites[
             int(torch.randint(len(sites), (1,), generator=site_gen))]
         layer = build_topo_layer({**family.new_layer(model, site).config(), "activation": "tanh"})
     elif method == "forward_thinking":
-        for p in model.parameters():  # freeze what was trained; the head stays trainable
-            p.requires_grad_(False)
-        for p in _head(model).parameters():
-            p.requires_grad_(True)
-        site = sites[-1]
-        layer = family.new_layer(model, site)
-        with torch.no_grad():
-            layer.weight.normal_(0.0, 1.0, generator=gen).mul_(layer.in_features**-0.5)
-            if layer.bias is not None:
-                layer.bias.normal_(0.0, 1.0, generator=gen).mul_(layer.in_features**-0.5)
+        site, layer = _forward_thinking_layer(model, sites, gen)
     elif method == "fixed":
         rec.stopped = "fixed"
         return rec
@@ -336,6 +271,118 @@ def grow_once(
     family.insert(model, site, layer)
     rec.depth, rec.params = _depth(model), count_parameters(model)
     return rec
+
+
+def _site_results(model: nn.Module, method: str, sites: list, site: str | None, site_gen: torch.Generator,
+                  probe_data: Iterable, loss_fn: LossFn, probe_cfg, accelerator) -> list:
+    """The derivative step: TD (and the configured rule's direction) at every site, or at random_site's draw."""
+    only = None
+    if method == "random_site" and site is None:
+        only = [sites[int(torch.randint(len(sites), (1,), generator=site_gen))].name]
+    if probe_cfg is not None:  # the configured rule (topotransfer.init_rules.probe_site_results)
+        return probe_site_results(model, probe_data, loss_fn, probe_cfg, sites=only, accelerator=accelerator)
+    return topological_derivative(model, probe_data, loss_fn, sites=only, accelerator=accelerator)
+
+
+@dataclass
+class _LineSearch:
+    """The eps line search of one event along a direction (and its negative)."""
+
+    model: nn.Module
+    heldout_data: Iterable
+    loss_fn: LossFn
+    grid: tuple[float, ...]
+    accelerator: object | None
+    both_signs: bool
+
+    def __call__(self, result, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+        """Line search along +theta (and -theta) at ``result.site``: (result of the better sign, weight, bias, sign)."""
+        ls = line_search_epsilon(self.model, result.site, self.heldout_data, self.loss_fn, weight, bias,
+                                 epsilons=self.grid, accelerator=self.accelerator)
+        sign = 1
+        if self.both_signs:
+            # sigma(x) = x^2/2 + x^3/3 + ...: the direction's sign does not change the second-order
+            # decrease but flips the cubic term, which limits how large eps can be. Try -theta too.
+            neg = line_search_epsilon(
+                self.model, result.site, self.heldout_data, self.loss_fn, -weight, None if bias is None else -bias,
+                epsilons=self.grid, accelerator=self.accelerator,
+            )
+            if neg.loss < ls.loss:
+                ls, weight, bias, sign = neg, -weight, (None if bias is None else -bias), -1
+        return ls, weight, bias, sign
+
+
+def _eigen_layer(model: nn.Module, method: str, results: list, site: str | None, gen: torch.Generator,
+                 rec: GrowthEvent, probe_data: Iterable, probe_cfg, accelerator, search: _LineSearch,
+                 fill_inactive: float, site_selection: str) -> tuple | None:
+    """topo / random_site / random_init after the derivative: site and direction -> eps by line search -> layer.
+
+    Fills ``rec`` (scores, sign, k, quadratic, line search, eps, init norm, line-search seconds). Returns
+    ``(site, layer)``, or None when the method stops (no site with TD > 0).
+    """
+    family = get_family(model)
+    rec.scores = {r.site: r.score for r in results}
+    rec.quadratics = {r.site: float(r.quadratic) for r in results}
+    best = max(results, key=lambda r: r.score)
+    if site is not None:
+        best = next(r for r in results if r.site == site)
+    elif method != "random_site" and best.score <= 0:
+        rec.stopped = "score<=0"  # no insertion lowers the loss to second order: stop growing
+        return None
+
+    def eigen(r):
+        return (fill_inactive_rows(r.weight, r.bias, fill_inactive, gen) if fill_inactive > 0
+                else (r.weight, r.bias))
+
+    t0 = time.perf_counter()
+    if site is None and method in ("topo", "random_init") and site_selection == "realized":
+        def candidate(r):
+            found = search(r, *eigen(r))
+            return found[0].loss, found
+
+        best, (ls, weight, bias, rec.sign), rec.realized = realized_site(results, candidate)
+    if method == "random_init":
+        # the same site, a random direction of the eigen direction's size (scale_matched_random_direction)
+        moment = None
+        if probe_cfg is not None and probe_cfg.rule == "rowwise" and probe_cfg.whiten:
+            target = family.site(model, best.site)
+            moment = input_second_moments(model, probe_data, [target], {target.name: family.new_layer(model, target)},
+                                          accelerator)[target.name]
+        weight, bias = scale_matched_random_direction(best.weight, best.bias, gen, moment)
+        ls, weight, bias, rec.sign = search(best, weight, bias)
+    elif site is not None or method != "topo" or site_selection != "realized":
+        ls, weight, bias, rec.sign = search(best, *eigen(best))
+    rec.seconds["line_search"] = time.perf_counter() - t0
+    rec.k = best.k if method != "random_init" else int(weight.shape[0])
+    rec.quadratic = float(best.quadratic) if method != "random_init" else math.nan
+    rec.eps_tried, rec.loss_before = ls.tried, ls.baseline_loss
+    # eps = 0 would insert a layer that can never train (sigma'(0) = 0 gives it zero gradient), so
+    # when no eps lowers the held-out loss we seed with the smallest eps of the grid and say so.
+    rec.eps_fallback = not ls.epsilon > 0
+    rec.epsilon = ls.epsilon if ls.epsilon > 0 else min(search.grid)
+    rec.loss_after = ls.loss if ls.epsilon > 0 else dict(ls.tried).get(rec.epsilon, math.nan)
+    target = family.site(model, best.site)
+    layer = family.new_layer(model, target)
+    ref = layer.weight
+    layer.set_direction((rec.epsilon * weight).to(ref), None if bias is None else (rec.epsilon * bias).to(ref))
+    theta_sq = weight.square().sum() + (0 if bias is None else bias.square().sum())
+    rec.init_norm = rec.epsilon * float(theta_sq.sqrt())
+    return target, layer
+
+
+def _forward_thinking_layer(model: nn.Module, sites: list, gen: torch.Generator) -> tuple:
+    """forward_thinking: freeze what was trained (the head stays trainable), a random layer on top."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in _head(model).parameters():
+        p.requires_grad_(True)
+    site = sites[-1]
+    layer = get_family(model).new_layer(model, site)
+    with torch.no_grad():
+        layer.weight.normal_(0.0, 1.0, generator=gen).mul_(layer.in_features**-0.5)
+        if layer.bias is not None:
+            layer.bias.normal_(0.0, 1.0, generator=gen).mul_(layer.in_features**-0.5)
+    return site, layer
 
 
 def realized_site(results: list, search) -> tuple:

@@ -15,6 +15,7 @@ are an adapter over the untouched base (:mod:`topotransfer.adapter`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -24,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from ..adapter import TopoAdapter, head_module_names, load_adapter, merge_and_save, save_adapter, unwrap_peft
-from ..config import AdaptConfig, ConfigError, RunConfig, TrainConfig, to_dict
+from ..config import AdaptConfig, ConfigError, RunConfig, TrainConfig
 from ..data import Task, setting_key
 from ..errors import CheckpointMismatchError, LabelCountMismatchError
 from ..growth import count_parameters, random_site_generator, realized_site
@@ -38,34 +38,14 @@ from ..models.hf import load_backbone
 from ..preprocess import load_for_backbone
 from ..requirements import check_requirements
 from ..surgery import get_family
-from ..surgery.labels import label_event, label_insertions
-from ..training.checkpoint import (
-    check_finite,
-    check_free_space,
-    divergence_error,
-    gather_rng_states,
-    latest_checkpoint,
-    load_checkpoint,
-    replay_insertions,
-    resume_rng_states,
-    save_checkpoint,
-    write_json_atomic,
-)
-from ..training.distributed import (
-    all_equal,
-    all_equal_digest,
-    build_accelerator,
-    is_fsdp,
-    prepare_again,
-    raw_optimizer,
-    shard,
-    value_digest,
-)
-from ..training.loop import evaluate, make_loader, train_run_epoch
-from .grow import _batches, _losses, check_output_dir
+from ..surgery.labels import label_insertions
+from ..training.checkpoint import latest_checkpoint, load_checkpoint, replay_insertions
+from ..training.distributed import is_fsdp
+from ..training.run import Run, RunState, read_manifest, trained_tensors
+from ..training.run import loss_functions as _losses
 
 __all__ = [
-    "AdaptRun", "apply_lora", "first_local_minimum_epsilon", "load_adapt_checkpoint", "lora_target_modules", "run_adapt",
+    "AdaptRun", "AdaptState", "apply_lora", "first_local_minimum_epsilon", "load_adapt_checkpoint", "lora_target_modules", "run_adapt",
 ]
 
 INSERTION_METHODS = ("topo", "random_site", "last_block")
@@ -218,44 +198,28 @@ def _insertion_event(
     Under a multi-process ``accelerator``, ``probe`` and ``heldout`` are this rank's shards: the
     statistics and the line-search losses are summed over the ranks, so every rank inserts the same layer.
     """
-    family = get_family(model)
-    sites = family.sites(model)
-    gen = random_site_generator(cfg.seed, event, setting_key(cfg.data))  # per setting
-    chosen = None
-    if method == "random_site":
-        chosen = [sites[int(torch.randint(len(sites), (1,), generator=gen))].name]
-    elif method == "last_block":
-        chosen = [sites[-1].name]
+    t0 = time.perf_counter()
     results = probe_site_results(
-        model, probe, loss_sum, cfg.probe, sites=chosen, accelerator=accelerator,
+        model, probe, loss_sum, cfg.probe, sites=_method_sites(model, method, cfg, event), accelerator=accelerator,
         progress=cfg.progress and getattr(accelerator, "is_main_process", True),
     )
     scores = {r.site.removeprefix(_PEFT_PREFIX): r.score for r in results}
+    record = {"event": event, "method": method, "scores": scores, "site": None,
+              "seconds": {"derivative": time.perf_counter() - t0}}
     best = max(results, key=lambda r: r.score)
-    record = {"event": event, "method": method, "scores": scores, "site": None}
     if method == "topo" and best.score <= 0:
         record["stopped"] = "score<=0"  # no insertion lowers the loss to second order
         return record
     grid = tuple(sorted(cfg.adapt.epsilons)) if cfg.adapt.epsilons else DEFAULT_EPSILONS
-
-    def search(result) -> tuple:
-        """(eps, held-out loss at eps, the line search) along the site's direction."""
-        ls = line_search_epsilon(model, result.site, heldout, loss_sum, result.weight, result.bias, epsilons=grid,
-                                 accelerator=accelerator)
-        # The derivative vouches for the direction only near eps = 0: take the first local minimum of the
-        # held-out loss along the grid, not the global one (see first_local_minimum_epsilon).
-        local = first_local_minimum_epsilon(ls.tried)
-        return local, dict(ls.tried).get(local, ls.baseline_loss), ls
-
+    search = functools.partial(_eps_search, model=model, heldout=heldout, loss_sum=loss_sum, grid=grid,
+                               accelerator=accelerator)
+    t0 = time.perf_counter()
     if method == "topo" and cfg.adapt.site_selection == "realized":
-        def candidate(r):
-            local, loss, ls = search(r)
-            return loss, (local, ls)
-
-        best, (local, ls), realized = realized_site(results, candidate)
+        best, (local, ls), realized = realized_site(results, search)
         record["realized"] = {name.removeprefix(_PEFT_PREFIX): loss for name, loss in realized.items()}
     else:
-        local, _, ls = search(best)
+        _, (local, ls) = search(best)
+    record["seconds"]["line_search"] = time.perf_counter() - t0
     # eps = 0 would give a layer that never trains (sigma'(0) = 0 gives it zero gradient): when no eps
     # lowers the held-out loss, seed with the smallest eps of the grid and record it.
     eps = local if local > 0 else min(grid)
@@ -267,6 +231,29 @@ def _insertion_event(
         eps_tried=ls.tried, loss_before=ls.baseline_loss, loss_after=dict(ls.tried).get(eps),
     )
     return record
+
+
+def _method_sites(model: nn.Module, method: str, cfg: RunConfig, event: int) -> list[str] | None:
+    """The sites the method probes: all (topo), a random one (drawn per setting, seed and event), the last one."""
+    sites = get_family(model).sites(model)
+    if method == "random_site":
+        gen = random_site_generator(cfg.seed, event, setting_key(cfg.data))  # per setting
+        return [sites[int(torch.randint(len(sites), (1,), generator=gen))].name]
+    if method == "last_block":
+        return [sites[-1].name]
+    return None
+
+
+def _eps_search(result, *, model: nn.Module, heldout: list, loss_sum: nn.Module, grid: tuple, accelerator) -> tuple:
+    """Line search along ``result``'s direction: ``(held-out loss at the chosen eps, (eps, the line search))``.
+
+    The derivative vouches for the direction only near eps = 0: the first local minimum of the held-out loss
+    along the grid is taken, not the global one (see :func:`first_local_minimum_epsilon`).
+    """
+    ls = line_search_epsilon(model, result.site, heldout, loss_sum, result.weight, result.bias, epsilons=grid,
+                             accelerator=accelerator)
+    local = first_local_minimum_epsilon(ls.tried)
+    return dict(ls.tried).get(local, ls.baseline_loss), (local, ls)
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
@@ -283,7 +270,7 @@ def _load_data(cfg: RunConfig, backbone_config: object) -> tuple[Task, dict, Any
     return load_for_backbone(cfg.data, cfg.seed, cfg.model.name_or_path, cfg.model.revision, backbone_config)
 
 
-def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRun:
+def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None, overwrite: bool = False) -> AdaptRun:
     """Adapt ``cfg.model.name_or_path`` to ``cfg.data.name`` with ``cfg.adapt.method``.
 
     Runs on one process or on every process of ``accelerate launch`` / ``torchrun`` (docs/distributed.md):
@@ -300,9 +287,10 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
 
     Args:
         cfg: the run configuration.
-        resume: continue from ``output_dir/latest`` if it exists (same config).
+        resume: continue from ``output_dir/latest`` (same config).
         accelerator: an ``accelerate.Accelerator`` to run under (default: one built from ``cfg.device``
             and ``cfg.train.mixed_precision``, ended when the run finishes on several processes).
+        overwrite: replace the run that ``output_dir`` holds (otherwise it is refused).
 
     Returns:
         :class:`AdaptRun` (results are also written to ``output_dir/results.json``).
@@ -311,6 +299,8 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
         FloatingPointError: a training / validation loss or a parameter became NaN or inf; nothing is
             written after it, so ``output_dir/latest`` stays the last good checkpoint.
         CheckpointMismatchError: ``resume`` found a checkpoint of another base model, method or adapter.
+        RunExistsError: ``output_dir`` holds another run and neither ``resume`` nor ``overwrite`` is set.
+        NoCheckpointError: ``resume`` but ``output_dir`` holds no checkpoint.
         ConfigError: no ``model.name_or_path``, or LoRA targets that match nothing.
         ImageSizeError: the task's images cannot be fed to the backbone.
         ModalityMismatchError: a text task for an image backbone or an image task for a text backbone.
@@ -321,31 +311,101 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
     """
     from transformers import AutoConfig
 
-    a, name, revision = cfg.adapt, cfg.model.name_or_path, cfg.model.revision
-    if not name:
+    a = cfg.adapt
+    if not cfg.model.name_or_path:
         raise ConfigError("the adapt recipe needs model.name_or_path (a hub name or a local save_pretrained dir)")
     check_requirements(cfg)  # a missing package (peft for LoRA...) fails now, not after the head phase
-    out = check_output_dir(cfg.output_dir)  # before anything slow: an unwritable directory fails at once
-    own_accelerator = accelerator is None
-    acc = accelerator if accelerator is not None else build_accelerator(cfg.device, cfg.train.mixed_precision)
-    if is_fsdp(acc):
+    run = Run(cfg, resume=resume, overwrite=overwrite, accelerator=accelerator)  # before anything slow
+    _refuse_fsdp(run)
+    backbone_config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision)
+    task, preprocessing, tokenizer = _load_data(cfg, backbone_config)
+    model, parts = _load_model(cfg, task, run)
+    loss_mean, loss_sum = _losses("classification")
+    run.write_config()
+    val_batches = run.batches(task.val, cfg.train.batch_size)
+    probe_batches = run.batches(task.train, cfg.probe.batch_size, cfg.probe.batches)
+    test_batches = run.batches(task.test, cfg.train.batch_size) if len(task.test) else None
+    # The frozen backbone never changes: checkpoints hold only the rest (everything for full_finetune).
+    run.frozen_ids = set() if parts.full else {id(p) for _, p in parts.backbone_params}
+    run.check_disk(_checkpoint_bytes(model, run.frozen_ids))
+    model, optimizer, state, manifest = _start_or_resume(run, model, parts, task)
+    # The LR schedule runs over the optimizer steps of the whole run, head phase included.
+    epochs = a.head_epochs + a.insertions * a.epochs_per_insertion + a.final_epochs
+    run.start(model, optimizer, manifest, state, train_set=task.train, val_batches=val_batches, epochs=epochs,
+              kind="classification", loss=loss_mean, desc=f"adapt[{a.method}]")
+
+    if not state.method_started:
+        _train_phase(run, "head", a.head_epochs)  # adjoints from a random head are noise: train it first
+        _start_method(run, parts)
+    if a.method in INSERTION_METHODS:
+        _insertion_phases(run, parts, probe_batches, val_batches, loss_sum)
+    else:
+        _train_phase(run, a.method, epochs)  # every method gets the same epoch budget
+    run.net.eval()
+
+    results = _results(run, parts, task, preprocessing, val_batches, test_batches)
+    run.say(run.model_line(f"final model (epoch {state.epoch}, {results['trainable_params']:,} trained)",
+                           {"val": results["val_error"], "test": results["test_error"]}, results["depth"],
+                           results["params"]))
+    state.phase = "done"
+    run.finish(results, export=functools.partial(_export, model=run.net, cfg=cfg, parts=parts, tokenizer=tokenizer))
+    return AdaptRun(results=results, model=run.net, insertions=parts.records)
+
+
+@dataclass
+class AdaptState(RunState):
+    """The adapt recipe's run state (:class:`~topotransfer.training.run.RunState` plus its phase).
+
+    Attributes:
+        phase: "head", the method's name, "insertion k", "final" or "done".
+        method_started: the head warm-up is over and the method's trainable set (LoRA, backbone) is on.
+    """
+
+    phase: str = "head"
+    method_started: bool = False
+
+
+@dataclass
+class _Parts:
+    """What the recipe knows of its model: which modules are the head, which parameters the backbone.
+
+    Attributes:
+        head: module names of the classification head (relative to the transformers model).
+        use_lora: LoRA trains (the ``lora`` method, or an insertion method with ``adapt.lora``).
+        full: the backbone trains (``full_finetune``).
+        backbone_params: ``(name, parameter)`` of the backbone (neither head, inserted layer nor LoRA).
+        fingerprint: sha256 of each backbone parameter before training.
+        records: insertion records ``{"site", "layer"}``: ``adapt.adapter_path``'s, then this run's.
+        base_records: those of ``adapt.adapter_path`` alone.
+    """
+
+    head: list[str]
+    use_lora: bool
+    full: bool
+    backbone_params: list[tuple[str, nn.Parameter]]
+    fingerprint: dict[str, str]
+    records: list[dict]
+    base_records: list[dict]
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def _refuse_fsdp(run: Run) -> None:
+    if is_fsdp(run.acc):
         # The backbone is frozen: DDP keeps one copy of it per device and gradients / optimizer state
         # only for the small trained part, which is what FSDP would otherwise save memory on.
         raise ConfigError(
             "the adapt recipe runs under DDP, not FSDP (the frozen backbone takes no gradients or optimizer "
             "state): launch with configs/accelerate/multi_gpu.yaml or cpu_2proc.yaml (FSDP2 is supported by grow)"
         )
-    main = acc.is_main_process
-    if main:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    device = acc.device
-    torch.manual_seed(cfg.seed)
-    started = time.perf_counter()
 
-    backbone_config = AutoConfig.from_pretrained(name, revision=revision)
-    task, preprocessing, tokenizer = _load_data(cfg, backbone_config)
-    class_names = task.class_names or [str(i) for i in range(task.num_outputs)]
-    id2label = dict(enumerate(class_names))
+
+def _load_model(cfg: RunConfig, task: Task, run: Run) -> tuple[nn.Module, _Parts]:
+    """The backbone with a new head for the task's labels (or ``adapt.adapter_path`` over it), on the run's device.
+
+    Raises:
+        LabelCountMismatchError: ``adapt.adapter_path`` has a head for another number of classes.
+    """
+    a, name, revision = cfg.adapt, cfg.model.name_or_path, cfg.model.revision
     records: list[dict] = []
     if a.adapter_path is not None:
         previous = TopoAdapter.load(a.adapter_path)
@@ -357,233 +417,186 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None) -> AdaptRu
         model = load_adapter(name, a.adapter_path)
         records = [dict(r) for r in previous.insertions]
     else:
-        model = load_backbone(name, revision, id2label=id2label)
-    model.to(device)
+        class_names = task.class_names or [str(i) for i in range(task.num_outputs)]
+        model = load_backbone(name, revision, id2label=dict(enumerate(class_names)))
+    model.to(run.device)
     base, _ = unwrap_peft(model)
     head = head_module_names(base)
     head_ids = {id(p) for h in head for p in base.get_submodule(h).parameters()}
     inserted_ids = {id(p) for _, layer in get_family(model).inserted(model) for p in layer.parameters()}
     backbone_params = [(n, p) for n, p in model.named_parameters()
                        if id(p) not in head_ids and id(p) not in inserted_ids and "lora_" not in n]
-    before = _fingerprint(backbone_params)
+    parts = _Parts(
+        head=head, use_lora=a.method == "lora" or (a.lora and a.method in INSERTION_METHODS),
+        full=a.method == "full_finetune", backbone_params=backbone_params, fingerprint=_fingerprint(backbone_params),
+        records=records, base_records=[dict(r) for r in records],
+    )
+    return model, parts
 
-    loss_mean, loss_sum = _losses("classification")
-    # Each rank evaluates / probes its share of fixed batch lists; the sums are reduced over the ranks.
-    val_batches = shard(_batches(task.val, cfg.train.batch_size), acc)
-    probe_batches = shard(_batches(task.train, cfg.probe.batch_size, cfg.probe.batches), acc)
-    test_batches = shard(_batches(task.test, cfg.train.batch_size), acc) if len(task.test) else None
-    use_lora = a.method == "lora" or (a.lora and a.method in INSERTION_METHODS)
-    full = a.method == "full_finetune"
-    # The frozen backbone never changes: checkpoints hold only the rest (everything for full_finetune).
-    frozen_ids = set() if full else {id(p) for _, p in backbone_params}
-    base_records = [dict(r) for r in records]  # the insertions of adapt.adapter_path (rebuilt by loading it)
-    if main:  # checkpoints: the trained tensors + 2 Adam moments, twice while one is replaced (+ margin)
-        trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in frozen_ids)
-        check_free_space(out, 6 * trained_bytes + (64 << 20))
-    manifest = {
+
+def _checkpoint_bytes(model: nn.Module, frozen_ids: set[int]) -> int:
+    """Checkpoints: the trained tensors + 2 Adam moments, twice while one is replaced (+ margin)."""
+    trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in frozen_ids)
+    return 6 * trained_bytes + (64 << 20)
+
+
+def _manifest(cfg: RunConfig, model: nn.Module, parts: _Parts, task: Task) -> dict:
+    base, _ = unwrap_peft(model)
+    return {
         "format": 1,
         "recipe": "adapt",
-        "base_model": name,
-        "revision": revision,
+        "base_model": cfg.model.name_or_path,
+        "revision": cfg.model.revision,
         "architecture": type(base).__name__,
-        "adapter_path": a.adapter_path,
-        "method": a.method,
-        "use_lora": use_lora,
+        "adapter_path": cfg.adapt.adapter_path,
+        "method": cfg.adapt.method,
+        "use_lora": parts.use_lora,
         "num_labels": task.num_outputs,
         "id2label": {str(k): str(v) for k, v in getattr(base.config, "id2label", {}).items()},
-        "base_insertions": base_records,
+        "base_insertions": parts.base_records,  # the insertions of adapt.adapter_path (rebuilt by loading it)
         "insertions": [],  # this run's, in order: {"site", "layer", "epoch"}
         "lora": None,  # the peft LoRA config once this run applied LoRA
     }
-    state = {"epoch": 0, "steps": 0, "phase": "head", "method_started": False, "history": [], "events": [],
-             "wall_time": 0.0, "epoch_progress": None}
-    rng_states = None  # every rank's RNG state of a mid-epoch checkpoint being resumed
 
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:  # every rank reads the same checkpoint
-        saved = json.loads((ckpt / "manifest.json").read_text())
-        _check_resumable(saved, manifest, ckpt)
-        model = _rebuild(model, saved)
-        manifest = saved
-        state = {"epoch_progress": None, **json.loads((ckpt / "state.json").read_text())}
-        rng_states = resume_rng_states(ckpt, state, acc.num_processes)
-        records = base_records + [{"site": r["site"], "layer": r["layer"]} for r in manifest["insertions"]]
-        started_method = state["method_started"]
-        _set_trainable(model, head, backbone=full and started_method, lora=use_lora and started_method)
-        optimizer = _optimizer(model, head, a, cfg.train)
-        load_checkpoint(ckpt, model, optimizer, keys=set(_trained_tensors(model, frozen_ids)))
-    else:
-        # 1. the head alone (the backbone's features are what the derivative will probe)
-        _set_trainable(model, head, backbone=False, lora=False)
-        optimizer = _optimizer(model, head, a, cfg.train)
-    # `model` is the plain module (names, checkpoints, evaluation, surgery); `wrapped` is what accelerate
-    # prepared from it (DDP-wrapped on several processes) and is used only to train.
-    wrapped, optimizer = acc.prepare(model, optimizer)
-    started = time.perf_counter() - state["wall_time"]
 
-    # The LR schedule runs over the optimizer steps of the whole run, head phase included (each rank
-    # takes one step per N batches); groups keep their ratio (adapt.lr vs adapt.backbone_lr).
-    epochs_total = a.head_epochs + a.insertions * a.epochs_per_insertion + a.final_epochs
-    steps_per_epoch = math.ceil(math.ceil(len(task.train) / cfg.train.batch_size) / acc.num_processes)
-    total_steps = epochs_total * steps_per_epoch
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
+def _start_or_resume(run: Run, model: nn.Module, parts: _Parts, task: Task) -> tuple:
+    """``(model, optimizer, state, manifest)``: the head alone trains (fresh), or rebuilt from ``output_dir/latest``.
 
-    def checkpoint() -> None:
-        state["wall_time"] = time.perf_counter() - started
-        check_finite(model)
-        # mid-epoch: every rank's RNG state (a collective), so dropout draws continue where they stopped
-        rngs = gather_rng_states(acc) if state["epoch_progress"] is not None else None
-        if main:
-            save_checkpoint(out, "last", model, manifest, raw_optimizer(optimizer), state,
-                            tensors=_trained_tensors(model, frozen_ids), rng_states=rngs)
-            write_json_atomic(out / "history.json", {"epochs": state["history"], "events": state["events"]})
+    Raises:
+        CheckpointMismatchError: the checkpoint belongs to another base model, method or adapter.
+    """
+    cfg = run.cfg
+    manifest = _manifest(cfg, model, parts, task)
+    ckpt = run.checkpoint_to_resume()
+    if ckpt is None:  # the head alone first: the backbone's features are what the derivative will probe
+        _set_trainable(model, parts.head, backbone=False, lora=False)
+        return model, _optimizer(model, parts.head, cfg.adapt, cfg.train), AdaptState(), manifest
+    saved = read_manifest(ckpt)  # every rank reads the same checkpoint
+    _check_resumable(saved, manifest, ckpt)
+    model = _rebuild(model, saved)
+    state = run.read_state(ckpt, AdaptState)
+    parts.records += [{"site": r["site"], "layer": r["layer"]} for r in saved["insertions"]]
+    started = state.method_started
+    _set_trainable(model, parts.head, backbone=parts.full and started, lora=parts.use_lora and started)
+    optimizer = _optimizer(model, parts.head, cfg.adapt, cfg.train)
+    run.load_weights(ckpt, model, optimizer)
+    return model, optimizer, state, saved
 
-    def train(phase: str, until_epoch: int) -> None:
-        state["phase"] = phase
-        while state["epoch"] < until_epoch:
-            left = None if cfg.train.max_steps is None else cfg.train.max_steps - state["steps"]
-            if left is not None and left <= 0:
-                return
-            epoch = state["epoch"]
-            # Dropout (LoRA's, the backbone's) draws from the global generator: seeded per (epoch, rank),
-            # a resumed run draws what the uninterrupted one did. The shuffle is the same on every rank;
-            # accelerate hands each rank every N-th batch.
-            loader = acc.prepare_data_loader(
-                make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
-            )
-            try:
-                loss, steps = train_run_epoch(
-                    wrapped, loader, optimizer, loss_mean, device, left, accelerator=acc, state=state,
-                    seed=cfg.seed, epoch=epoch, total_steps=total_steps, train_cfg=cfg.train, rng_states=rng_states,
-                    checkpoint=checkpoint,
-                )
-            except FloatingPointError as e:
-                raise divergence_error(e, out, epoch + 1) from e
-            state["epoch"] = epoch + 1
-            val = evaluate(model, val_batches, "classification", device, accelerator=acc)
-            if not math.isfinite(val["loss"]):
-                raise divergence_error(FloatingPointError(f"Validation loss is {val['loss']}"), out, epoch + 1)
-            state["history"].append({"epoch": epoch + 1, "phase": phase, "train_loss": loss, "val_loss": val["loss"],
-                                     "val_error": val["error"], "trainable_params": count_parameters(model, True),
-                                     "lr": optimizer.param_groups[0]["lr"],
-                                     "time": time.perf_counter() - started})
-            if (epoch + 1) % cfg.train.checkpoint_every == 0:
-                checkpoint()
 
-    if not state["method_started"]:
-        train("head", a.head_epochs)
-        # 2. the method: LoRA / the backbone join the trainable set -> a fresh optimizer, prepared again
-        acc.wait_for_everyone()
-        model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
-        if use_lora and unwrap_peft(model)[1] is None:
-            torch.manual_seed(cfg.seed)  # LoRA's A matrices: the same draw on every rank
-            model = apply_lora(model, a)
-            manifest["lora"] = _lora_config(model)
-        _set_trainable(model, head, backbone=full, lora=use_lora)
-        optimizer = _optimizer(model, head, a, cfg.train)
-        acc.free_memory()
-        wrapped, optimizer = prepare_again(acc, model, optimizer)
-        state["method_started"] = True
+# ---------------------------------------------------------------------------------------------- the phases
+def _train_phase(run: Run, phase: str, until_epoch: int) -> None:
+    """Train until ``until_epoch`` epochs are done (or ``train.max_steps``), checkpointing every
+    ``train.checkpoint_every`` epochs."""
+    run.state.phase = phase
+    while run.state.epoch < until_epoch:
+        columns = {"trainable_params": count_parameters(run.net, True)}
+        if run.train_epoch(columns, phase=phase, timing="head_warmup" if phase == "head" else "training") is None:
+            return
+        if run.checkpoint_due():
+            run.checkpoint()
 
-    budget = a.insertions * a.epochs_per_insertion + a.final_epochs
-    if a.method in INSERTION_METHODS:
-        for event in range(a.insertions):
-            if event == len(state["events"]):  # not done before a resume
-                # Insertion event: sync, unwrap (and drop the autocast wrapper: the derivative and the
-                # line search run in float32+), insert in place, new optimizer carrying the surviving
-                # parameters' state, prepare again, checkpoint.
-                state["phase"] = f"insertion {event + 1}"
-                acc.wait_for_everyone()
-                model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
-                optimizer = raw_optimizer(optimizer)
-                record = _insertion_event(model, a.method, probe_batches, val_batches, loss_sum, cfg, event,
-                                          accelerator=acc)
-                record["epoch"] = state["epoch"]
-                record["score_checksums"] = all_equal(value_digest(record["scores"]), acc, "derivative scores")
-                if record["site"] is not None:
-                    # Identical reduced statistics give identical layers; prove it before DDP's re-wrap
-                    # broadcasts rank 0's weights and would hide a divergence.
-                    record["param_checksums"] = all_equal_digest(model, acc, "parameters")
-                    manifest["insertions"].append({"site": record["site"], "layer": record["layer"],
-                                                   "epoch": state["epoch"]})
-                    records.append({"site": record["site"], "layer": record["layer"]})
-                    _set_trainable(model, head, backbone=False, lora=use_lora)
-                    optimizer = _optimizer(model, head, a, cfg.train, old=optimizer)
-                label_event(record, model, records)  # the stable names of the sites it scored and chose
-                state["events"].append(record)
-                acc.free_memory()
-                wrapped, optimizer = prepare_again(acc, model, optimizer)
-                checkpoint()
-            if state["events"][event]["site"] is None:  # TD <= 0 everywhere: growth stops, its epochs go to final
-                break
-            train(f"insertion {event + 1}", a.head_epochs + (event + 1) * a.epochs_per_insertion)
-        train("final", a.head_epochs + budget)  # every method gets the same epoch budget
-    else:
-        train(a.method, a.head_epochs + budget)
-    model.eval()
 
-    after = _fingerprint(backbone_params)
-    changed = sorted(n for n in before if before[n] != after[n])
-    if changed and not full:
-        raise RuntimeError(f"backbone weights changed during {a.method} adaptation (a bug): {changed[:5]}")
+def _start_method(run: Run, parts: _Parts) -> None:
+    """After the head warm-up: LoRA / the backbone join the trainable set -> a fresh optimizer, prepared again."""
+    cfg = run.cfg
+    model, _ = run.plain()
+    if parts.use_lora and unwrap_peft(model)[1] is None:
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices: the same draw on every rank
+        model = apply_lora(model, cfg.adapt)
+        run.manifest["lora"] = _lora_config(model)
+    _set_trainable(model, parts.head, backbone=parts.full, lora=parts.use_lora)
+    run.rewrap(model, _optimizer(model, parts.head, cfg.adapt, cfg.train))
+    run.state.method_started = True
 
-    val = evaluate(model, val_batches, "classification", device, accelerator=acc)
-    test = {"loss": None, "error": None}
-    if test_batches is not None:
-        test = evaluate(model, test_batches, "classification", device, accelerator=acc)
+
+def _insertion_phases(run: Run, parts: _Parts, probe: list, heldout: list, loss_sum: nn.Module) -> None:
+    """``adapt.insertions`` times: an insertion event, then ``epochs_per_insertion`` epochs; then the final
+    epochs. When TD <= 0 everywhere insertion stops and its epochs go to the final phase."""
+    a, state = run.cfg.adapt, run.state
+    for event in range(a.insertions):
+        if event == len(state.events):  # not done before a resume
+            _insertion(run, parts, event, probe, heldout, loss_sum)
+        if state.events[event]["site"] is None:
+            break
+        _train_phase(run, f"insertion {event + 1}", a.head_epochs + (event + 1) * a.epochs_per_insertion)
+    _train_phase(run, "final", a.head_epochs + a.insertions * a.epochs_per_insertion + a.final_epochs)
+
+
+def _insertion(run: Run, parts: _Parts, event: int, probe: list, heldout: list, loss_sum: nn.Module) -> None:
+    """One insertion event on the synced plain model: TD, site, eps, insert; new optimizer carrying the
+    surviving parameters' state; checkpoint."""
+    cfg = run.cfg
+    run.state.phase = f"insertion {event + 1}"
+    model, optimizer = run.plain()
+    record = _insertion_event(model, cfg.adapt.method, probe, heldout, loss_sum, cfg, event, accelerator=run.acc)
+    record["epoch"] = run.state.epoch
+    if record["site"] is not None:
+        parts.records.append({"site": record["site"], "layer": record["layer"]})
+        _set_trainable(model, parts.head, backbone=False, lora=parts.use_lora)
+        optimizer = _optimizer(model, parts.head, cfg.adapt, cfg.train, old=optimizer)
+    run.record_event(record, model, optimizer, depth=unwrap_peft(model)[0].config.num_hidden_layers,
+                     insertions=parts.records)
+    run.checkpoint()
+
+
+# ---------------------------------------------------------------------------------------------- the end
+def _results(run: Run, parts: _Parts, task: Task, preprocessing: dict, val_batches: list,
+             test_batches: list | None) -> dict:
+    """Validation and test error of the adapted model; the backbone checked bit-identical (but full_finetune).
+
+    Raises:
+        RuntimeError: the frozen backbone's weights changed (a bug).
+    """
+    cfg, state, model = run.cfg, run.state, run.net
+    after = _fingerprint(parts.backbone_params)
+    changed = sorted(n for n in parts.fingerprint if parts.fingerprint[n] != after[n])
+    if changed and not parts.full:
+        raise RuntimeError(f"backbone weights changed during {cfg.adapt.method} adaptation (a bug): {changed[:5]}")
+    val = run.evaluate(model, val_batches)
+    test = {"loss": None, "error": None} if test_batches is None else run.evaluate(model, test_batches)
     base, _ = unwrap_peft(model)
-    records = label_insertions(base, records, strict=False)  # + the stable site_label / label of each
-    results = {
-        "method": a.method,
-        "lora": use_lora,
+    parts.records = label_insertions(base, parts.records, strict=False)  # + the stable site_label / label of each
+    return {
+        "method": cfg.adapt.method,
+        "lora": parts.use_lora,
         "task": task.name,
         "seed": cfg.seed,
-        "base_model": name,
-        "revision": revision,
+        "base_model": cfg.model.name_or_path,
+        "revision": cfg.model.revision,
         "num_labels": task.num_outputs,
         "num_train": len(task.train),
         "val_error": val["error"],
         "val_loss": val["loss"],
         "test_error": test["error"],
         "test_loss": test["loss"],
-        "insertions": len(records),
-        "insertion_records": records,
-        "events": state["events"],
+        "insertions": len(parts.records),
+        "insertion_records": parts.records,
+        "events": state.events,
         "depth": base.config.num_hidden_layers,
         "params": count_parameters(model),
         "trainable_params": count_parameters(model, trainable_only=True),
         "backbone_unchanged": not changed,
         **preprocessing,  # image normalisation, or the tokenizer and padded lengths
-        "epochs": state["epoch"],
-        "steps": state["steps"],
-        "history": state["history"],
-        "num_processes": acc.num_processes,
-        "wall_time": time.perf_counter() - started,
+        "epochs": state.epoch,
+        "steps": state.steps,
+        "history": state.history,
+        "num_processes": run.acc.num_processes,
+        "wall_time": run.elapsed(),
     }
-    state["phase"] = "done"
-    checkpoint()
-    if main:
-        if a.save_adapter and not full:
-            save_adapter(model, name, revision, records, out / "adapter", include_head=True)
-        if a.save_merged:
-            merge_and_save(model, out / "merged", base_name_or_path=name, revision=revision)
-            if tokenizer is not None:  # the export is then self-contained for text too
-                tokenizer.save_pretrained(out / "merged")
-        write_json_atomic(Path(out) / "results.json", results)
-    # Every rank reaches here before the process group is torn down (STACK.md: gloo teardown aborts).
-    acc.wait_for_everyone()
-    if own_accelerator and acc.num_processes > 1:
-        acc.end_training()
-    return AdaptRun(results=results, model=model, insertions=records)
+
+
+def _export(out: Path, *, model: nn.Module, cfg: RunConfig, parts: _Parts, tokenizer) -> None:
+    """``output_dir/adapter`` (inserted layers, head, LoRA over the untouched base) and ``output_dir/merged``."""
+    name, revision = cfg.model.name_or_path, cfg.model.revision
+    if cfg.adapt.save_adapter and not parts.full:
+        save_adapter(model, name, revision, parts.records, out / "adapter", include_head=True)
+    if cfg.adapt.save_merged:
+        merge_and_save(model, out / "merged", base_name_or_path=name, revision=revision)
+        if tokenizer is not None:  # the export is then self-contained for text too
+            tokenizer.save_pretrained(out / "merged")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _trained_tensors(model: nn.Module, frozen_ids: set[int]) -> dict[str, torch.Tensor]:
-    """The state-dict entries a checkpoint holds: all but the frozen backbone's (head, inserted, LoRA)."""
-    return {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in frozen_ids}
-
-
 def _lora_config(model: nn.Module) -> dict:
     from ..adapter import _json_default
 
@@ -631,7 +644,7 @@ def load_adapt_checkpoint(path: str | Path) -> nn.Module:
     path = Path(path)
     if not (path / "manifest.json").is_file() and latest_checkpoint(path) is not None:
         path = latest_checkpoint(path)
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = read_manifest(path)
     if manifest["adapter_path"]:
         model = _load_adapter(manifest["base_model"], manifest["adapter_path"])
     else:
@@ -640,7 +653,7 @@ def load_adapt_checkpoint(path: str | Path) -> nn.Module:
                                architecture=manifest["architecture"])
     frozen = set() if manifest["method"] == "full_finetune" else _backbone_ids(model)
     model = _rebuild(model, manifest)
-    load_checkpoint(path, model, keys=set(_trained_tensors(model, frozen)))
+    load_checkpoint(path, model, keys=set(trained_tensors(model, frozen)))
     return model.eval()
 
 

@@ -25,6 +25,7 @@ from ..training.checkpoint import write_json_atomic
 from ..training.distributed import build_accelerator, shard
 from ..training.loop import evaluate, make_loader, train_run_epoch
 from ..training.optim import build_optimizer
+from ..training.run import RunState
 from .grow import _batches, _losses, check_output_dir
 
 __all__ = ["COLUMNS", "run_derivative"]
@@ -66,7 +67,7 @@ def run_derivative(cfg: RunConfig, accelerator: object | None = None, warmup_epo
     loss_mean, loss_sum = _losses(task.kind)
     model, optimizer = acc.prepare(net, build_optimizer(net, cfg.train))
     # the warm-up follows train.lr_schedule over its own steps (no checkpoints here)
-    state = {"steps": 0, "epoch_progress": None}
+    state = RunState()  # the warm-up's step count (LR schedule); never checkpointed
     steps_per_epoch = math.ceil(math.ceil(len(task.train) / cfg.train.batch_size) / acc.num_processes)
     total_steps = max(1, epochs * steps_per_epoch)
     if cfg.train.max_steps is not None:
@@ -77,7 +78,7 @@ def run_derivative(cfg: RunConfig, accelerator: object | None = None, warmup_epo
 
         bar = tqdm(total=epochs, desc="derivative warm-up", unit="epoch")
     for epoch in range(epochs):
-        left = None if cfg.train.max_steps is None else cfg.train.max_steps - state["steps"]
+        left = None if cfg.train.max_steps is None else cfg.train.max_steps - state.steps
         if left is not None and left <= 0:
             break
         loader = acc.prepare_data_loader(

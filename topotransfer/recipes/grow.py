@@ -17,327 +17,157 @@ The same code runs on one process or under ``accelerate launch`` (docs/distribut
 from __future__ import annotations
 
 import copy
-import math
-import os
-import time
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import torch
-import yaml
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from ..config import RunConfig, to_dict
-from ..data import load_task, source_options
-from ..growth import GrowthEvent, PlateauDetector, count_parameters, grow_once
+from ..data import Task, load_task, source_options
+from ..growth import PlateauDetector, count_parameters, grow_once
 from ..models.build import build_model
-from ..surgery.labels import label_event
-from ..training.checkpoint import (
-    check_finite,
-    check_free_space,
-    divergence_error,
-    gather_rng_states,
-    latest_checkpoint,
-    load_checkpoint,
-    replay_insertions,
-    resume_rng_states,
-    save_checkpoint,
-    write_json_atomic,
-)
-from ..training.distributed import (
-    all_equal_digest,
-    build_accelerator,
-    is_fsdp,
-    is_sharded,
-    plain_model,
-    prepare_again,
-    shard,
-)
-from ..training.loop import evaluate, make_loader, train_run_epoch
+from ..training.checkpoint import replay_insertions
+from ..training.distributed import is_sharded
 from ..training.optim import build_optimizer, rebuild_after_growth
+from ..training.run import Run, RunState, check_output_dir, read_manifest
+from ..training.run import batches as _batches  # noqa: F401  (recipes/derivative.py imports it from here)
+from ..training.run import loss_functions as _losses
 
-__all__ = ["check_output_dir", "run_grow"]
+__all__ = ["GrowState", "check_output_dir", "load_checkpoint_manifest", "run_grow"]
 
-
-def check_output_dir(path: str | Path) -> Path:
-    """Create ``path`` and prove it is writable before any training starts."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"  # per process: ranks may share the directory
-        probe.write_bytes(b"\0" * 4096)
-        probe.unlink()
-    except OSError as e:
-        raise OSError(f"Output directory {str(path)!r} is not writable: {e}") from e
-    return path
+load_checkpoint_manifest = read_manifest  # the architecture manifest of a checkpoint directory
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclass
+class GrowState(RunState):
+    """The grow recipe's run state (:class:`~topotransfer.training.run.RunState` plus the growth policy's).
 
+    Attributes:
+        growth_done: no more growth events (a budget is reached, or the best TD was <= 0).
+        last_event_epoch: the epoch of the last insertion (``growth.epochs_per_stage``).
+        plateau: the plateau detector's state.
+        frozen: names of the parameters that do not train (forward_thinking freezes what was trained).
+        best_val, best_epoch, best_insertions: the best validation loss so far, its epoch and the number of
+            insertions the model had then (``output_dir/best`` holds its weights).
+    """
 
-def _losses(kind: str) -> tuple[nn.Module, nn.Module]:
-    if kind == "classification":
-        return nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum")
-    return nn.MSELoss(), nn.MSELoss(reduction="sum")
-
-
-def _batches(dataset, batch_size: int, limit: int | None = None) -> list:
-    loader = make_loader(dataset, batch_size, shuffle=False)
-    out = []
-    for i, batch in enumerate(loader):
-        if limit is not None and i >= limit:
-            break
-        out.append(tuple(batch))
-    return out
+    growth_done: bool = False
+    last_event_epoch: int = 0
+    plateau: dict | None = None
+    frozen: list[str] = field(default_factory=list)
+    best_val: float | None = None
+    best_epoch: int | None = None
+    best_insertions: int = 0
 
 
 def run_grow(
-    cfg: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, accelerator=None
+    cfg: RunConfig, resume: bool = False, stop_after_epoch: int | None = None, accelerator=None,
+    overwrite: bool = False,
 ) -> dict:
     """Run growth (or a baseline) as configured; returns the results dict also written to disk.
 
     Runs on one process, or on every process of ``accelerate launch`` / ``torchrun`` (docs/distributed.md):
     each rank trains on every N-th batch of the epoch's (shared) shuffle, DDP (or FSDP) averaging the gradients,
-    evaluates and probes its share of the validation / probe batches, and every quantity a decision depends on (validation loss,
-    statistics of the derivative, line-search losses) is summed over the ranks first, so all ranks grow
-    the same layer. A parameter digest is compared across ranks after every growth event. Only the
-    main process writes files. Under FSDP every growth event, checkpoint and best-model copy works on
-    the full weights gathered into a plain module (:func:`~topotransfer.training.distributed.plain_model`).
+    evaluates and probes its share of the validation / probe batches, and every quantity a decision depends on
+    (validation loss, statistics of the derivative, line-search losses) is summed over the ranks first, so all
+    ranks grow the same layer. A parameter digest is compared across ranks after every growth event. Only the
+    main process writes files. Under FSDP every growth event, checkpoint and best-model copy works on the full
+    weights gathered into a plain module (:func:`~topotransfer.training.distributed.plain_model`).
 
     Args:
         cfg: the run configuration.
-        resume: continue from ``output_dir/latest`` if it exists.
+        resume: continue from ``output_dir/latest``.
         stop_after_epoch: return right after this many epochs (simulates an interrupted run in tests).
         accelerator: an ``accelerate.Accelerator`` to run under (default: one built from ``cfg.device``
             and ``cfg.train.mixed_precision``, ended when the run finishes).
+        overwrite: replace the run that ``output_dir`` holds (otherwise it is refused).
 
     Raises:
         FloatingPointError: a training / validation loss or a parameter became NaN or inf; nothing is
             written after it, so ``output_dir/latest`` stays the last good checkpoint.
+        RunExistsError: ``output_dir`` holds another run and neither ``resume`` nor ``overwrite`` is set.
+        NoCheckpointError: ``resume`` but ``output_dir`` holds no checkpoint.
     """
-    own_accelerator = accelerator is None
-    acc = accelerator if accelerator is not None else build_accelerator(cfg.device, cfg.train.mixed_precision)
-    main = acc.is_main_process
-    out = check_output_dir(cfg.output_dir)
-    if main:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    device = acc.device
-    torch.manual_seed(cfg.seed)
-    d = cfg.data
-    task = load_task(
-        d.name, seed=cfg.seed, num_train=d.num_train, num_val=d.num_val, num_test=d.num_test,
-        grid=d.grid, noise=d.noise, image_size=d.image_size, **source_options(d),
-    )
+    run = Run(cfg, resume=resume, overwrite=overwrite, accelerator=accelerator)
     g = cfg.growth
+    task = _load_task(cfg)
     base_depth = cfg.model.depth + (g.max_insertions if g.method == "fixed" else 0)
-    # `net` is the plain module (names, checkpoints, evaluation, surgery); `model` is what accelerate
-    # prepared from it (DDP-wrapped when there are several processes) and is used only to train. Under
-    # FSDP, `net` is sharded in place: events, checkpoints and best copies use `plain_model` instead.
-    net = build_model(cfg.model, task.input_shape, task.num_outputs, depth=base_depth).to(device)
+    net = _build(cfg, task, base_depth, run)
     loss_mean, loss_sum = _losses(task.kind)
-    manifest = {
-        "format": 1,
-        "task": task.name,
-        "kind": task.kind,
-        "model": to_dict(cfg.model),
-        "base_depth": base_depth,
-        "input_shape": list(task.input_shape),
-        "num_outputs": task.num_outputs,
-        "insertions": [],
-    }
-    if main:  # refuse a disk that cannot take this run's checkpoints, before any training
-        check_free_space(out, _checkpoint_bytes(net, base_depth, g.max_insertions))
-    state = {"epoch": 0, "steps": 0, "history": [], "events": [], "growth_done": g.method == "fixed",
-             "last_event_epoch": 0, "plateau": None, "frozen": [], "best_val": None, "best_epoch": None,
-             "best_insertions": 0, "wall_time": 0.0, "epoch_progress": None}
-    rng_states = None  # per-rank RNG states of a mid-epoch checkpoint being resumed
-    optimizer = build_optimizer(net, cfg.train)
-    best_model = copy.deepcopy(net)
-
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:  # every rank reads the same checkpoint
-        saved = load_checkpoint_manifest(ckpt)
-        replay_insertions(net, saved["insertions"])
-        manifest = saved
-        st = load_checkpoint(ckpt, net)["state"]
-        for name, p in net.named_parameters():
-            p.requires_grad_(name not in set(st["frozen"]))
-        optimizer = build_optimizer(net, cfg.train)
-        load_checkpoint(ckpt, net, optimizer)
-        state = {"epoch_progress": None, **st}
-        rng_states = resume_rng_states(ckpt, state, acc.num_processes)
-        best_dir = out / "best"
-        best_model = replay_insertions(
-            build_model(cfg.model, task.input_shape, task.num_outputs, depth=base_depth).to(device),
-            manifest["insertions"][: state["best_insertions"]],
-        )
-        if (best_dir / "model.safetensors").is_file():
-            load_checkpoint(best_dir, best_model)
-    model, optimizer = prepare_again(acc, net, optimizer)
-    fsdp = is_fsdp(acc)
-
+    run.write_config()
+    run.check_disk(_checkpoint_bytes(net, base_depth, g.max_insertions))
+    net, optimizer, state, manifest, best_model = _start_or_resume(run, task, base_depth, net)
+    val_batches = run.batches(task.val, cfg.train.batch_size)
+    probe_batches = run.batches(task.train, cfg.probe.batch_size, cfg.probe.batches)
+    test_batches = run.batches(task.test, cfg.train.batch_size)
+    run.start(net, optimizer, manifest, state, train_set=task.train, val_batches=val_batches,
+              epochs=cfg.train.epochs, kind=task.kind, loss=loss_mean, desc=f"grow[{g.method}]", full_batch=True)
     detector = PlateauDetector(g.patience, g.min_delta)
-    if state["plateau"]:
-        detector.load_state_dict(state["plateau"])
-    # Each rank evaluates / probes its share of fixed batch lists; the sums are reduced over ranks.
-    val_batches = shard(_batches(task.val, cfg.train.batch_size), acc)
-    probe_batches = shard(_batches(task.train, cfg.probe.batch_size, cfg.probe.batches), acc)
-    test_batches = shard(_batches(task.test, cfg.train.batch_size), acc)
-    started = time.perf_counter() - state["wall_time"]
+    if state.plateau:
+        detector.load_state_dict(state.plateau)
 
-    best_unsaved = {"epoch": None}
-
-    def checkpoint(name: str = "last") -> None:
-        if main and best_unsaved["epoch"] is not None:
-            save_checkpoint(out, "best", best_model, manifest, None, {"epoch": best_unsaved["epoch"]}, update_latest=False)
-            best_unsaved["epoch"] = None
-        state["plateau"] = detector.state_dict()
-        state["frozen"] = [n for n, p in net.named_parameters() if not p.requires_grad]
-        state["wall_time"] = time.perf_counter() - started
-        # FSDP: the full weights and optimizer state, gathered on every rank (a collective)
-        full_net, full_opt = plain_model(acc, model, optimizer) if fsdp else (net, optimizer)
-        check_finite(full_net)
-        # mid-epoch: every rank's RNG state (a collective too), so dropout / augmentation draws continue
-        rngs = gather_rng_states(acc) if state["epoch_progress"] is not None else None
-        if main:
-            save_checkpoint(out, name, full_net, manifest, full_opt, state, rng_states=rngs)
-            write_json_atomic(out / "history.json", {"epochs": state["history"], "events": state["events"]})
-
-    def diverged(e: Exception, epoch: int) -> FloatingPointError:
-        return divergence_error(e, out, epoch)
-
-    # The LR schedule runs over the run's optimizer steps (each rank takes one step per N batches).
-    steps_per_epoch = math.ceil(math.ceil(len(task.train) / cfg.train.batch_size) / acc.num_processes)
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
-
-    # Full batch on one process: a shuffle cannot change the one step, so skip the per-example DataLoader.
-    full_batch = ([tuple(task.train.tensors)] if isinstance(task.train, TensorDataset) and acc.num_processes == 1
-                  and cfg.train.batch_size >= len(task.train) and cfg.train.checkpoint_every_steps is None else None)
-    epochs = range(state["epoch"], cfg.train.epochs)
-    if cfg.progress and main:
-        from tqdm.auto import tqdm
-
-        epochs = tqdm(epochs, desc=f"grow[{g.method}]", initial=state["epoch"], total=cfg.train.epochs)
-    for epoch in epochs:
-        steps_left = None if cfg.train.max_steps is None else cfg.train.max_steps - state["steps"]
-        if steps_left is not None and steps_left <= 0:
+    while state.epoch < cfg.train.epochs:
+        depth = base_depth + len(manifest["insertions"])
+        val = run.train_epoch(columns={"depth": depth, "params": count_parameters(run.net)})
+        if val is None:  # train.max_steps spent
             break
-        # Same shuffle on every rank (seeded by epoch); accelerate hands each rank every n-th batch.
-        loader = full_batch or acc.prepare_data_loader(
-            make_loader(task.train, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch)
-        )
-        try:
-            train_loss, _ = train_run_epoch(
-                model, loader, optimizer, loss_mean, device, steps_left, accelerator=acc, state=state,
-                seed=cfg.seed, epoch=epoch, total_steps=total_steps, train_cfg=cfg.train, rng_states=rng_states,
-                checkpoint=checkpoint,
-            )
-        except FloatingPointError as e:
-            raise diverged(e, epoch + 1) from e
-        val = evaluate(net, val_batches, task.kind, device, accelerator=acc)
-        if not math.isfinite(val["loss"]):
-            raise diverged(FloatingPointError(f"Validation loss is {val['loss']}"), epoch + 1)
-        state["epoch"] = epoch + 1
-        depth = len(manifest["insertions"]) + base_depth
-        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
-                                 "val_error": val["error"], "depth": depth, "params": count_parameters(net),
-                                 "lr": optimizer.param_groups[0]["lr"], "steps": state["steps"],
-                                 "time": time.perf_counter() - started})
-        if state["best_val"] is None or val["loss"] < state["best_val"]:
-            state["best_val"], state["best_epoch"] = val["loss"], epoch + 1
-            state["best_insertions"] = len(manifest["insertions"])
-            best_model = plain_model(acc, model)[0] if fsdp else copy.deepcopy(net)
-            best_unsaved["epoch"] = epoch + 1  # written with the next checkpoint (full batch improves every epoch)
-        since = epoch + 1 - state["last_event_epoch"]  # epochs of this stage
-        plateau = detector.update(val["loss"]) if since % g.check_every == 0 else False
-        if g.epochs_per_stage is not None:
-            plateau = since >= g.epochs_per_stage
-        elif g.max_stage_epochs is not None:
-            plateau = plateau or since >= g.max_stage_epochs
-        grew = False
-        if plateau and not state["growth_done"] and epoch + 1 < cfg.train.epochs:
-            over = (
-                len(manifest["insertions"]) >= g.max_insertions
-                or (g.max_depth is not None and depth >= g.max_depth)
-                or (g.max_params is not None and count_parameters(net) >= g.max_params)
-            )
-            if over:
-                state["growth_done"] = True
-            else:
-                # Growth event (STYLE 7.5): sync, unwrap (and drop the autocast wrapper: the derivative
-                # and line search run in float32+; under FSDP: gather the full weights and optimizer
-                # state into a plain copy), grow in place, new optimizer, re-prepare (re-shard).
-                acc.wait_for_everyone()
-                net, optimizer = plain_model(acc, model, optimizer)
-                ev: GrowthEvent = grow_once(
-                    net, g.method, probe_batches, val_batches, loss_sum, event=len(state["events"]),
-                    epoch=epoch + 1, seed=cfg.seed, probe_cfg=cfg.probe, epsilons=g.epsilons,
-                    setting=d.name, accelerator=acc, both_signs=g.both_signs,
-                    fill_inactive=g.fill_inactive, site_selection=g.site_selection,
-                )
-                record = ev.to_dict()
-                if ev.site is None:
-                    state["growth_done"] = True
-                else:
-                    # Identical reduced statistics give identical layers; prove it before DDP's
-                    # re-wrap broadcasts rank 0's weights and would hide a divergence (FSDP shards
-                    # each rank's own copy, so there a divergence would go on silently).
-                    record["param_checksums"] = all_equal_digest(net, acc, "parameters")
-                    manifest["insertions"].append({"site": ev.site, "layer": ev.layer, "epoch": epoch + 1})
-                    optimizer = rebuild_after_growth(optimizer, net, cfg.train)
-                    detector.reset()
-                    state["last_event_epoch"] = epoch + 1
-                    grew = True
-                label_event(record, net, manifest["insertions"])  # the stable names of the sites it scored and chose
-                state["events"].append(record)
-                acc.free_memory()
-                model, optimizer = prepare_again(acc, net, optimizer)
-        if grew or (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
-            checkpoint()
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-            checkpoint()
-            acc.wait_for_everyone()
-            return {"stopped_at_epoch": epoch + 1}
+        best_model = _keep_best(run, state, val, best_model)
+        grew = _growth_step(run, state, detector, val, probe_batches, val_batches, loss_sum, base_depth)
+        if grew or run.checkpoint_due() or state.epoch == cfg.train.epochs:
+            run.checkpoint()
+        if stop_after_epoch is not None and state.epoch >= stop_after_epoch:
+            run.checkpoint()
+            run.acc.wait_for_everyone()
+            return {"stopped_at_epoch": state.epoch}
 
-    test = evaluate(best_model, test_batches, task.kind, device, accelerator=acc)
-    final_test = evaluate(net, test_batches, task.kind, device, accelerator=acc)
-    results = {
-        "method": g.method,
-        "task": task.name,
-        "seed": cfg.seed,
-        "test_error": test["error"],
-        "test_loss": test["loss"],
-        "final_test_error": final_test["error"],
-        "best_epoch": state["best_epoch"],
-        "depth": base_depth + len(manifest["insertions"]),
-        "best_depth": base_depth + state["best_insertions"],
-        "params": count_parameters(net),
-        "insertions": len(manifest["insertions"]),
-        "wall_time": time.perf_counter() - started,
-        "num_processes": acc.num_processes,
-        "distributed": {"type": str(acc.distributed_type.value), "sharded": is_sharded(model)},
-        "events": state["events"],
-    }
-    checkpoint()
-    if main:
-        write_json_atomic(out / "results.json", results)
-    # Every rank reaches here before the process group is torn down (STACK.md: gloo teardown aborts).
-    acc.wait_for_everyone()
-    if own_accelerator and acc.num_processes > 1:
-        acc.end_training()
+    results = _results(run, state, base_depth, best_model, test_batches, task)
+    run.say(run.model_line(f"best validation model (epoch {state.best_epoch})", {"test": results["test_error"]},
+                           results["best_depth"], results["best_params"]))
+    run.say(run.model_line(f"final model (epoch {state.epoch})", {"test": results["final_test_error"]},
+                           results["depth"], results["params"]))
+    run.finish(results)
     return results
 
 
-def load_checkpoint_manifest(path: Path) -> dict:
-    """The architecture manifest of a checkpoint directory."""
-    import json
+# ---------------------------------------------------------------------------------------------- set-up
+def _load_task(cfg: RunConfig) -> Task:
+    d = cfg.data
+    return load_task(d.name, seed=cfg.seed, num_train=d.num_train, num_val=d.num_val, num_test=d.num_test,
+                     grid=d.grid, noise=d.noise, image_size=d.image_size, **source_options(d))
 
-    return json.loads((Path(path) / "manifest.json").read_text())
+
+def _build(cfg: RunConfig, task: Task, depth: int, run: Run) -> nn.Module:
+    """The starting network at ``depth`` blocks, on the run's device."""
+    return build_model(cfg.model, task.input_shape, task.num_outputs, depth=depth).to(run.device)
+
+
+def _start_or_resume(run: Run, task: Task, base_depth: int, net: nn.Module) -> tuple:
+    """``(net, optimizer, state, manifest, best model)``: fresh, or rebuilt from ``output_dir/latest``.
+
+    Under FSDP ``net`` is sharded in place once the run prepares it; events, checkpoints and best copies
+    then use the full weights (:meth:`~topotransfer.training.run.Run.plain`).
+    """
+    cfg = run.cfg
+    ckpt = run.checkpoint_to_resume()
+    if ckpt is None:
+        manifest = {
+            "format": 1, "task": task.name, "kind": task.kind, "model": to_dict(cfg.model), "base_depth": base_depth,
+            "input_shape": list(task.input_shape), "num_outputs": task.num_outputs, "insertions": [],
+        }
+        state = GrowState(growth_done=cfg.growth.method == "fixed",
+                          plateau=PlateauDetector(cfg.growth.patience, cfg.growth.min_delta).state_dict())
+        return net, build_optimizer(net, cfg.train), state, manifest, copy.deepcopy(net)
+    # every rank reads the same checkpoint: the architecture (replayed insertions), then weights and state
+    manifest = read_manifest(ckpt)
+    replay_insertions(net, manifest["insertions"])
+    state = run.read_state(ckpt, GrowState)
+    for name, p in net.named_parameters():
+        p.requires_grad_(name not in set(state.frozen))
+    optimizer = build_optimizer(net, cfg.train)
+    run.load_weights(ckpt, net, optimizer)
+    best_model = replay_insertions(_build(cfg, task, base_depth, run), manifest["insertions"][: state.best_insertions])
+    if (run.out / "best" / "model.safetensors").is_file():
+        run.load_weights(run.out / "best", best_model)
+    return net, optimizer, state, manifest, best_model
 
 
 def _checkpoint_bytes(net: nn.Module, base_depth: int, max_insertions: int) -> int:
@@ -345,3 +175,89 @@ def _checkpoint_bytes(net: nn.Module, base_depth: int, max_insertions: int) -> i
     two Adam moments) and ``best`` (weights), each briefly twice while it is atomically replaced."""
     grown = count_parameters(net) * (base_depth + max_insertions) / max(base_depth, 1)
     return int(2 * 4 * grown * next(net.parameters()).element_size()) + (1 << 20)
+
+
+# ---------------------------------------------------------------------------------------------- the epoch
+def _keep_best(run: Run, state: GrowState, val: dict, best_model: nn.Module) -> nn.Module:
+    """The model with the best validation loss so far (written to ``output_dir/best`` with the next checkpoint:
+    a full-batch run improves every epoch)."""
+    if state.best_val is not None and val["loss"] >= state.best_val:
+        return best_model
+    state.best_val, state.best_epoch = val["loss"], state.epoch
+    state.best_insertions = len(run.manifest["insertions"])
+    best_model = run.snapshot()
+    run.save_copy("best", best_model, {"epoch": state.epoch})
+    return best_model
+
+
+def _growth_step(run: Run, state: GrowState, detector: PlateauDetector, val: dict, probe_batches: list,
+                 val_batches: list, loss_sum: nn.Module, base_depth: int) -> bool:
+    """A growth event when the validation loss plateaus (or a stage ends), within the budgets. Returns
+    whether a layer was inserted."""
+    cfg, g = run.cfg, run.cfg.growth
+    since = state.epoch - state.last_event_epoch  # epochs of this stage
+    plateau = detector.update(val["loss"]) if since % g.check_every == 0 else False
+    state.plateau = detector.state_dict()
+    if g.epochs_per_stage is not None:
+        plateau = since >= g.epochs_per_stage
+    elif g.max_stage_epochs is not None:
+        plateau = plateau or since >= g.max_stage_epochs
+    if not plateau or state.growth_done or state.epoch >= cfg.train.epochs:
+        return False
+    if _over_budget(run, base_depth):
+        state.growth_done = True
+        return False
+    # Growth event (STYLE 7.5): sync, unwrap (the derivative and line search run in float32+), grow in
+    # place, new optimizer carrying the surviving parameters' state, prepare again (re-shard).
+    net, optimizer = run.plain()
+    ev = grow_once(
+        net, g.method, probe_batches, val_batches, loss_sum, event=len(state.events), epoch=state.epoch,
+        seed=cfg.seed, probe_cfg=cfg.probe, epsilons=g.epsilons, setting=cfg.data.name, accelerator=run.acc, both_signs=g.both_signs, fill_inactive=g.fill_inactive, site_selection=g.site_selection,
+    )
+    if ev.site is None:
+        state.growth_done = True
+    else:
+        optimizer = rebuild_after_growth(optimizer, net, cfg.train)
+        detector.reset()
+        state.plateau = detector.state_dict()
+        state.last_event_epoch = state.epoch
+        state.frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
+    run.record_event(ev.to_dict(), net, optimizer, depth=ev.depth)
+    return ev.site is not None
+
+
+def _over_budget(run: Run, base_depth: int) -> bool:
+    """The insertion, depth or parameter budget is reached."""
+    g, depth = run.cfg.growth, base_depth + len(run.manifest["insertions"])
+    return (
+        len(run.manifest["insertions"]) >= g.max_insertions
+        or (g.max_depth is not None and depth >= g.max_depth)
+        or (g.max_params is not None and count_parameters(run.net) >= g.max_params)
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the end
+def _results(run: Run, state: GrowState, base_depth: int, best_model: nn.Module, test_batches: list,
+             task: Task) -> dict:
+    """Test error of the best-validation model and of the final one, with the depth and size of each."""
+    test = run.evaluate(best_model, test_batches)
+    final_test = run.evaluate(run.net, test_batches)
+    insertions = len(run.manifest["insertions"])
+    return {
+        "method": run.cfg.growth.method,
+        "task": task.name,
+        "seed": run.cfg.seed,
+        "test_error": test["error"],
+        "test_loss": test["loss"],
+        "final_test_error": final_test["error"],
+        "best_epoch": state.best_epoch,
+        "depth": base_depth + insertions,
+        "best_depth": base_depth + state.best_insertions,
+        "params": count_parameters(run.net),
+        "best_params": count_parameters(best_model),
+        "insertions": insertions,
+        "wall_time": run.elapsed(),
+        "num_processes": run.acc.num_processes,
+        "distributed": {"type": str(run.acc.distributed_type.value), "sharded": is_sharded(run.model)},
+        "events": state.events,
+    }

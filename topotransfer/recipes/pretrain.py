@@ -31,6 +31,7 @@ from ..requirements import check_requirements
 from ..training.checkpoint import write_json_atomic
 from ..training.distributed import build_accelerator, shard
 from ..training.loop import evaluate, make_loader, train_run_epoch
+from ..training.run import RunState
 
 __all__ = ["IMAGE_MEAN", "IMAGE_STD", "run_pretrain", "save_backbone"]
 
@@ -111,10 +112,10 @@ def run_pretrain(cfg: RunConfig, accelerator=None) -> dict:
     val_batches = shard(_batches(task.val, t.batch_size), acc)
     steps_per_epoch = math.ceil(math.ceil(len(task.train) / t.batch_size) / acc.num_processes)
     total_steps = t.epochs * steps_per_epoch if t.max_steps is None else min(t.epochs * steps_per_epoch, t.max_steps)
-    state = {"epoch": 0, "steps": 0, "epoch_progress": None, "history": []}
+    state = RunState()
     started = time.perf_counter()
     for epoch in range(t.epochs):
-        left = None if t.max_steps is None else t.max_steps - state["steps"]
+        left = None if t.max_steps is None else t.max_steps - state.steps
         if left is not None and left <= 0:
             break
         loader = acc.prepare_data_loader(make_loader(task.train, t.batch_size, shuffle=True,
@@ -123,9 +124,9 @@ def run_pretrain(cfg: RunConfig, accelerator=None) -> dict:
                                         state=state, seed=cfg.seed, epoch=epoch, total_steps=total_steps,
                                         train_cfg=t, rng_states=None, checkpoint=lambda: None)
         val = evaluate(model, val_batches, "classification", acc.device, accelerator=acc)
-        state["epoch"] = epoch + 1
-        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
-                                 "val_error": val["error"], "steps": state["steps"],
+        state.epoch = epoch + 1
+        state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+                                 "val_error": val["error"], "steps": state.steps,
                                  "time": time.perf_counter() - started})
     model = acc.unwrap_model(wrapped).eval()
     val = evaluate(model, val_batches, "classification", acc.device, accelerator=acc)
@@ -137,13 +138,13 @@ def run_pretrain(cfg: RunConfig, accelerator=None) -> dict:
         "recipe": "pretrain", "task": task.name, "seed": cfg.seed, "num_train": len(task.train),
         "num_labels": task.num_outputs, "image_size": task.input_shape[-1], "num_channels": task.input_shape[0],
         "val_error": val["error"], "val_loss": val["loss"], "test_error": test["error"], "test_loss": test["loss"],
-        "params": sum(p.numel() for p in model.parameters()), "epochs": state["epoch"], "steps": state["steps"],
-        "history": state["history"], "backbone": str(out / "model"), "num_processes": acc.num_processes,
+        "params": sum(p.numel() for p in model.parameters()), "epochs": state.epoch, "steps": state.steps,
+        "history": state.history, "backbone": str(out / "model"), "num_processes": acc.num_processes,
         "wall_time": time.perf_counter() - started,
     }
     if acc.is_main_process:
         save_backbone(model, norm, out / "model")
-        write_json_atomic(out / "history.json", {"epochs": state["history"]})
+        write_json_atomic(out / "history.json", {"epochs": state.history})
         write_json_atomic(out / "results.json", results)
     acc.wait_for_everyone()
     return results

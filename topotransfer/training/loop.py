@@ -119,7 +119,7 @@ def train_run_epoch(
     max_steps: int | None,
     *,
     accelerator: Any,
-    state: dict,
+    state: Any,
     seed: int,
     epoch: int,
     total_steps: int,
@@ -129,23 +129,23 @@ def train_run_epoch(
 ) -> tuple[float, int]:
     """:func:`train_epoch` with a recipe's run bookkeeping (grow and adapt share it).
 
-    - Start: seed the global RNG by :func:`epoch_seed`; or, when ``state["epoch_progress"]`` says a
+    - Start: seed the global RNG by :func:`epoch_seed`; or, when ``state.epoch_progress`` says a
       mid-epoch checkpoint of this epoch is being resumed, skip the batches of the epoch's (seeded)
       shuffle already trained on and restore this rank's RNG state from ``rng_states``.
     - Every step: the learning rate is ``lr_factor(global step)`` times each group's base rate.
     - Every ``train_cfg.checkpoint_every_steps`` global steps: record the progress in ``state`` and call
       ``checkpoint()`` (on every rank: it may gather).
-    - End: ``state["steps"]`` holds the global step count, ``state["epoch_progress"]`` is cleared.
+    - End: ``state.steps`` holds the global step count, ``state.epoch_progress`` is cleared.
 
     Args:
         loader: this epoch's (prepared) training loader, from its first batch.
-        state: the recipe's JSON-able run state, with ``"steps"`` and ``"epoch_progress"``.
+        state: the run state (:class:`~topotransfer.training.run.RunState`: ``steps``, ``epoch_progress``).
         rng_states: every rank's RNG states of the checkpoint being resumed (needed with a progress).
 
     Returns:
         (mean training loss over the epoch's examples, resumed part included; steps taken by this call).
     """
-    progress = state["epoch_progress"]
+    progress = state.epoch_progress
     rank = 0 if accelerator is None else accelerator.process_index
     if progress is None:
         torch.manual_seed(epoch_seed(seed, epoch, rank))
@@ -156,21 +156,21 @@ def train_run_epoch(
         loader = skip_first_batches(loader, progress["batches"])
         restore_rng_state(rng_states[rank])
         initial, done_before = (progress["loss_sum"], progress["count"]), progress["batches"]
-    first_step, every = state["steps"], train_cfg.checkpoint_every_steps
+    first_step, every = state.steps, train_cfg.checkpoint_every_steps
 
     def lr(i: int) -> float:
         return lr_factor(first_step + i, total_steps, train_cfg)
 
     def on_step(k: int, loss_sum: float, count: int) -> None:
         if every is not None and (first_step + k) % every == 0:
-            state["steps"] = first_step + k
-            state["epoch_progress"] = {"batches": done_before + k, "loss_sum": loss_sum, "count": count}
+            state.steps = first_step + k
+            state.epoch_progress = {"batches": done_before + k, "loss_sum": loss_sum, "count": count}
             checkpoint()
 
     loss, steps = train_epoch(model, loader, optimizer, loss_fn, device, max_steps, accelerator=accelerator,
                               lr_factor_fn=lr, on_step=on_step, initial=initial)
-    state["steps"] = first_step + steps
-    state["epoch_progress"] = None
+    state.steps = first_step + steps
+    state.epoch_progress = None
     return loss, steps
 
 
