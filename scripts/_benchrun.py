@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import yaml
 
 from topotransfer.config import RunConfig, to_dict
+from topotransfer.training.run import existing_run
 
 
 def run_or_reuse(cfg: RunConfig, out: Path, reuse: bool, report_only: bool, run: Callable[[RunConfig], Any]) -> dict | None:
@@ -28,6 +30,7 @@ def run_or_reuse(cfg: RunConfig, out: Path, reuse: bool, report_only: bool, run:
     if report_only:
         return None  # not finished (or another config): left out of the report
     if not reuse:
+        _clear(out)
         return run(cfg).results
     # Several benchmark processes may share a work dir (--reuse): a lock file claims the run, a process that
     # finds it claimed skips it (its report then lacks that run; --report-only at the end collects them all).
@@ -40,9 +43,18 @@ def run_or_reuse(cfg: RunConfig, out: Path, reuse: bool, report_only: bool, run:
     try:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
+        _clear(out)
         return run(cfg).results
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _clear(out: Path) -> None:
+    """Remove an earlier (unfinished, or other-config) run from the benchmark's own run directory ``out``: the
+    benchmark reruns it there (a recipe refuses a directory holding another run)."""
+    for name in existing_run(out):
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
 def wall_text(results: dict, args: argparse.Namespace, wall: float) -> str:

@@ -215,7 +215,7 @@ def grow_run(setting: dict, seed: int, out: Path, site: str | None = None, metho
     if fixed:  # no growth: the network is built at the final depth (base depth + 1)
         cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, "growth.method=fixed"])
         with claimed(out):
-            return grow_record(finished(cfg, out, {}) or run_grow(cfg), out)
+            return grow_record(finished(cfg, out, {}) or run_grow(cfg, overwrite=True), out)
     cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, "growth.method=topo"])
     probe_cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, *(probe or [])]).probe if probe else None
     imposed = {"site": site, "method": method, "probe": probe or []}
@@ -223,7 +223,7 @@ def grow_run(setting: dict, seed: int, out: Path, site: str | None = None, metho
         results = finished(cfg, out, imposed)
         if results is None:
             with imposed_growth(site, None if method == "topo" else method, probe_cfg):
-                results = run_grow(cfg)
+                results = run_grow(cfg, overwrite=True)  # not finished with this config: run again
             (Path(out) / "imposed.json").write_text(json.dumps(imposed))
         return grow_record(results, out)
 
@@ -340,7 +340,7 @@ def adapt_run(setting: dict, seed: int, out: Path, backbone: Path, site: str | N
         else:
             record = {}
             with imposed_adapt(site, record, direction) if run_method in ("topo", "last_block") else contextlib.nullcontext():
-                r = run_adapt(cfg).results
+                r = run_adapt(cfg, overwrite=True).results  # not finished with this config: run again
             (Path(out) / "imposed.json").write_text(json.dumps({**imposed, "record": record}))
     hist = r["history"]
     after = [h for h in hist if h["phase"] != "head"]

@@ -58,7 +58,7 @@ def run_one(task: str, method: str, seed: int, work: Path, extra: list[str], fix
         if saved.is_file() and yaml.safe_load(saved.read_text()) == to_dict(cfg):
             return json.loads((run_dir / "results.json").read_text())
         print(f"--reuse: {run_dir} holds a run of another config; running it again", file=sys.stderr)
-    return run_grow(cfg)
+    return run_grow(cfg, overwrite=True)  # a rerun replaces the earlier run of this work dir
 
 
 def _fmt(xs: list[float], pct: bool) -> str:

@@ -336,3 +336,38 @@ def test_insertion_keeps_the_first_local_minimum_of_a_non_monotone_line_search(b
     theta = torch.cat([layer.weight.detach().reshape(layer.weight.shape[0], -1), layer.bias.detach()[:, None]], dim=1)
     direction_norm = event["init_norm"] / event["epsilon"]
     assert float(theta.norm()) < direction_norm  # ~0.01 x the direction after 2 small steps (eps = 10: 10 x)
+
+
+def test_progress_lines_refused_rerun_and_phase_times(base, tmp_path, capsys):
+    """One line per insertion, an epoch bar with loss and validation error, the final summary in %, wall time
+    per phase in results.json; a second run into the directory is refused and leaves its files byte-identical."""
+    from topotransfer.errors import NoCheckpointError, RunExistsError
+
+    out = tmp_path / "run"
+    res = run(base, out, "progress=true", "adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=1",
+              "adapt.final_epochs=1", "adapt.save_merged=false").results
+    err = capsys.readouterr().err
+    ev = res["events"][0]
+    line = re.search(r"event 1 @ epoch 1: (\S+) \| TD ((?:\S+=\S+ ?)+) \| eps (\S+) \| held-out loss (\S+) -> (\S+) "
+                     r"\| depth (\d+), ([\d,]+) params", err)
+    assert line, err[-3000:]
+    assert line.group(1) == ev["site"] and [s.split("=")[0] for s in line.group(2).split()] == list(ev["scores"])
+    assert float(line.group(3)) == pytest.approx(ev["epsilon"], rel=1e-2)
+    assert (int(line.group(6)), int(line.group(7).replace(",", ""))) == (res["depth"], res["params"]) == (3, res["params"])
+    assert re.search(r"adapt\[topo\].*loss \S+, val \d+\.\d\d %", err), "the epoch bar shows no loss / validation error"
+    summary = re.search(r"final model \(epoch 3, ([\d,]+) trained\): val (\S+) %, test (\S+) % \| depth 3, ([\d,]+) params", err)
+    assert summary, err[-3000:]
+    assert float(summary.group(2)) == pytest.approx(100 * res["val_error"], abs=0.01)
+    assert float(summary.group(3)) == pytest.approx(100 * res["test_error"], abs=0.01)
+    assert int(summary.group(1).replace(",", "")) == res["trainable_params"]
+    times = json.loads((out / "results.json").read_text())["phase_times"]
+    assert set(times) == {"head_warmup", "training", "evaluation", "saving", "derivative", "line_search"}
+    assert all(t > 0 for t in times.values()) and sum(times.values()) <= res["wall_time"]
+
+    finished = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(RunExistsError, match=r"--resume.*--overwrite"):
+        run(base, out, "adapt.method=linear_probe")
+    assert {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == finished
+    with pytest.raises(NoCheckpointError, match="nothing to resume"):
+        run_adapt(load_config(BUILTIN_CONFIGS / "adapt_digits_vit.yaml", overrides(base, tmp_path / "empty")), resume=True)
+    assert list((tmp_path / "empty").iterdir()) == []
