@@ -8,7 +8,9 @@ the skeleton for everything that is not specific to it::
     run.write_config()                                                            # only after set-up succeeded
     ckpt = run.checkpoint_to_resume()                                             # None: a fresh run
     state = MyState() if ckpt is None else run.read_state(ckpt, MyState)          # typed run state
-    run.start(net, optimizer, manifest, state, epochs=..., kind=task.kind, loss=loss_mean)
+    if ckpt is not None: run.load_weights(ckpt, net, optimizer)                  # after replaying its manifest
+    run.start(net, optimizer, manifest, state, train_set=task.train, val_batches=run.batches(task.val, bs),
+              epochs=budget, kind=task.kind, loss=loss_mean, desc="myrecipe")
     while state.epoch < budget:
         val = run.train_epoch(columns={...})          # one epoch, validation, history row, divergence check
         if val is None: break                         # train.max_steps spent
@@ -17,6 +19,7 @@ the skeleton for everything that is not specific to it::
             record = <change net>; optimizer = <new optimizer>
             run.record_event(record, net, optimizer)  # cross-rank digests, manifest, prepared again, event line
         if run.checkpoint_due(): run.checkpoint()
+    results = {"test_error": run.evaluate(run.net, test_batches)["error"], ...}
     run.finish(results)                               # last checkpoint, results.json, process group
 
 What the skeleton owns:
