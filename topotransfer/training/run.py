@@ -102,7 +102,7 @@ __all__ = [
 ]
 
 # What marks a directory as holding a run: its results, its history, its checkpoints and exports.
-RUN_FILES = ("results.json", "history.json", "latest", "last", "best", "adapter", "merged")
+RUN_FILES = ("results.json", "history.json", "latest", "last", "last.previous", "best", "adapter", "merged")
 
 S = TypeVar("S", bound="RunState")
 
