@@ -741,12 +741,16 @@ def child_agree(spec: dict, args: argparse.Namespace) -> dict:
         st = stats[s.name]
         z, p = torch.cat(st._z).double(), torch.cat(st._p).double()
         Q = torch.einsum("nr,ni,nj->rij", p, z, z)
-        lam = torch.linalg.eigvalsh(Q)[:, -1]
+        lam_all, vec_all = torch.linalg.eigh(Q)
+        lam = lam_all[:, -1]
         M = st.second_moment()
         L = ir._cholesky(M, 1e-6)
         A = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, Q, upper=False).transpose(1, 2),
                                           upper=False)
-        mu = torch.linalg.eigvalsh(0.5 * (A + A.transpose(1, 2)))[:, -1]
+        mu_all, y_all = torch.linalg.eigh(0.5 * (A + A.transpose(1, 2)))
+        mu = mu_all[:, -1]
+        ref_dirs = {"rowwise": (lam, vec_all[:, :, -1]),
+                    "rowwise_whiten": (mu, torch.linalg.solve_triangular(L.T, y_all[:, :, -1].T, upper=True).T)}
         rec = {"site": s.name}
         for name, tops, ref in (("rowwise", ir.block_tops(st), lam),
                                 ("rowwise_whiten", ir.whitened_block_tops(st, M), mu)):
@@ -755,16 +759,52 @@ def child_agree(spec: dict, args: argparse.Namespace) -> dict:
             theta, _, _ = ir.rowwise_direction(tops.values, tops.vectors)
             quad_ref = float(torch.einsum("ri,rij,rj->", theta, Q, theta))  # theta^T Q theta in float64
             quad_mf = st.quadratic(theta[:, :-1], theta[:, -1])
+            # the direction a dense float64 solve would insert, and its theta^T Q theta
+            theta_ref, k_ref, _ = ir.rowwise_direction(*ref_dirs[name])
+            quad_dense_dir = float(torch.einsum("ri,rij,rj->", theta_ref, Q, theta_ref))
             rec[name] = {"max_err_rel": float(err.max()), "rows_over_1e-4": int((err > 1e-4).sum()),
                          "lambda_max_rel": abs(float(tops.values.max()) - float(ref.max())) / scale,
                          "quad_rel": abs(quad_mf - quad_ref) / abs(quad_ref),
                          "sign_mismatch": int(((tops.values > 0) != (ref > 0)).sum()),
+                         "quad_vs_dense_direction": abs(quad_ref - quad_dense_dir) / abs(quad_dense_dir),
+                         "k": int((theta.abs().sum(1) > 0).sum()), "k_dense": k_ref,
+                         "mismatch_max_abs_rel": float((ref.abs() / scale)[(tops.values > 0) != (ref > 0)].max())
+                         if bool(((tops.values > 0) != (ref > 0)).any()) else 0.0,
                          "converged": tops.all_converged, "work": tops.work, "iterations": tops.iterations}
         rows.append(rec)
     return {**spec, "kind": "agree", "sites": rows}
 
 
-CHILDREN.update({"rules": child_rules, "agree": child_agree})
+def child_rules_mem(spec: dict, args: argparse.Namespace) -> dict:
+    """Peak extra RSS of one rule (fresh process) and the bytes its matrix-free caches held."""
+    import topotransfer.derivative.topological as topo
+    import topotransfer.init_rules as ir
+    from topotransfer.config import ProbeConfig
+
+    model, data, loss_fn = build_tokens(spec["d"], spec["images"], args.batch_size, args.seed, spec["tokens"])
+    held = {}
+    orig = topo.compute_site_statistics
+
+    def stats(*a, **k):
+        out = orig(*a, **k)
+        held["cache_mb"] = sum(st.nbytes() for st in out[1].values() if hasattr(st, "nbytes")) / MB
+        held["examples"] = max(st.count for st in out[1].values()) // spec["tokens"]
+        return out
+
+    gc.collect()
+    base = current_rss()
+    ok = reset_peak()
+    t0, c0 = time.perf_counter(), time.process_time()
+    ir.compute_site_statistics = stats
+    try:
+        ir.probe_site_results(model, data, loss_fn, ProbeConfig(solver="matrix_free", **RULES[spec["rule"]]))
+    finally:
+        ir.compute_site_statistics = orig
+    return {**spec, "kind": "rules_mem", "peak_extra_mb": (peak_rss() - base) / MB, "reset": ok, "base_mb": base / MB,
+            "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, **held}
+
+
+CHILDREN.update({"rules": child_rules, "agree": child_agree, "rules_mem": child_rules_mem})
 
 
 def rules_report(records: list[dict], argv: list[str]) -> str:
@@ -779,11 +819,20 @@ def rules_report(records: list[dict], argv: list[str]) -> str:
             lines.append(f"| {r['d']} | {r['tokens']} | {r['images']} | {v['t_fb']:.2f} | {rule} | {v['t']:.2f} | "
                          f"{v['ratio']:.2f} | {v['cpu_ratio']:.2f} | {v['ratio_stats']:.2f} | "
                          f"{sum(v['converged'])}/{len(v['converged'])} | {v['warnings']} |")
+    mem = [r for r in records if r.get("kind") == "rules_mem"]
+    if mem:
+        lines += ["", "| d | tokens | images | rule | peak extra RSS [MB] | matrix-free cache [MB] | examples used |",
+                  "|---:|---:|---:|---|---:|---:|---:|"]
+        for r in mem:
+            lines.append(f"| {r['d']} | {r['tokens']} | {r['images']} | {r['rule']} | {r['peak_extra_mb']:.0f} | "
+                         f"{r['cache_mb']:.0f} | {r['examples']} |")
     agree = [r for r in records if r.get("kind") == "agree"]
     if agree:
         lines += ["", "| d | tokens | images | rule | max over sites and rows of abs(lambda_r - ref) / max abs(ref) | "
-                  "rows above 1e-4 | lambda_max rel. err | theta^T Q theta rel. err | rows with another sign | "
-                  "converged | products per site |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "rows above 1e-4 | lambda_max rel. err | theta^T Q theta rel. err (same theta) | "
+                  "theta^T Q theta vs the dense solve's direction | rows with another sign (their max abs(lambda_r) / "
+                  "max abs(ref)) | converged | products per site |",
+                  "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in agree:
             for rule in ("rowwise", "rowwise_whiten"):
                 xs = [s[rule] for s in r["sites"]]
@@ -791,7 +840,9 @@ def rules_report(records: list[dict], argv: list[str]) -> str:
                     f"| {r['d']} | {r['tokens']} | {r['images']} | {rule} | {max(x['max_err_rel'] for x in xs):.1e} | "
                     f"{sum(x['rows_over_1e-4'] for x in xs)} of {len(xs)} x {r['d']} | "
                     f"{max(x['lambda_max_rel'] for x in xs):.1e} | {max(x['quad_rel'] for x in xs):.1e} | "
-                    f"{sum(x['sign_mismatch'] for x in xs)} | {sum(x['converged'] for x in xs)}/{len(xs)} | "
+                    f"{max(x.get('quad_vs_dense_direction', math.nan) for x in xs):.1e} | "
+                    f"{sum(x['sign_mismatch'] for x in xs)} ({max(x.get('mismatch_max_abs_rel', math.nan) for x in xs):.0e}) | "
+                    f"{sum(x['converged'] for x in xs)}/{len(xs)} | "
                     f"{min(x['work'] for x in xs):.1f} - {max(x['work'] for x in xs):.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -799,10 +850,12 @@ def rules_report(records: list[dict], argv: list[str]) -> str:
 def rules_main(argv: list[str]) -> None:
     """``bench_vit_derivative.py rules``: the rules of the shipped configs vs one forward + backward."""
     ap = argparse.ArgumentParser(prog="bench_vit_derivative.py rules")
-    ap.add_argument("--at", nargs="+", default=["192:65:32", "384:65:32", "768:65:32", "768:197:8"],
+    ap.add_argument("--at", nargs="*", default=["192:65:32", "384:65:32", "768:65:32", "768:197:8"],
                     metavar="D:TOKENS:IMAGES")
     ap.add_argument("--agree-at", nargs="*", default=["192:65:16"], metavar="D:TOKENS:IMAGES")
     ap.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    ap.add_argument("--mem-at", nargs="*", default=[], metavar="D:TOKENS:IMAGES",
+                    help="peak RSS of the rowwise rule in a fresh process")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -819,6 +872,8 @@ def rules_main(argv: list[str]) -> None:
                 (map(int, a.split(":")) for a in args.agree_at)]
         jobs += [{"mode": "rules", "d": d, "tokens": t, "images": n, "rules": args.rules} for d, t, n in
                  (map(int, a.split(":")) for a in args.at)]
+        jobs += [{"mode": "rules_mem", "d": d, "tokens": t, "images": n, "rule": "rowwise"} for d, t, n in
+                 (map(int, a.split(":")) for a in args.mem_at)]
         for job in jobs:
             print(f"[{job}]", file=sys.stderr, flush=True)
             cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(job), "--batch-size",
