@@ -60,3 +60,25 @@ def test_mean_reduced_loss_is_refused():
 def test_empty_data_is_refused():
     with pytest.raises(ValueError, match="empty"):
         topological_derivative(ResidualMLP(2, 4, 1, 1), [], nn.MSELoss(reduction="sum"))
+
+
+@pytest.mark.parametrize("solver", ["dense", "matrix_free"])
+def test_second_moment_equals_a_forward_pass_bit_for_bit(solver):
+    """The whitened rule takes M = mean zh zh^T from the statistic instead of one more forward pass: the same
+    bits (same rows, same per-batch sums); ``None`` when rows were subsampled (the pass is then needed)."""
+    from topotransfer.init_rules import input_second_moments
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    for model, x in ((ResidualMLP(5, 16, 2, 3), torch.randn(64, 5, generator=g)),
+                     (ResidualCNN(2, 4, 2, 3), torch.randn(16, 2, 6, 6, generator=g))):
+        y = torch.randint(0, 3, (x.shape[0],), generator=g)
+        half = x.shape[0] // 2
+        data = [(x[:half], y[:half]), (x[half:], y[half:])]
+        loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        sites, stats, layers, _ = compute_site_statistics(model, data, loss_fn, solver=solver)
+        ref = input_second_moments(model, data, sites, layers)
+        for s in sites:
+            assert torch.equal(stats[s.name].second_moment(), ref[s.name])
+        _, sub, _, _ = compute_site_statistics(model, data, loss_fn, solver=solver, sample_fraction=0.5)
+        assert all(st.second_moment() is None for st in sub.values())
