@@ -179,6 +179,18 @@ def cmd_run(args: argparse.Namespace) -> None:
         sys.exit(f"{len(failed)} run(s) failed: {failed}; logs in {args.work_dir / 'logs'}")
 
 
+def config_diff(want: dict, got: dict) -> list[str]:
+    """Dotted keys of ``want`` whose value ``got`` lacks or differs in. Keys only in ``got`` are options the
+    code no longer has (removed after the run); they cannot be requested, so they are not compared."""
+    out = []
+    for key, value in want.items():
+        if isinstance(value, dict) and isinstance(got.get(key), dict):
+            out += [f"{key}.{k}" for k in config_diff(value, got[key])]
+        elif key not in got or got[key] != value:
+            out.append(key)
+    return sorted(out)
+
+
 def load_raw(raw_dir: Path, config: str, methods: list[str], seeds: list[int], extra: list[str]) -> dict:
     """``{method: {seed: record}}``; raises :class:`ReportError` on a missing file or a config mismatch."""
     out: dict = {}
@@ -191,10 +203,9 @@ def load_raw(raw_dir: Path, config: str, methods: list[str], seeds: list[int], e
                 raise ReportError(f"missing raw file {path} (run: reproduce_regression_paper.py run --methods {m} "
                                   f"--seeds {s})")
             rec = json.loads(path.read_text())
-            if rec.get("config") != want:
-                diff = sorted(f"{sec}.{k}" for sec, v in want.items() if isinstance(v, dict)
-                              for k in v if (rec.get("config") or {}).get(sec, {}).get(k) != v[k])
-                raise ReportError(f"{path} was produced by another config (differs in {diff or 'top-level keys'})")
+            diff = config_diff(want, rec.get("config") or {})
+            if diff:
+                raise ReportError(f"{path} was produced by another config (differs in {diff})")
             out[m][s] = rec
     return out
 
@@ -215,7 +226,7 @@ def report(raw: dict, seeds: list[int], command: str) -> str:
         "",
         f"Command: `{command}`  ",
         f"Raw data: `docs/results/regression_paper/<method>/seed<seed>.json` (made by `reproduce_regression_paper.py "
-        f"run`). Seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}), torch {any_rec['torch']}, Python {any_rec['python']}, "
+        f"run`). Seeds {', '.join(map(str, seeds))} ({len(seeds)}), torch {any_rec['torch']}, Python {any_rec['python']}, "
         "one torch thread per run, 2 runs at a time on 2 shared CPU cores.",
         "",
         "Test MSE on 2000 test points, mean ± std over seeds. *best-val* = the model with the lowest validation "
@@ -263,9 +274,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         raw = load_raw(args.raw_dir, args.config, args.methods, args.seeds, args.overrides)
     except ReportError as e:
         sys.exit(f"error: {e}")
-    seeds_txt = f"{args.seeds[0]}-{args.seeds[-1]}" if args.seeds == list(range(args.seeds[0], args.seeds[-1] + 1)) \
-        else ",".join(map(str, args.seeds))
-    command = f"python scripts/reproduce_regression_paper.py report --seeds {seeds_txt}"
+    contiguous = len(args.seeds) > 1 and args.seeds == list(range(args.seeds[0], args.seeds[-1] + 1))
+    seeds_txt = f"{args.seeds[0]}-{args.seeds[-1]}" if contiguous else ",".join(map(str, args.seeds))
+    command = " ".join(["python scripts/reproduce_regression_paper.py report --seeds", seeds_txt, *args.overrides])
     text = report(raw, args.seeds, command)
     if args.notes is not None:
         text += "\n" + args.notes.read_text().rstrip() + "\n"
