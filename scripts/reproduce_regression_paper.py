@@ -276,7 +276,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         sys.exit(f"error: {e}")
     contiguous = len(args.seeds) > 1 and args.seeds == list(range(args.seeds[0], args.seeds[-1] + 1))
     seeds_txt = f"{args.seeds[0]}-{args.seeds[-1]}" if contiguous else ",".join(map(str, args.seeds))
-    command = " ".join(["python scripts/reproduce_regression_paper.py report --seeds", seeds_txt, *args.overrides])
+    flags = [f"--{k} {v}" for k, v in (("notes", args.notes), ("update", args.update)) if v is not None]
+    command = " ".join(["python scripts/reproduce_regression_paper.py report --seeds", seeds_txt, *flags, *args.overrides])
     text = report(raw, args.seeds, command)
     if args.notes is not None:
         text += "\n" + args.notes.read_text().rstrip() + "\n"
