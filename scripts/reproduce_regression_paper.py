@@ -179,14 +179,22 @@ def cmd_run(args: argparse.Namespace) -> None:
         sys.exit(f"{len(failed)} run(s) failed: {failed}; logs in {args.work_dir / 'logs'}")
 
 
-def config_diff(want: dict, got: dict) -> list[str]:
-    """Dotted keys of ``want`` whose value ``got`` lacks or differs in. Keys only in ``got`` are options the
-    code no longer has (removed after the run); they cannot be requested, so they are not compared."""
+def config_diff(want: dict, got: dict, defaults: dict | None = None) -> list[str]:
+    """Dotted keys of ``want`` whose value ``got`` differs in. Keys only in ``got`` are options the code no
+    longer has (removed after the run); keys only in ``want`` are options added after the run, accepted when
+    requested at their default (the old code behaved as the default). Anything else is a difference."""
+    if defaults is None:
+        from topotransfer.config import RunConfig, to_dict
+
+        defaults = comparable_config(to_dict(RunConfig()))
     out = []
     for key, value in want.items():
         if isinstance(value, dict) and isinstance(got.get(key), dict):
-            out += [f"{key}.{k}" for k in config_diff(value, got[key])]
-        elif key not in got or got[key] != value:
+            out += [f"{key}.{k}" for k in config_diff(value, got[key], defaults.get(key) or {})]
+        elif key not in got:
+            if key not in defaults or defaults[key] != value:
+                out.append(key)
+        elif got[key] != value:
             out.append(key)
     return sorted(out)
 
