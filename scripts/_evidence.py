@@ -74,16 +74,20 @@ def resolved_config(setting: dict) -> dict:
 
 def config_hash(name: str, setting: dict, kind: str) -> str:
     """sha256 (16 hex) of what determines a raw file: setting spec + resolved config + kind (sweep / ablation)."""
-    setting = {k: v for k, v in setting.items() if k not in ("dev_seeds", "report_seeds")}  # which seeds: not a config
+    setting = {k: v for k, v in setting.items() if not k.endswith("_seeds")}  # which seeds: not a config
     blob = json.dumps({"name": name, "kind": kind, "setting": setting, "config": resolved_config(setting)},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def seeds_of(spec: dict, name: str, which: str) -> list[int]:
-    """``which`` = "dev" | "report": the setting's own list, else the spec's default."""
+def seeds_of(spec: dict, name: str, which: str, kind: str = "sweep") -> list[int]:
+    """``which`` = "dev" | "report": the setting's own list (``ablation_report_seeds`` for the ablation when
+    given: time ran out before it had every seed of the sweep), else the spec's default."""
     key = f"{which}_seeds"
-    return list(spec["settings"][name].get(key, spec[key]))
+    setting = spec["settings"][name]
+    if kind == "ablation" and f"ablation_{key}" in setting:
+        return list(setting[f"ablation_{key}"])
+    return list(setting.get(key, spec[key]))
 
 
 def raw_path(raw_dir: Path, name: str, kind: str, seed: int) -> Path:
@@ -104,7 +108,7 @@ def read_raw(raw_dir: Path, name: str, setting: dict, kind: str, seed: int) -> d
     if "config" in data and "spec" in data:
         # A field added to the config classes since the file was written, at its default value, is the same
         # config: compare field by field instead of by hash.
-        spec = {k: v for k, v in setting.items() if k not in ("dev_seeds", "report_seeds")}
+        spec = {k: v for k, v in setting.items() if not k.endswith("_seeds")}
         diff = ["spec"] if data["spec"] != spec else []
         diff += config_diff(data["config"], resolved_config(setting), to_dict(load_config(None, [])))
         if not diff:
@@ -135,7 +139,7 @@ def config_diff(stored: dict, current: dict, defaults: dict, prefix: str = "") -
 def write_raw(raw_dir: Path, name: str, setting: dict, kind: str, seed: int, runs: dict, extra: dict) -> Path:
     path = raw_path(raw_dir, name, kind, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    spec = {k: v for k, v in setting.items() if k not in ("dev_seeds", "report_seeds")}
+    spec = {k: v for k, v in setting.items() if not k.endswith("_seeds")}
     payload = {"setting": name, "kind": kind, "seed": seed, "config_hash": config_hash(name, setting, kind),
                "spec": spec, "config": resolved_config(setting),
                "command": " ".join(["python", *sys.argv]), **extra, "runs": runs}

@@ -256,12 +256,11 @@ def score_table(spec: dict, names: list[str], raw_dir: Path) -> list[str]:
 def build(spec: dict, names: list[str], which: str, raw_dir: Path, kinds: list[str]) -> list[str]:
     lines = []
     for name in names:
-        seeds = ev.seeds_of(spec, name, which)
         lines += [f"## {name}", ""]
         if "sweep" in kinds:
-            lines += sweep_tables(name, spec, seeds, raw_dir)
+            lines += sweep_tables(name, spec, ev.seeds_of(spec, name, which), raw_dir)
         if "ablation" in kinds:
-            lines += ablation_table(name, spec, seeds, raw_dir)
+            lines += ablation_table(name, spec, ev.seeds_of(spec, name, which, "ablation"), raw_dir)
     return lines
 
 
