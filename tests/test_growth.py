@@ -212,7 +212,8 @@ def test_a_finished_run_is_refused_byte_for_byte_unless_resume_or_overwrite(tmp_
     run_grow(_cfg(out, "train.epochs=5"))
     finished = _files(out)
     assert {"results.json", "history.json", "latest", "config.yaml"} <= set(finished)
-    for extra in ([], ["growth.method=random_site", "seed=1"], ["data.name=cifar"]):
+    missing = f"data.name=imagefolder:{tmp_path / 'no_images'}"  # a valid config whose data set-up fails
+    for extra in ([], ["growth.method=random_site", "seed=1"], [missing]):
         with pytest.raises(RunExistsError) as refused:
             run_grow(_cfg(out, *extra))
         message = str(refused.value)
@@ -220,8 +221,8 @@ def test_a_finished_run_is_refused_byte_for_byte_unless_resume_or_overwrite(tmp_
         assert _files(out) == finished
     # --overwrite with a config that fails in set-up: still nothing touched (the old run is removed only
     # once the new one's data and model are set up)
-    with pytest.raises(ValueError):
-        run_grow(_cfg(out, "data.name=cifar"), overwrite=True)
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        run_grow(_cfg(out, missing), overwrite=True)
     assert _files(out) == finished
 
     replaced = run_grow(_cfg(out, "train.epochs=5", "seed=1"), overwrite=True)
@@ -241,8 +242,8 @@ def test_resume_without_a_checkpoint_is_an_error_and_writes_nothing(tmp_path):
 
 def test_a_run_that_fails_in_set_up_writes_nothing(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(ValueError):
-        run_grow(_cfg(out, "data.name=cifar"))
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        run_grow(_cfg(out, f"data.name=imagefolder:{tmp_path / 'no_images'}"))
     assert list(out.iterdir()) == []  # not even config.yaml
 
 
