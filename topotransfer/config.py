@@ -61,12 +61,14 @@ def _check_task_name(name: str) -> None:
     key = name.strip()
     if key.lower().replace("-", "_") in AVAILABLE_TASKS:
         return
-    for prefix, example in (("hf:", "hf:mnist"), ("imagefolder:", "imagefolder:data/my_images")):
+    for prefix, example in (("hf:", "hf:mnist"), ("imagefolder:", "imagefolder:data/my_images"),
+                            ("textfile:", "textfile:corpus/")):
         if key.startswith(prefix):
             _check(bool(key[len(prefix):].strip(": ")), f"data.name={name!r} needs a name after {prefix!r}, e.g. {example!r}")
             return
     raise ConfigError(
-        f"data.name must be one of {'|'.join(AVAILABLE_TASKS)}, 'hf:<name>[:<config>]' or 'imagefolder:<dir>', got {name!r}"
+        f"data.name must be one of {'|'.join(AVAILABLE_TASKS)}, 'hf:<name>[:<config>]', 'imagefolder:<dir>' or "
+        f"'textfile:<path>', got {name!r}"
     )
 
 
@@ -130,6 +132,11 @@ class DataConfig:
         default=False, metadata={"help": "hf: leave unreadable examples out (counted) instead of stopping"}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "hf: the datasets cache (None = its default)"})
+    source_corpus: str | None = field(
+        default=None,
+        metadata={"help": "causal LM: a text file / directory of the pretraining domain; its perplexity before and "
+                          "after adaptation is the forgetting"},
+    )
 
     def __post_init__(self) -> None:
         for key in ("num_train", "num_val", "num_test"):
@@ -299,7 +306,10 @@ class TrainConfig:
         _check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1 or null, got {self.max_steps}")
 
 
-ADAPT_METHODS = ("topo", "random_site", "last_block", "linear_probe", "full_finetune", "lora")
+ADAPT_METHODS = ("topo", "random_site", "last_block", "linear_probe", "full_finetune", "lora",
+                 "expand", "interleave", "on_top")
+#: Methods of a decoder LM on a text corpus (``recipes/causal_lm.py``); the last three insert copied blocks.
+CAUSAL_LM_METHODS = ("topo", "expand", "interleave", "on_top", "lora")
 
 
 @dataclass
@@ -314,7 +324,9 @@ class AdaptConfig:
 
     method: str = field(
         default="topo",
-        metadata={"help": "topo | random_site | last_block (insertion) | linear_probe | full_finetune | lora (baselines)"},
+        metadata={"help": "topo | random_site | last_block (insertion) | linear_probe | full_finetune | lora (baselines); "
+                          "text corpus (causal LM): topo | expand (copied blocks placed by the derivative) | interleave | "
+                          "on_top | lora"},
     )
     head_epochs: int = field(default=2, metadata={"help": "epochs training only the new head before any insertion"})
     insertions: int = field(default=2, metadata={"help": "budget of inserted TopoLayers"})
@@ -339,6 +351,11 @@ class AdaptConfig:
     adapter_path: str | None = field(default=None, metadata={"help": "continue from a saved adapter of the same base"})
     save_adapter: bool = field(default=True, metadata={"help": "write output_dir/adapter (not for full_finetune)"})
     save_merged: bool = field(default=True, metadata={"help": "write output_dir/merged (full export)"})
+    lora_match_blocks: bool = field(
+        default=True,
+        metadata={"help": "causal LM, method lora: rank = the largest whose parameters do not exceed `insertions` copied "
+                          "blocks' (alpha = rank); false: adapt.lora_r / lora_alpha"},
+    )
 
     def __post_init__(self) -> None:
         _check(self.method in ADAPT_METHODS, f"adapt.method must be one of {ADAPT_METHODS}, got {self.method!r}")
@@ -563,6 +580,16 @@ def check_runnable(cfg: RunConfig, command: str | None = None) -> None:
                f"pretrain needs an image classification task, not {cfg.data.name!r}")
         return
     if needs == "adapt":
+        from .lm_data import is_corpus
+
+        corpus = is_corpus(cfg.data.name)
+        _check(not corpus or cfg.adapt.method in CAUSAL_LM_METHODS,
+               f"adapt.method={cfg.adapt.method!r} does not apply to a text corpus ({cfg.data.name!r}); use "
+               f"{'|'.join(CAUSAL_LM_METHODS)}")
+        _check(corpus or cfg.adapt.method not in ("expand", "interleave", "on_top"),
+               f"adapt.method={cfg.adapt.method!r} inserts copied blocks of a decoder LM: it needs a text corpus "
+               "(data.name=textfile:<path> or hf:text with data.data_files)")
+        _check(cfg.data.source_corpus is None or corpus, "data.source_corpus applies to a text corpus (causal LM) only")
         _check(bool(cfg.model.name_or_path),
                "the adapt recipe needs model.name_or_path (a hub name or a local save_pretrained dir), "
                "e.g. model.name_or_path=path/to/vit")

@@ -18,10 +18,19 @@ from pathlib import Path
 
 import torch
 
+from torch.utils.data import Dataset
+
 from .errors import EmptyDatasetError
 from .losses import causal_lm_labels
 
-__all__ = ["ByteTokenizer", "lm_batches", "read_corpus", "split_blocks", "tokenize_corpus"]
+__all__ = [
+    "CORPUS_PREFIXES", "ByteTokenizer", "LMBlocks", "corpus_documents", "is_corpus", "lm_batches", "read_corpus",
+    "split_blocks", "tokenize_corpus",
+]
+
+#: ``data.name`` values that name a text corpus (causal-LM adaptation): ``textfile:<file or directory>``
+#: and ``hf:text`` (datasets' ``text`` loader over ``data.data_files``).
+CORPUS_PREFIXES = ("textfile:", "hf:text")
 
 DEFAULT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 
@@ -139,3 +148,66 @@ def lm_batches(blocks: torch.Tensor, batch_size: int, shuffle: bool = False, see
         mask = torch.ones_like(ids)
         out.append({"input_ids": ids, "attention_mask": mask, "labels": causal_lm_labels(ids, mask)})
     return out
+
+
+def is_corpus(name: str) -> bool:
+    """Whether ``data.name`` names a text corpus (``textfile:<path>`` or ``hf:text``)."""
+    key = name.strip()
+    return key.startswith("textfile:") or key == "hf:text"
+
+
+def corpus_documents(name: str, data_files: object = None, cache_dir: str | None = None) -> dict[str, list[str]]:
+    """The documents of a corpus per split.
+
+    ``textfile:<path>``: ``{"train": read_corpus(path)}`` (a file, or every .txt/.md/.rst/.py file under a
+    directory). ``hf:text``: ``datasets.load_dataset("text", data_files=..., sample_by="document")`` (one
+    document per file; local files, nothing downloaded), every split it has (``train``, and ``validation`` /
+    ``test`` when ``data_files`` is a dict naming them).
+
+    Raises:
+        ValueError: not a corpus name, or ``hf:text`` without ``data_files``.
+        FileNotFoundError: a missing path or data file.
+        EmptyDatasetError: a corpus without text.
+    """
+    key = name.strip()
+    if key.startswith("textfile:"):
+        if data_files is not None:
+            raise ValueError("data.data_files applies to 'hf:text'; 'textfile:<path>' names its file or directory")
+        path = key[len("textfile:"):].strip()
+        if not path:
+            raise ValueError("data.name='textfile:' needs a path, e.g. 'textfile:corpus/' or 'textfile:notes.txt'")
+        return {"train": read_corpus(path)}
+    if key != "hf:text":
+        raise ValueError(f"{name!r} is not a text corpus (use 'textfile:<path>' or 'hf:text' with data.data_files)")
+    if data_files is None:
+        raise ValueError("data.name=hf:text needs data.data_files (a file, a list, or {train: ..., validation: ...})")
+    import datasets
+
+    try:
+        splits = datasets.load_dataset("text", data_files=data_files, sample_by="document", cache_dir=cache_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"hf:text: {e}") from e
+    out = {split: [t for t in ds["text"] if t.strip()] for split, ds in splits.items()}
+    if not out.get("train"):
+        raise EmptyDatasetError(f"hf:text with data_files={data_files!r} has no non-empty 'train' document")
+    return out
+
+
+class LMBlocks(Dataset):
+    """(N, L) token blocks as a dataset for the training loops: item ``i`` is ``(inputs, labels)`` with
+    ``inputs`` a :class:`~topotransfer.preprocess.TextInputs` of ``input_ids`` and ``attention_mask`` (ones)
+    rows and ``labels`` the ``input_ids`` (:class:`~topotransfer.losses.CausalLMLoss` shifts them)."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        if blocks.dim() != 2 or blocks.shape[0] == 0:
+            raise EmptyDatasetError(f"LMBlocks needs a non-empty (N, L) tensor, got shape {tuple(blocks.shape)}")
+        self.blocks = blocks.long().contiguous()
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[dict, torch.Tensor]:
+        from .preprocess import TextInputs
+
+        ids = self.blocks[index]
+        return TextInputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)}), ids

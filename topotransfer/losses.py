@@ -26,11 +26,17 @@ class CausalLMLoss(nn.Module):
     (padding, prompt) contribute nothing; their *states* still count as derivative samples unless the
     batch's ``attention_mask`` drops them, because later tokens attend to them.
 
-    Attributes:
-        reduction: always ``"sum"`` (read by :func:`~topotransfer.derivative.topological.check_loss_fn`).
+    Args:
+        reduction: ``"sum"`` (the probe loss J; read by
+            :func:`~topotransfer.derivative.topological.check_loss_fn`) or ``"mean"`` (over the predicted
+            tokens: the training loss, whose value does not depend on the batch size).
     """
 
-    reduction = "sum"
+    def __init__(self, reduction: str = "sum") -> None:
+        super().__init__()
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"CausalLMLoss reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.reduction = reduction
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Args: logits (B, L, V), labels (B, L) token ids or -100. Returns: the scalar summed loss."""
@@ -40,7 +46,7 @@ class CausalLMLoss(nn.Module):
             )
         pred = logits[:, :-1, :].reshape(-1, logits.shape[-1])
         target = labels[:, 1:].reshape(-1).to(pred.device)
-        return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction="sum")
+        return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction=self.reduction)
 
 
 def causal_lm_labels(

@@ -187,7 +187,8 @@ def evaluate(
     forward_fn: Callable = default_forward,
     accelerator: Any | None = None,
 ) -> EvalResult:
-    """Mean loss and metric on ``loader``; classification uses cross-entropy + accuracy, regression MSE.
+    """Mean loss and metric on ``loader``; classification uses cross-entropy + accuracy, regression MSE,
+    causal_lm the next-token cross-entropy per predicted token and the perplexity.
 
     Args:
         accelerator: when it spans several processes, ``loader`` is this process's shard and the sums
@@ -216,6 +217,12 @@ def evaluate(
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             out = forward_fn(model, x)
+            if kind == "causal_lm":  # per predicted token: position l predicts token l + 1 (labels -100: none)
+                target = y[:, 1:]
+                loss_sum += float(nn.functional.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), target.reshape(-1),
+                                                              ignore_index=-100, reduction="sum"))
+                n += int((target != -100).sum())
+                continue
             if kind == "classification":
                 loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
                 correct += int((out.argmax(-1) == y).sum())
@@ -233,4 +240,6 @@ def evaluate(
     if kind == "classification":
         acc = correct / n
         return EvalResult(loss=loss, metric=acc, error=1.0 - acc)
+    if kind == "causal_lm":  # metric and error: the perplexity exp(mean token loss)
+        return EvalResult(loss=loss, metric=math.exp(loss), error=math.exp(loss))
     return EvalResult(loss=loss, metric=loss, error=loss)
