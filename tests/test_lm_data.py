@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from topotransfer.errors import EmptyDatasetError
-from topotransfer.lm_data import ByteTokenizer, lm_batches, read_corpus, split_blocks, tokenize_corpus
+from topotransfer.lm_data import (ByteTokenizer, LMBlocks, corpus_documents, is_corpus, lm_batches, read_corpus,
+                                  split_blocks, tokenize_corpus)
 from topotransfer.losses import CausalLMLoss
 
 
@@ -65,3 +66,32 @@ def test_probe_on_a_byte_level_gpt2():
     scores = copy_site_scores(model, batches, CausalLMLoss())
     assert len(scores) == 3 and all(s.score > 0 for s in scores)
     assert scores[0].num_samples == blocks.numel()
+
+
+def test_corpus_sources_and_blocks_dataset(tmp_path):
+    write_corpus(tmp_path)
+    assert is_corpus("textfile:x") and is_corpus(" hf:text") and not is_corpus("hf:imdb") and not is_corpus("sentiment")
+    assert corpus_documents(f"textfile:{tmp_path}") == {"train": read_corpus(tmp_path)}
+    files = {"train": str(tmp_path / "a.txt"), "test": str(tmp_path / "b" / "c.md")}
+    docs = corpus_documents("hf:text", files, cache_dir=str(tmp_path / "cache"))
+    assert docs["train"][0].startswith("hello world") and docs["test"][0].startswith("caf\u00e9")
+    with pytest.raises(ValueError, match="data_files"):
+        corpus_documents("hf:text")
+    with pytest.raises(ValueError, match="needs a path"):
+        corpus_documents("textfile:")
+    with pytest.raises(FileNotFoundError):
+        corpus_documents("textfile:/no/such/dir")
+    blocks = tokenize_corpus(docs["train"] * 4, ByteTokenizer(), block_size=6)
+    inputs, labels = LMBlocks(blocks)[1]
+    assert torch.equal(inputs["input_ids"], blocks[1]) and torch.equal(labels, blocks[1])
+    assert torch.equal(inputs["attention_mask"], torch.ones(6, dtype=torch.long))
+
+
+def test_causal_lm_loss_mean_is_the_sum_over_predicted_tokens():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(2, 5, 7, generator=g), torch.randint(0, 7, (2, 5), generator=g)
+    labels[1, 3:] = -100
+    total = CausalLMLoss()(logits, labels)
+    assert torch.allclose(CausalLMLoss("mean")(logits, labels), total / 6)  # 4 + 2 predicted tokens
+    with pytest.raises(ValueError, match="reduction"):
+        CausalLMLoss("none")

@@ -237,6 +237,9 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     if not _is_main_rank():
         return EXIT_OK
     keys = ("method", "task", "val_error", "test_error", "insertions", "params", "trainable_params", "wall_time")
+    if run.results.get("task") == "causal_lm":  # a decoder LM on a text corpus: perplexities, no error rate
+        keys = ("method", "task", "sites", "test_perplexity", "base_test_perplexity", "forgetting", "params",
+                "trainable_params", "wall_time")
     print(json.dumps({k: run.results[k] for k in keys}, indent=2))
     print(f"results, adapter and merged export in {cfg.output_dir}")
     return EXIT_OK
