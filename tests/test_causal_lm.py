@@ -134,3 +134,14 @@ def test_bad_causal_lm_configs_are_one_line_errors(tmp_path, corpus, capsys):
     assert code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "/no/such/corpus" in err[0]
+
+
+def test_resume_replays_the_placement(tmp_path, corpus):
+    base = save_gpt2(tmp_path / "base")
+    straight = run_adapt(config(tmp_path / "a", base, corpus, "expand", **{"adapt.epochs_per_insertion": 2})).results
+    cut = config(tmp_path / "b", base, corpus, "expand")
+    run_adapt(cut)  # one epoch, then continued to two from its checkpoint
+    more = config(tmp_path / "b", base, corpus, "expand", **{"adapt.epochs_per_insertion": 2})
+    resumed = run_adapt(more, resume=True).results
+    assert resumed["sites"] == straight["sites"] and resumed["epochs"] == 2
+    assert resumed["test_perplexity"] == straight["test_perplexity"]
