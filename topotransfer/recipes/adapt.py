@@ -309,6 +309,12 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None, overwrite:
         LabelCountMismatchError: ``adapt.adapter_path`` has a head for another number of classes.
         AdapterMismatchError: ``adapt.adapter_path`` was made on another base model.
     """
+    from ..lm_data import is_corpus
+
+    if is_corpus(cfg.data.name):  # a decoder LM on a text corpus: its own recipe (recipes/causal_lm.py)
+        from .causal_lm import run_causal_lm
+
+        return run_causal_lm(cfg, resume=resume, accelerator=accelerator, overwrite=overwrite)
     from transformers import AutoConfig
 
     a = cfg.adapt

@@ -394,6 +394,8 @@ class Run:
         """An error as people read it: percent (classification) or MSE (regression)."""
         if error is None:
             return "n/a"
+        if self.kind == "causal_lm":  # loop.evaluate's error of a language model is its perplexity
+            return f"perplexity {error:.4g}"
         return f"{100 * error:.2f} %" if self.kind == "classification" else f"MSE {error:.4g}"
 
     def model_line(self, label: str, errors: dict[str, float | None], depth: int, params: int) -> str:
