@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from topotransfer.adapter import load_adapter, load_merged, unwrap_peft  # noqa: E402
-from topotransfer.cli import main  # noqa: E402
+from topotransfer.cli import BUILTIN_CONFIGS, main  # noqa: E402
 from topotransfer.config import ConfigError, check_runnable, load_config  # noqa: E402
 from topotransfer.lm_data import ByteTokenizer  # noqa: E402
 from topotransfer.recipes.adapt import run_adapt  # noqa: E402
@@ -56,7 +56,7 @@ def config(tmp_path, base: str, corpus, method: str, **extra):
                  f"data.source_corpus={corpus / 'source.txt'}", "data.num_train=24", "probe.batches=1",
                  "probe.batch_size=8", "probe.rule=top1", "train.batch_size=8", "progress=false", "adapt.lr=0.01"]
     overrides += [f"{k}={v}" for k, v in extra.items()]
-    return load_config(None, ["task=adapt", *overrides])
+    return load_config(BUILTIN_CONFIGS / "adapt_causal_lm.yaml", overrides)
 
 
 def greedy(model, prompt, use_cache=True):
@@ -138,10 +138,11 @@ def test_bad_causal_lm_configs_are_one_line_errors(tmp_path, corpus, capsys):
 
 def test_resume_replays_the_placement(tmp_path, corpus):
     base = save_gpt2(tmp_path / "base")
-    straight = run_adapt(config(tmp_path / "a", base, corpus, "expand", **{"adapt.epochs_per_insertion": 2})).results
-    cut = config(tmp_path / "b", base, corpus, "expand")
-    run_adapt(cut)  # one epoch, then continued to two from its checkpoint
-    more = config(tmp_path / "b", base, corpus, "expand", **{"adapt.epochs_per_insertion": 2})
+    const = {"train.lr_schedule": "constant"}  # a cosine schedule would span a different number of steps
+    straight = run_adapt(config(tmp_path / "a", base, corpus, "expand", **const, **{"adapt.epochs_per_insertion": 2}))
+    straight = straight.results
+    run_adapt(config(tmp_path / "b", base, corpus, "expand", **const))  # one epoch, then continued to two
+    more = config(tmp_path / "b", base, corpus, "expand", **const, **{"adapt.epochs_per_insertion": 2})
     resumed = run_adapt(more, resume=True).results
     assert resumed["sites"] == straight["sites"] and resumed["epochs"] == 2
     assert resumed["test_perplexity"] == straight["test_perplexity"]
