@@ -206,7 +206,7 @@ def run_causal_lm(cfg: RunConfig, resume: bool = False, accelerator=None, overwr
 
     Raises:
         ConfigError: a method that is not a causal-LM method, several processes, a corpus too short.
-        RuntimeError: the frozen backbone changed (a bug).
+        RuntimeError: nothing was placed (topo: TD <= 0 at every site), or the frozen backbone changed (a bug).
     """
     a = cfg.adapt
     if a.method not in CAUSAL_LM_METHODS:
@@ -238,6 +238,8 @@ def run_causal_lm(cfg: RunConfig, resume: bool = False, accelerator=None, overwr
         model = _rebuild(model, cfg, manifest)
         state = run.read_state(ckpt, CausalLMState)
     params = _trainable(model, a.method)
+    if not params:  # topo: no site has TD > 0 on the probe batches
+        raise RuntimeError(f"{a.method}: nothing was placed (scores {state.events[0]['scores']}), so nothing can train")
     trainable_ids = {id(p) for p in params}
     run.frozen_ids = {id(p) for p in model.parameters() if id(p) not in trainable_ids}
     optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=cfg.train.weight_decay)
