@@ -539,19 +539,25 @@ SOURCE_OPTIONS: tuple[str, ...] = (
 )
 
 
+#: The DataConfig fields of the first random-site settings; fields added since count only when set.
+_SETTING_FIELDS: tuple[str, ...] = ("name", "num_train", "num_val", "num_test", "grid", "noise", "image_size",
+                                    "max_length")
+
+
 def setting_key(data_cfg: Any) -> str:
     """A :class:`~topotransfer.config.DataConfig` as a stable string (e.g. to seed per-setting random draws).
 
-    The ``hf:`` source options and ``augment`` are left out while they hold their defaults, so a setting
-    that does not use them has the key it had before they existed (its random-site draws do not change).
+    Fields added to the config after :data:`_SETTING_FIELDS` (the ``hf:`` source options, ``augment``, ...) are
+    left out while they hold their defaults, so a setting that does not use them keeps the key it had before
+    they existed (its random-site draws do not change when an unrelated option is added).
     """
     import dataclasses
     import json
 
     values = dataclasses.asdict(data_cfg)
     defaults = dataclasses.asdict(type(data_cfg)())
-    for key in (*SOURCE_OPTIONS, "augment"):
-        if key in values and values[key] == defaults.get(key):
+    for key in list(values):
+        if key not in _SETTING_FIELDS and values[key] == defaults.get(key):
             del values[key]
     return json.dumps(values, sort_keys=True)
 
