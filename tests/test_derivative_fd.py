@@ -1,4 +1,4 @@
-"""Finite-difference checks of the topological derivative (float64), METHOD.md section 3.
+"""Finite-difference checks of the topological derivative (float64), docs/method.md section 3.
 
 J(eps) = J(0) - eps^2/2 theta^T Q theta + O(eps^3): for the eigen direction theta^T Q theta is the
 score (rule "top1"); for a random direction it is the quadratic form of the accumulated statistic.

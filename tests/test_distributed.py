@@ -68,7 +68,7 @@ def _derivative_rank(out_dir: str) -> None:
             res = topological_derivative(model, shard, loss_fn, accelerator=acc, solver=solver, tol=1e-12)
             out[family, solver] = _summary(res)
     torch.save(out, Path(out_dir) / f"rank{acc.process_index}.pt")
-    acc.wait_for_everyone()  # before the process group goes away (STACK.md: gloo teardown)
+    acc.wait_for_everyone()  # before the process group goes away (gloo aborts if the group goes away with a peer still in a collective)
 
 
 def test_derivative_on_two_shards_equals_one_process_on_all_data(tmp_path):

@@ -1,4 +1,4 @@
-"""Inserted TopoLayers as an adapter over an untouched base model (METHOD.md section 6).
+"""Inserted TopoLayers as an adapter over an untouched base model (docs/method.md section 9).
 
 Adaptation never changes the backbone's weights: it inserts TopoLayers, trains a head for the target
 labels and, optionally, peft LoRA matrices. Two ways to persist the result:

@@ -239,7 +239,7 @@ class GrowthConfig:
     epsilons: list[float] | None = field(default=None, metadata={"help": "eps grid of the line search (None = default)"})
     site_selection: str = field(
         default="argmax",
-        metadata={"help": "topo: argmax (of TD, METHOD.md) | realized (line-search every TD > 0 site's eigen "
+        metadata={"help": "topo: argmax (of TD, the published rule) | realized (line-search every TD > 0 site's eigen "
                           "direction, keep the lowest held-out loss)"},
     )
     fill_inactive: float = field(
@@ -314,7 +314,7 @@ CAUSAL_LM_METHODS = ("topo", "expand", "interleave", "on_top", "lora")
 
 @dataclass
 class AdaptConfig:
-    """Transfer a pretrained backbone to a new dataset (``topotransfer adapt``; METHOD.md section 6).
+    """Transfer a pretrained backbone to a new dataset (``topotransfer adapt``; docs/method.md section 9).
 
     The schedule is ``head_epochs`` of head-only training, then ``insertions`` x (insert a layer, train
     ``epochs_per_insertion`` epochs) and ``final_epochs`` more. Baselines without insertions train for the
@@ -345,7 +345,7 @@ class AdaptConfig:
     epsilons: list[float] | None = field(default=None, metadata={"help": "eps grid of the line search (None = default)"})
     site_selection: str = field(
         default="argmax",
-        metadata={"help": "topo: argmax (of TD, METHOD.md) | realized (line-search every TD > 0 site's direction, "
+        metadata={"help": "topo: argmax (of TD, the published rule) | realized (line-search every TD > 0 site's direction, "
                           "keep the lowest held-out loss)"},
     )
     adapter_path: str | None = field(default=None, metadata={"help": "continue from a saved adapter of the same base"})

@@ -1,4 +1,4 @@
-"""Eigen-solvers for the block-diagonal second-order operator Q of a site (METHOD.md sections 3-4).
+"""Eigen-solvers for the block-diagonal second-order operator Q of a site (docs/method.md sections 3-4).
 
 Q = blockdiag(Q_1, ..., Q_R), each Q_r a symmetric, generally *indefinite* D x D block. We need the
 largest algebraic eigenvalues over all blocks and their eigenvectors; an eigenvector of block r is

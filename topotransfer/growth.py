@@ -1,5 +1,5 @@
 """Growth policy: *when* to grow (plateau), *where* (argmax of the topological derivative, or a
-baseline's rule) and *how* (eigenvector direction + line-searched eps). METHOD.md section 5.
+baseline's rule) and *how* (eigenvector direction + line-searched eps). docs/method.md section 8.
 
 Methods (one switch, ``GrowthConfig.method``):
 

@@ -1,4 +1,4 @@
-"""Row-wise eigen initialisation: one eigenvector per output row (METHOD.md section 3, block structure).
+"""Row-wise eigen initialisation: one eigenvector per output row (docs/method.md section 5).
 
 Q_t = blockdiag_r Q_{t,r}: row r of the new layer's [W | b] couples only with block r. The "cluster" rule
 of :func:`topotransfer.eigen.select_direction` ranks eigenpairs over *all* blocks, so a few rows with the

@@ -1,4 +1,4 @@
-"""Insert an eigen-initialised TopoLayer and choose its scale eps (METHOD.md section 3).
+"""Insert an eigen-initialised TopoLayer and choose its scale eps (docs/method.md section 3).
 
 ``insert_layer`` mutates the model in place: W = eps * weight, b = eps * bias. With eps = 0 the new
 layer is the identity and the model's outputs are bit-identical. ``line_search_epsilon`` tries a grid

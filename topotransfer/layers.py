@@ -1,4 +1,4 @@
-"""The inserted layer of the method (``../shared/METHOD.md`` section 2).
+"""The inserted layer of the method (``docs/method.md`` section 2).
 
 Notation::
 

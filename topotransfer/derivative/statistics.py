@@ -1,4 +1,4 @@
-"""Per-site second-order statistics of the topological derivative (METHOD.md sections 3-4).
+"""Per-site second-order statistics of the topological derivative (docs/method.md sections 3-4).
 
 Notation (one site):
 

@@ -1,4 +1,4 @@
-"""The topological derivative at every site of a model (METHOD.md section 3).
+"""The topological derivative at every site of a model (docs/method.md section 3).
 
 For a site t with layer input z (D = d_in + 1 with the bias) and adjoint p = -dJ/dh_t (R = d_out):
 

@@ -1,4 +1,4 @@
-"""Adapt a pretrained Hugging Face backbone to a new dataset (METHOD.md section 6), or run a baseline.
+"""Adapt a pretrained Hugging Face backbone to a new dataset (docs/method.md section 9), or run a baseline.
 
     load the backbone with a new head for the target labels, freeze the backbone
     -> train the head (adjoints from a random head are noise)                          head_epochs

@@ -107,7 +107,7 @@ def run_derivative(cfg: RunConfig, accelerator: object | None = None, warmup_epo
                        site_selection="realized")
         chosen, realized = ev.site, dict(ev.realized)
         event = {"epsilon": ev.epsilon, "loss_before": ev.loss_before, "loss_after": ev.loss_after}
-    acc.wait_for_everyone()  # every rank gets here before the process group is torn down (STACK.md)
+    acc.wait_for_everyone()  # every rank gets here before the process group is torn down (gloo aborts otherwise)
     if own_accelerator and acc.num_processes > 1:
         acc.end_training()
     if not main:

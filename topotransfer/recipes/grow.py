@@ -1,4 +1,4 @@
-"""Grow a network from scratch (METHOD.md section 5), or run a baseline with the same loop.
+"""Grow a network from scratch (docs/method.md section 8), or run a baseline with the same loop.
 
     train until the validation loss plateaus -> growth event (derivative, insert, line search)
     -> new optimizer carrying the surviving parameters' state -> train again ... until the epoch

@@ -118,7 +118,7 @@ def build_accelerator(device: str = "auto", mixed_precision: str = "no"):
 
     On a host without CUDA (or ``device="cpu"``) the Accelerator is built with ``cpu=True``: a plain
     ``Accelerator()`` under ``accelerate launch --multi_gpu`` would otherwise run unsynchronised
-    world-size-1 copies (STACK.md). A launch of N > 1 processes that still yields a 1-process
+    world-size-1 copies. A launch of N > 1 processes that still yields a 1-process
     Accelerator is refused instead of silently training N independent models.
 
     Under an FSDP launch (``--use_fsdp``, ``configs/accelerate/fsdp.yaml``) the Accelerator shards with
