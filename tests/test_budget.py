@@ -85,11 +85,11 @@ def test_insert_budgeted_on_a_bert_with_sub_block_sites():
     pytest.importorskip("transformers")
     from test_surgery_bert import make_batch, make_bert
 
+    from topotransfer.budget import insert_budgeted
     from topotransfer.config import ProbeConfig
     from topotransfer.init_rules import probe_site_results
     from topotransfer.insertion import evaluate_loss
     from topotransfer.surgery import get_family
-    from topotransfer.budget import insert_budgeted
 
     model, data = make_bert(), [make_batch(), make_batch(seed=2)]
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
@@ -109,12 +109,13 @@ def test_insert_budgeted_on_a_bert_with_sub_block_sites():
         assert loss < r["loss_before"] or r["epsilon"] == 0.01
 
 
-def test_lora_shapes_count_wrapped_modules_once():
+def test_lora_shapes_count_wrapped_modules_once_and_budget_needs_rowwise():
     pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from test_surgery_bert import make_bert
 
     from topotransfer.budget import lora_shapes
+    from topotransfer.config import ConfigError, load_config
 
     model = make_bert()
     shapes = lora_shapes(model, ["query", "value"])
@@ -123,4 +124,41 @@ def test_lora_shapes_count_wrapped_modules_once():
     assert lora_shapes(wrapped, ["query", "value"]) == shapes
     lora = sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n)
     assert lora == lora_parameter_count(shapes, 2)
+    with pytest.raises(ConfigError, match="rowwise"):
+        load_config(None, ["task=adapt", "adapt.param_budget=100", "probe.rule=cluster"])
+    assert load_config(None, ["task=adapt", "adapt.budget_lora_rank=4", "probe.rule=rowwise"]).adapt.budget_lora_rank == 4
 
+
+@pytest.mark.parametrize("lora", [False, True], ids=["topo", "topo+lora"])
+def test_adapt_recipe_spends_the_budget_on_rank_k_layers(tmp_path, lora):
+    """adapt.budget_lora_rank: the inserted layers' parameters (+ LoRA's with adapt.lora) stay within LoRA's count at
+    that rank; two events; the adapter and the merged export reload the live model."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from test_adapt_text import batches, logits, run, save_bert
+
+    from topotransfer.adapter import load_adapter, load_merged
+
+    base = save_bert(tmp_path / "bert")
+    budget = lora_parameter_count([(16, 16)] * 4, 2)  # LoRA rank 2 on query / value of 2 blocks: 256
+    extra = ["adapt.lora=true", "adapt.lora_r=1"] if lora else []
+    result = run(base, tmp_path / "run", "probe.rule=rowwise", "probe.sites=all", "adapt.budget_lora_rank=2",
+                 "adapt.head_epochs=1", "adapt.insertions=2", "adapt.epochs_per_insertion=1", "train.max_steps=4",
+                 "adapt.budget_max_rank=3", *extra)
+    r = result.results
+    spent = sum(layer["parameters"] for e in r["events"] for layer in e.get("layers", []))
+    lora_params = lora_parameter_count([(16, 16)] * 4, 1) if lora else 0
+    assert 0 < spent <= budget - lora_params
+    assert all(e["parameters"] <= (budget - lora_params) // 2 + 1 for e in r["events"] if e.get("layers"))
+    head = 16 * 2 + 2
+    assert r["trainable_params"] == spent + lora_params + head
+    kinds = {layer["layer"]["type"] for e in r["events"] for layer in e.get("layers", [])}
+    assert kinds == {"lowrank"} and r["backbone_unchanged"]
+    (x, _), = batches(base)
+    live = logits(result.model, x)
+    assert torch.equal(logits(load_adapter(None, tmp_path / "run" / "adapter"), x), live)
+    merged = logits(load_merged(tmp_path / "run" / "merged"), x)
+    if lora:  # LoRA folded into the base matrices: equal up to rounding
+        torch.testing.assert_close(merged, live, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(merged, live)

@@ -348,6 +348,17 @@ class AdaptConfig:
         metadata={"help": "topo: argmax (of TD, the published rule) | realized (line-search every TD > 0 site's direction, "
                           "keep the lowest held-out loss)"},
     )
+    param_budget: int | None = field(
+        default=None,
+        metadata={"help": "topo: trainable parameters of the inserted layers (minus LoRA's with adapt.lora), spent on "
+                          "rank-k layers at several sites by eigenvalue per parameter (probe.rule=rowwise); None = "
+                          "one full layer per insertion"},
+    )
+    budget_lora_rank: int | None = field(
+        default=None, metadata={"help": "param_budget = LoRA's parameter count at this rank on the LoRA targets"}
+    )
+    budget_min_rank: int = field(default=1, metadata={"help": "budgeted layers: smallest rank of a layer"})
+    budget_max_rank: int | None = field(default=None, metadata={"help": "budgeted layers: largest rank of a layer"})
     adapter_path: str | None = field(default=None, metadata={"help": "continue from a saved adapter of the same base"})
     save_adapter: bool = field(default=True, metadata={"help": "write output_dir/adapter (not for full_finetune)"})
     save_merged: bool = field(default=True, metadata={"help": "write output_dir/merged (full export)"})
@@ -371,6 +382,13 @@ class AdaptConfig:
             not (self.lora and self.method in ("linear_probe", "full_finetune")),
             f"adapt.lora=true does not apply to method {self.method!r} (use method=lora for the LoRA baseline)",
         )
+        _check(self.param_budget is None or self.param_budget >= 1, f"adapt.param_budget must be >= 1, got {self.param_budget}")
+        _check(self.budget_lora_rank is None or self.budget_lora_rank >= 1,
+               f"adapt.budget_lora_rank must be >= 1, got {self.budget_lora_rank}")
+        _check(self.param_budget is None or self.budget_lora_rank is None,
+               "set adapt.param_budget or adapt.budget_lora_rank, not both")
+        _check(self.budget_min_rank >= 1 and (self.budget_max_rank is None or self.budget_max_rank >= self.budget_min_rank),
+               f"need 1 <= adapt.budget_min_rank <= adapt.budget_max_rank, got {self.budget_min_rank}, {self.budget_max_rank}")
         _check(self.lora_target_modules is None or len(self.lora_target_modules) > 0,
                "adapt.lora_target_modules must be null or a non-empty list")
         _check(self.lora_alpha > 0, f"adapt.lora_alpha must be positive, got {self.lora_alpha}")
@@ -406,6 +424,8 @@ class RunConfig:
         # {config} is replaced by load_config (it knows the file); a config built in code is "default"
         for key, value in (("config", "default"), ("method", method), ("seed", self.seed), ("task", self.task)):
             self.output_dir = self.output_dir.replace("{" + key + "}", str(value))
+        _check((self.adapt.param_budget is None and self.adapt.budget_lora_rank is None) or self.probe.rule == "rowwise",
+               f"adapt.param_budget / budget_lora_rank need probe.rule=rowwise (one rank per row), got {self.probe.rule!r}")
 
 
 def _is_dataclass_type(tp: Any) -> bool:

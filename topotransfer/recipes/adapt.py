@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..adapter import TopoAdapter, head_module_names, load_adapter, merge_and_save, save_adapter, unwrap_peft
+from ..budget import insert_budgeted, lora_parameter_count, lora_shapes, split_budget
 from ..config import AdaptConfig, ConfigError, RunConfig, TrainConfig
 from ..data import Task, setting_key
 from ..errors import CheckpointMismatchError, LabelCountMismatchError
@@ -211,6 +212,9 @@ def _insertion_event(
         record["stopped"] = "score<=0"  # no insertion lowers the loss to second order
         return record
     grid = tuple(sorted(cfg.adapt.epsilons)) if cfg.adapt.epsilons else DEFAULT_EPSILONS
+    budget = _insertion_budget(model, cfg, event)
+    if budget is not None:  # rank-k layers at several sites (docs/method_lowrank.md)
+        return _budgeted_insertion(model, results, record, budget, heldout, loss_sum, grid, cfg, accelerator)
     search = functools.partial(_eps_search, model=model, heldout=heldout, loss_sum=loss_sum, grid=grid,
                                accelerator=accelerator)
     t0 = time.perf_counter()
@@ -254,6 +258,52 @@ def _eps_search(result, *, model: nn.Module, heldout: list, loss_sum: nn.Module,
                              accelerator=accelerator)
     local = first_local_minimum_epsilon(ls.tried)
     return dict(ls.tried).get(local, ls.baseline_loss), (local, ls)
+
+
+def _insertion_budget(model: nn.Module, cfg: RunConfig, event: int) -> int | None:
+    """Parameters insertion event ``event`` may spend on rank-k layers, or ``None`` without a budget.
+
+    adapt.param_budget (or LoRA's parameter count at adapt.budget_lora_rank on the LoRA targets), minus LoRA's own
+    parameters with adapt.lora (the same total budget), split evenly over the insertion events.
+
+    Raises:
+        ConfigError: LoRA alone spends the whole budget.
+    """
+    a = cfg.adapt
+    if a.param_budget is None and a.budget_lora_rank is None:
+        return None
+    base, _ = unwrap_peft(model)
+    shapes = lora_shapes(base, lora_target_modules(base, a.lora_target_modules))
+    total = a.param_budget if a.param_budget is not None else lora_parameter_count(shapes, a.budget_lora_rank)
+    if a.lora:
+        total -= lora_parameter_count(shapes, a.lora_r)
+    if total <= 0:
+        raise ConfigError(f"LoRA rank {a.lora_r} alone spends the parameter budget: {total} left for inserted layers")
+    return split_budget(total, max(1, a.insertions))[event]
+
+
+def _budgeted_insertion(model, results, record, budget, heldout, loss_sum, grid, cfg, accelerator) -> dict:
+    """Spend ``budget`` on rank-k layers over the probed sites (:func:`~topotransfer.budget.insert_budgeted`);
+    the event record lists them under ``layers`` (``site`` / ``layer`` = the first, for the one-layer fields)."""
+    a = cfg.adapt
+    layers = insert_budgeted(
+        model, results, budget, heldout, loss_sum, epsilons=grid, accelerator=accelerator,
+        # eps = 0 gives a layer that never trains (sigma'(0) = 0): the smallest eps of the grid then, as for one layer
+        choose_epsilon=lambda ls: first_local_minimum_epsilon(ls.tried) or min(grid),
+        min_rank=a.budget_min_rank, max_rank=a.budget_max_rank,
+    )
+    if not layers:
+        record["stopped"] = "budget"  # no positive eigenvalue fits the budget
+        return record
+    for layer in layers:
+        layer["site"] = layer["site"].removeprefix(_PEFT_PREFIX)
+        layer["eps_fallback"] = dict(layer["eps_tried"])[layer["epsilon"]] >= layer["loss_before"]
+    last = layers[-1]
+    record.update(site=layers[0]["site"], layer=layers[0]["layer"], layers=layers, budget=budget,
+                  parameters=sum(x["parameters"] for x in layers), score=max(r.score for r in results),
+                  epsilon=layers[0]["epsilon"], loss_before=layers[0]["loss_before"],
+                  loss_after=dict(last["eps_tried"])[last["epsilon"]])
+    return record
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
@@ -537,7 +587,7 @@ def _insertion(run: Run, parts: _Parts, event: int, probe: list, heldout: list, 
     record = _insertion_event(model, cfg.adapt.method, probe, heldout, loss_sum, cfg, event, accelerator=run.acc)
     record["epoch"] = run.state.epoch
     if record["site"] is not None:
-        parts.records.append({"site": record["site"], "layer": record["layer"]})
+        parts.records.extend({"site": x["site"], "layer": x["layer"]} for x in record.get("layers") or [record])
         _set_trainable(model, parts.head, backbone=False, lora=parts.use_lora)
         optimizer = _optimizer(model, parts.head, cfg.adapt, cfg.train, old=optimizer)
     run.record_event(record, model, optimizer, depth=unwrap_peft(model)[0].config.num_hidden_layers,

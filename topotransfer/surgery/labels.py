@@ -121,7 +121,8 @@ def label_event(record: dict, model: nn.Module, insertions: Sequence[dict]) -> d
         model: the network after the event.
         insertions: every insertion the network has had, in order, this event's last when it inserted.
     """
-    before = len(insertions) - (record.get("site") is not None)
+    n = len(record["layers"]) if record.get("layers") else int(record.get("site") is not None)  # layers it inserted
+    before = len(insertions) - n
     try:
         labels = site_labels(model, insertions, applied=before)
         labelled = label_insertions(model, insertions)
@@ -129,5 +130,5 @@ def label_event(record: dict, model: nn.Module, insertions: Sequence[dict]) -> d
         return record
     record["site_labels"] = labels
     if record.get("site") is not None:
-        record["site_label"], record["label"] = labelled[-1]["site_label"], labelled[-1]["label"]
+        record["site_label"], record["label"] = labelled[-n]["site_label"], labelled[-n]["label"]  # its first layer
     return record

@@ -434,7 +434,8 @@ class Run:
         record["score_checksums"] = all_equal(value_digest(record.get("scores", {})), self.acc, "derivative scores")
         if record["site"] is not None:
             record["param_checksums"] = all_equal_digest(net, self.acc, "parameters")
-            self.manifest["insertions"].append({"site": record["site"], "layer": record["layer"], "epoch": self.state.epoch})
+            for ins in record.get("layers") or [record]:  # an event with a parameter budget inserts several
+                self.manifest["insertions"].append({"site": ins["site"], "layer": ins["layer"], "epoch": self.state.epoch})
         label_event(record, net, self.manifest["insertions"] if insertions is None else insertions)
         for key in ("derivative", "line_search"):  # the event's own phases (seconds), see growth.grow_once
             self.add_time(key, record.get("seconds", {}).get(key, 0.0))

@@ -1,0 +1,90 @@
+"""Development runs (seeds 0-4 only) on the MiniLM sentiment task: site sets, rank-k layers under a parameter
+budget, topo + LoRA, against LoRA at matched parameters. Not a report: it prints a table of what finished.
+
+    python scripts/dev_text_sites.py --variants topo_blocks topo_all --seeds 0 1 2 --work-dir /work/runs/text/dev
+
+Every variant uses the settings of scripts/reproduce_text_transfer.py (its FULL overrides, 32 labels per class,
+rule rowwise) plus its own overrides below; a finished run (results.json present) is read back, not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from topotransfer.config import load_config  # noqa: E402
+from topotransfer.models.hf import packaged_model_dir  # noqa: E402
+from topotransfer.recipes.adapt import run_adapt  # noqa: E402
+
+CONFIG = ROOT / "topotransfer" / "configs" / "adapt_sentiment_minilm.yaml"
+BASE = ["train.batch_size=8", "adapt.lr=0.005", "adapt.backbone_lr=0.001", "adapt.head_epochs=20",
+        "adapt.insertions=1", "adapt.epochs_per_insertion=20", "adapt.final_epochs=0", "probe.batch_size=64",
+        "probe.batches=1", "data.max_length=64", "adapt.save_merged=false", "adapt.save_adapter=false",
+        "train.checkpoint_every=1000", "probe.rule=rowwise", "adapt.lora_alpha=16"]
+VARIANTS: dict[str, list[str]] = {
+    "lora": ["adapt.method=lora", "adapt.lora_r=16"],
+    "topo_blocks": ["adapt.method=topo", "probe.sites=blocks"],
+    "topo_sub": ["adapt.method=topo", "probe.sites=sublayers"],
+    "topo_all": ["adapt.method=topo", "probe.sites=all"],
+    "budget_blocks": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16"],
+    "budget_all": ["adapt.method=topo", "probe.sites=all", "adapt.budget_lora_rank=16"],
+    "budget_all_max64": ["adapt.method=topo", "probe.sites=all", "adapt.budget_lora_rank=16", "adapt.budget_max_rank=64"],
+    "topo_lora_all": ["adapt.method=topo", "probe.sites=all", "adapt.lora=true", "adapt.lora_r=8",
+                      "adapt.budget_lora_rank=16"],
+}
+
+
+def run(variant: str, seed: int, shots: int, work: Path) -> dict:
+    out = work / f"{shots}shot" / variant / f"seed{seed}"
+    done = out / "results.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    n = 2 * shots
+    over = [f"model.name_or_path={packaged_model_dir()}", f"data.num_train={n}", f"data.num_val={n}",
+            "data.num_test=1000", f"seed={seed}", f"output_dir={out}", "progress=false", *BASE, *VARIANTS[variant]]
+    if out.exists():  # an interrupted run: start it again
+        import shutil
+
+        shutil.rmtree(out)
+    return run_adapt(load_config(CONFIG, over)).results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--shots", type=int, default=32)
+    ap.add_argument("--work-dir", type=Path, default=Path("/work/runs/text/dev"))
+    args = ap.parse_args()
+    if any(s >= 100 for s in args.seeds):
+        raise SystemExit("development seeds only (< 100)")
+    torch.set_num_threads(1)
+    rows = []
+    for variant in args.variants:
+        for seed in args.seeds:
+            r = run(variant, seed, args.shots, args.work_dir)
+            sites = [e.get("site") for e in r.get("events", [])]
+            layers = [rec.get("site") for e in r.get("events", []) for rec in e.get("layers", [])] or sites
+            rows.append((variant, seed, 100 * r["test_error"], 100 * r["val_error"], r["trainable_params"], layers,
+                         r["wall_time"]))
+            print(f"{variant:18s} seed {seed}: test {rows[-1][2]:.2f} val {rows[-1][3]:.2f} "
+                  f"trainable {r['trainable_params']} wall {r['wall_time']:.0f}s sites {layers}", flush=True)
+    print("\n| variant | test error [%] | seeds | per seed | trainable |\n|---|---|---|---|---|")
+    for variant in args.variants:
+        xs = [r for r in rows if r[0] == variant]
+        errs = [r[2] for r in xs]
+        sd = statistics.stdev(errs) if len(errs) > 1 else 0.0
+        print(f"| {variant} | {statistics.mean(errs):.2f} ± {sd:.2f} | {len(xs)} | "
+              f"{' / '.join(f'{e:.1f}' for e in errs)} | {xs[0][4]} |")
+
+
+if __name__ == "__main__":
+    main()
