@@ -38,6 +38,15 @@ SMALL = ["data.num_train=60", "data.num_val=30", "data.num_test=30", "probe.batc
          "train.batch_size=20", "progress=false"]
 
 
+def assert_cli_error(capsys, argv: list[str], pattern: str) -> None:
+    """The CLI refuses ``argv`` with exit code 2 and one ``error: ...`` line matching ``pattern`` (no traceback)."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert re.search(pattern, err), err
+
+
 def save_vit(path, layers: int = 2, seed: int = 0) -> str:
     torch.manual_seed(seed)
     config = ViTConfig(hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
@@ -203,22 +212,17 @@ def test_baselines(base, tmp_path, method):
 
 
 # ---------------------------------------------------------------------------------------------------- errors
-def test_unknown_config_key_and_missing_model(base, tmp_path):
-    with pytest.raises(SystemExit, match=r"Unknown config key.*adapt\.budget"):
-        main(["adapt", "--config", "adapt_digits_vit", "adapt.budget=3"])
-    with pytest.raises(SystemExit, match="adapt.method must be one of"):
-        main(["adapt", "adapt.method=magic"])
-    with pytest.raises(SystemExit, match="needs model.name_or_path"):
-        main(["adapt", "--config", "adapt_digits_vit", f"output_dir={tmp_path}"])
-    with pytest.raises(SystemExit, match="lora=true does not apply"):
-        main(["adapt", "adapt.method=linear_probe", "adapt.lora=true"])
+def test_unknown_config_key_and_missing_model(base, tmp_path, capsys):
+    assert_cli_error(capsys, ["adapt", "--config", "adapt_digits_vit", "adapt.budget=3"], r"Unknown config key.*adapt\.budget")
+    assert_cli_error(capsys, ["adapt", "adapt.method=magic"], "adapt.method must be one of")
+    assert_cli_error(capsys, ["adapt", "--config", "adapt_digits_vit", f"output_dir={tmp_path}"], "needs model.name_or_path")
+    assert_cli_error(capsys, ["adapt", "adapt.method=linear_probe", "adapt.lora=true"], "lora=true does not apply")
 
 
-def test_image_size_that_cannot_be_used(base, tmp_path):
+def test_image_size_that_cannot_be_used(base, tmp_path, capsys):
     with pytest.raises(ImageSizeError, match="data.image_size=16 but the backbone takes 12x12"):
         run(base, tmp_path, "data.image_size=16")
-    with pytest.raises(SystemExit, match="not an image classification task"):
-        main(["adapt", "--config", "adapt_digits_vit", *overrides(base, tmp_path, "data.name=regression")])
+    assert_cli_error(capsys, ["adapt", "--config", "adapt_digits_vit", *overrides(base, tmp_path, "data.name=regression")], "not an image classification task")
     norm = ImageNormalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     gray = torch.rand(2, 1, 8, 8)
     rgb = prepare_images(gray, 8, 3, norm)

@@ -153,10 +153,12 @@ def test_padding_tokens_do_not_change_the_derivative(base):
 
 
 # ---------------------------------------------------------------------------------------------- errors
-def test_modality_and_family_errors(base, tmp_path):
-    with pytest.raises(SystemExit, match="not a text task but the backbone \\(bert\\) is a text encoder"):
-        main(["adapt", "--config", "adapt_sentiment_minilm", f"model.name_or_path={base}", f"output_dir={tmp_path}",
-              "data.name=digits"])
+def test_modality_and_family_errors(base, tmp_path, capsys):
+    from test_adapt import assert_cli_error
+
+    assert_cli_error(capsys, ["adapt", "--config", "adapt_sentiment_minilm", f"model.name_or_path={base}",
+                              f"output_dir={tmp_path}", "data.name=digits"],
+                     "not a text task but the backbone \\(bert\\) is a text encoder")
     with pytest.raises(ModalityMismatchError, match="data.image_size does not apply"):
         run(base, tmp_path / "b", "data.image_size=8")
     from test_adapt import save_vit
@@ -174,9 +176,8 @@ def test_modality_and_family_errors(base, tmp_path):
     with pytest.raises(UnsupportedModelError, match="unknown model family"):
         load_backbone(str(tmp_path / "albert"))
     assert backbone_modality(BertConfig()) == "text"
-    with pytest.raises(ModalityMismatchError, match="adapt a pretrained text encoder"):  # growth needs tensors
-        main(["grow", "--config", "grow_regression", "data.name=sentiment", f"output_dir={tmp_path / 'g'}",
-              "train.max_steps=1"])
+    assert_cli_error(capsys, ["grow", "--config", "grow_regression", "data.name=sentiment",  # growth needs tensors
+                              f"output_dir={tmp_path / 'g'}", "train.max_steps=1"], "adapt a pretrained text encoder")
     (tmp_path / "notok").mkdir()
     BertConfig(hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
                intermediate_size=32).save_pretrained(tmp_path / "notok")

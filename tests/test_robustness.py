@@ -309,3 +309,31 @@ def test_checkpoints_carry_checksums_and_keep_the_previous_generation(tmp_path):
         load_checkpoint(tmp_path / "last.previous", ResidualMLP(2, 6, 1, 1))
     with pytest.raises(CheckpointMismatchError, match="missing keys"):
         load_checkpoint(tmp_path / "last.previous", ResidualMLP(2, 4, 2, 1))
+
+
+def test_a_kill_inside_save_checkpoint_resumes_from_the_checkpoint_latest_named(tmp_path, monkeypatch):
+    """save_checkpoint moves `last` to `last.previous`, then the new one into `last`: a run killed between the
+    two moves leaves `latest` naming a missing `last`; resume then finds the checkpoint `latest` meant."""
+    import os
+
+    from topotransfer.training import checkpoint as ckpt
+
+    net = ResidualMLP(2, 4, 1, 1)
+    ckpt.save_checkpoint(tmp_path, "last", net, {"format": 1, "insertions": []}, None, {"epoch": 1})
+    assert latest_checkpoint(tmp_path) == tmp_path / "last"
+    real_replace, calls = os.replace, []
+
+    def killed_after_first_move(src, dst):
+        calls.append((src, dst))
+        real_replace(src, dst)
+        if str(dst).endswith("last.previous"):
+            raise KeyboardInterrupt  # the process dies here, before the new checkpoint is moved into place
+
+    monkeypatch.setattr(ckpt.os, "replace", killed_after_first_move)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, "last", net, {"format": 1, "insertions": []}, None, {"epoch": 2})
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert not (tmp_path / "last").exists() and (tmp_path / "latest").read_text().strip() == "last"
+    found = latest_checkpoint(tmp_path)
+    assert found == tmp_path / "last.previous"
+    assert ckpt.load_checkpoint(found, ResidualMLP(2, 4, 1, 1))["state"] == {"epoch": 1}

@@ -227,12 +227,20 @@ def save_checkpoint(
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The directory named by ``output_dir/latest``, or ``None`` when there is no complete checkpoint."""
+    """The directory named by ``output_dir/latest``, or ``None`` when there is no complete checkpoint.
+
+    A run killed inside :func:`save_checkpoint`, between moving ``last`` to ``last.previous`` and moving the
+    new checkpoint into ``last``, leaves ``latest`` naming a directory that is not there; the checkpoint it
+    named before that save is then ``<name>.previous``, which is returned instead.
+    """
     pointer = Path(output_dir) / LATEST
     if not pointer.is_file():
         return None
     path = Path(output_dir) / pointer.read_text().strip()
-    return path if (path / "model.safetensors").is_file() else None
+    if (path / "model.safetensors").is_file():
+        return path
+    previous = path.with_name(path.name + PREVIOUS)
+    return previous if not path.exists() and (previous / "model.safetensors").is_file() else None
 
 
 def load_checkpoint(
