@@ -1,4 +1,4 @@
-"""The rank-k layer g = u + U sigma(V z + c) (docs/method_lowrank.md): identity at V = 0, the second-order
+"""The rank-k layer g = u + U sigma(V z + c) (docs/method.md section 10): identity at V = 0, the second-order
 expansion J(eps) = J(0) - eps^2/2 sum_j theta_j^T Q(u_j) theta_j checked by finite differences in float64 for
 random U and for the eigen rows, trainability, line search and adapter round trips."""
 

@@ -1,4 +1,4 @@
-"""Spend a parameter budget on rank-k layers at several sites (docs/method_lowrank.md section 4).
+"""Spend a parameter budget on rank-k layers at several sites (docs/method.md section 12).
 
 Every positive per-row top eigenvalue lambda_{s,r} of site s is a candidate rank-1 term of a
 :class:`~topotransfer.layers.LowRankTopoLayer` (u = e_r, v = the row's eigenvector): predicted decrease

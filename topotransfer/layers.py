@@ -206,7 +206,7 @@ class TopoConv2d(_ResidualTopoBase):
 
 
 class LowRankTopoLayer(_ResidualTopoBase):
-    """Rank-k residual layer ``g = u + U sigma(V z + c)`` on the last dimension (docs/method_lowrank.md).
+    """Rank-k residual layer ``g = u + U sigma(V z + c)`` on the last dimension (docs/method.md section 10).
 
     Shapes: V = ``weight`` (k, d), c = ``bias`` (k,), U = ``up`` (d, k); k(2d + 1) parameters with the bias
     instead of d(d + 1). With theta_j = [v_j | c_j] = eps * [phi_j | beta_j] and U fixed, ``sigma(0) =

@@ -213,7 +213,7 @@ def _insertion_event(
         return record
     grid = tuple(sorted(cfg.adapt.epsilons)) if cfg.adapt.epsilons else DEFAULT_EPSILONS
     budget = _insertion_budget(model, cfg, event)
-    if budget is not None:  # rank-k layers at several sites (docs/method_lowrank.md)
+    if budget is not None:  # rank-k layers at several sites (docs/method.md section 10)
         return _budgeted_insertion(model, results, record, budget, heldout, loss_sum, grid, cfg, accelerator)
     search = functools.partial(_eps_search, model=model, heldout=heldout, loss_sum=loss_sum, grid=grid,
                                accelerator=accelerator)
