@@ -186,9 +186,10 @@ def claimed(out: Path):
 
 # ------------------------------------------------------------------------------------------------ growth
 @contextlib.contextmanager
-def imposed_growth(site: str | None, method: str | None = None, probe_cfg=None):
+def imposed_growth(site: str | None, method: str | None = None, probe_cfg=None, epsilons: list[float] | None = None):
     """While active, the grow recipe's event 0 inserts at ``site`` (None: the method's own choice), with
-    ``method`` (e.g. random_init, net2deeper) and ``probe_cfg`` (another eigen rule) instead of the config's."""
+    ``method`` (e.g. random_init, net2deeper), ``probe_cfg`` (another eigen rule) and ``epsilons`` (the line
+    search's grid; one value = that eps imposed, only the sign is chosen) instead of the config's."""
     import topotransfer.growth as growth
     import topotransfer.recipes.grow as recipe
 
@@ -200,6 +201,8 @@ def imposed_growth(site: str | None, method: str | None = None, probe_cfg=None):
                 kwargs["site"] = site
             if probe_cfg is not None:
                 kwargs["probe_cfg"] = probe_cfg
+            if epsilons is not None:
+                kwargs["epsilons"] = tuple(epsilons)
             method_ = method or method_
         return real(model, method_, *args, **kwargs)
 
@@ -211,8 +214,9 @@ def imposed_growth(site: str | None, method: str | None = None, probe_cfg=None):
 
 
 def grow_run(setting: dict, seed: int, out: Path, site: str | None = None, method: str = "topo",
-             probe: list[str] | None = None, fixed: bool = False) -> dict:
-    """One single-insertion growth run; returns its summary record (:func:`grow_record`)."""
+             probe: list[str] | None = None, fixed: bool = False, epsilons: list[float] | None = None) -> dict:
+    """One single-insertion growth run; returns its summary record (:func:`grow_record`). ``epsilons``
+    replaces event 0's eps grid (``[eps]``: insert at exactly eps, no search but the sign's)."""
     from topotransfer.recipes.grow import run_grow
 
     over = [*base_overrides(setting), f"seed={seed}", f"output_dir={out}", "progress=false"]
@@ -223,10 +227,12 @@ def grow_run(setting: dict, seed: int, out: Path, site: str | None = None, metho
     cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, "growth.method=topo"])
     probe_cfg = load_config(CONFIGS / f"{setting['config']}.yaml", [*over, *(probe or [])]).probe if probe else None
     imposed = {"site": site, "method": method, "probe": probe or []}
+    if epsilons is not None:  # only then: runs made before this key existed stay reusable
+        imposed["epsilons"] = [float(e) for e in epsilons]
     with claimed(out):
         results = finished(cfg, out, imposed)
         if results is None:
-            with imposed_growth(site, None if method == "topo" else method, probe_cfg):
+            with imposed_growth(site, None if method == "topo" else method, probe_cfg, epsilons):
                 results = run_grow(cfg, overwrite=True)  # not finished with this config: run again
             (Path(out) / "imposed.json").write_text(json.dumps(imposed))
         return grow_record(results, out)

@@ -4,6 +4,8 @@ insertion there with every other initialisation (same eps line search, same budg
     python scripts/ablate_init.py --setting grow_digits --seeds 0 1 2 3 4
     python scripts/ablate_init.py --setting grow_digits --seeds 100 101 --raw-dir docs/results/evidence/raw
     python scripts/ablate_init.py --quick --setting grow_digits --seeds 0             # smoke run
+    python scripts/ablate_init.py --setting grow_digits --seeds 100 --raw-dir docs/results/evidence/raw \
+        --add random_same_eps     # add initialisations to a seed's existing raw file (site and eps read from it)
 
 Initialisations (labels of the raw file):
 
@@ -12,6 +14,9 @@ Initialisations (labels of the raw file):
 - ``random``: a Gaussian direction scaled exactly like the configured rule's eigen direction at the site (same
   Frobenius norm; under the whitened rule the same mean-square pre-activation:
   :func:`topotransfer.growth.scale_matched_random_direction`), same line search over eps and sign;
+- ``random_same_eps`` (growth only): the same random direction as ``random`` (same generator, same scale),
+  inserted at exactly the eps the configured rule's line search chose (a one-value grid: no eps search of its
+  own, only the sign is chosen, as for every direction), so that both layers start equally large;
 - ``net2deeper`` (growth only): a zero layer with tanh activation (Net2DeeperNet identity; nothing to search).
 
 No silent eps fallback: when no eps of the grid lowers the held-out loss, the layer goes in at the smallest eps
@@ -60,7 +65,19 @@ def random_direction(seed: int):
     return direction
 
 
-def run_setting(name: str, setting: dict, seeds: list[int], work: Path, raw_dir: Path) -> list[Path]:
+def initialisations(grow: bool, own_rule: str, seed: int, eps: float) -> list[tuple[str, dict]]:
+    """(label, keyword arguments of the run) of every initialisation but the configured one, in run order."""
+    todo = [("random", dict(method="random_init") if grow else dict(direction=random_direction(seed)))]
+    if grow:
+        todo.append(("random_same_eps", dict(method="random_init", epsilons=[eps])))
+        todo.append(("net2deeper", dict(method="net2deeper")))
+    todo += [(rule, dict(probe=over)) for rule, over in RULES.items() if rule != own_rule]
+    return todo
+
+
+def run_setting(name: str, setting: dict, seeds: list[int], work: Path, raw_dir: Path,
+                add: list[str] | None = None, command: str = "") -> list[Path]:
+    """The ablation of each seed; with ``add``, only those initialisations, added to the seed's raw file."""
     written = []
     grow = setting["recipe"] == "grow"
     backbone = None if grow else ev.pretrained(setting, work)
@@ -76,19 +93,34 @@ def run_setting(name: str, setting: dict, seeds: list[int], work: Path, raw_dir:
                 return ev.grow_run(setting, seed, out, **kw)
             return ev.adapt_run(setting, seed, out, backbone, **kw)
 
-        runs = {own_rule: one(own_rule)}  # the configured method: picks the site
+        extra = {}
+        if add:  # the seed's existing file (checked against the spec): its configured run, site and eps
+            old = ev.read_raw(raw_dir, name, setting, "ablation", seed)
+            runs = old["runs"]
+            # the file keeps its own command and config record (what its first runs were made with; the spec
+            # check above accepted it), the addition records its command
+            extra = {key: old[key] for key in ("command", "config", "config_hash")}
+            extra["added"] = {**old.get("added", {}), **{label: command for label in add}}
+            t0 -= old.get("ablation_wall_time", 0.0)
+        else:
+            runs = {own_rule: one(own_rule)}  # the configured method: picks the site
         site = runs[own_rule]["event"]["site"]
+        eps = runs[own_rule]["event"]["epsilon"]  # what the configured rule's line search chose
         # the most telling comparison first (eigen vs an equally large random direction); the file is rewritten
         # after every initialisation, so a seed cut short by time still reports what it ran (the table counts seeds)
-        todo = [("random", dict(method="random_init") if grow else dict(direction=random_direction(seed)))]
-        if grow:
-            todo.append(("net2deeper", dict(method="net2deeper")))
-        todo += [(rule, dict(probe=over)) for rule, over in RULES.items() if rule != own_rule]
+        todo = initialisations(grow, own_rule, seed, eps)
+        if add:
+            unknown = sorted(set(add) - {label for label, _ in todo})
+            if unknown:
+                raise SystemExit(f"unknown initialisation(s) {unknown} for {name}; "
+                                 f"known: {[label for label, _ in todo]}")
+            todo = [(label, kw) for label, kw in todo if label in add]
         for label, kw in todo:
             runs[label] = one(label, site=site, **kw)
             path = ev.write_raw(raw_dir, name, setting, "ablation", seed, runs,
-                                {"site": site, "configured_rule": own_rule, "complete": len(runs) == len(todo) + 1,
-                                 "ablation_wall_time": time.perf_counter() - t0})
+                                {"site": site, "configured_rule": own_rule,
+                                 "complete": len(runs) == len(initialisations(grow, own_rule, seed, eps)) + 1,
+                                 "ablation_wall_time": time.perf_counter() - t0, **extra})
         written.append(path)
         print(f"{name} seed {seed}: site {site}, {len(runs)} initialisations, {time.perf_counter() - t0:.0f} s "
               f"-> {written[-1]}", flush=True)
@@ -104,6 +136,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     ap.add_argument("--raw-dir", type=Path, default=None, help="where the raw JSON goes (default: WORK_DIR/raw)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets (smoke test; its own config hash)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--add", nargs="+", default=None, metavar="LABEL",
+                    help="only these initialisations, added to each seed's existing raw file in --raw-dir")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = ev.load_spec(args.spec)
@@ -111,11 +145,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if unknown:
         ap.error(f"unknown setting(s) {unknown}; the spec has {sorted(spec['settings'])}")
     raw_dir = args.raw_dir or args.work_dir / "raw"
+    command = " ".join(["python", "scripts/ablate_init.py", *(sys.argv[1:] if argv is None else argv)])
     written = []
     for name in args.setting:
         setting = spec["settings"][name]
-        written += run_setting(name, quick_setting(setting) if args.quick else setting, args.seeds, args.work_dir,
-                               raw_dir)
+        try:
+            written += run_setting(name, quick_setting(setting) if args.quick else setting, args.seeds,
+                                   args.work_dir, raw_dir, args.add, command)
+        except ev.RawDataError as e:  # --add without (a valid) raw file to add to
+            raise SystemExit(str(e)) from None
     return written
 
 

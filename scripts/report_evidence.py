@@ -202,8 +202,15 @@ def ablation_table(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> li
     lines = [f"### {name}: initialisation at the configured method's site ({len(seeds)} seeds: {seeds})", "",
              f"Sites used: {', '.join(sites)}. Same eps grid and line search (both signs) for every direction; "
              f"`random` is scaled exactly like the `{own}` direction. eps fallback = no eps lowered the held-out "
-             "loss (the layer went in at the smallest eps; counted, not hidden).", "",
-             f"| initialisation | seeds | eps fallbacks | mean initial norm | held-out loss drop at insertion [%] | "
+             "loss (the layer went in at the smallest eps; counted, not hidden); the drop column is the loss of the "
+             "layer actually inserted."
+             + (" `random_same_eps` = the direction of `random` inserted at exactly the eps the "
+                f"`{own}` line search chose (no eps search of its own, only the sign), so both layers start "
+                "equally large in the measure `random` is matched in (under a whitened rule the Frobenius "
+                "`initial norm` differs); its eps fallback = the loss did not drop at that eps."
+                if "random_same_eps" in labels else ""), "",
+             "| initialisation | seeds | eps fallbacks | mean initial norm | "
+             "held-out loss drop at insertion [%; < 0: rose] | "
              f"best-val test [{unit}] | final test [{unit}] | final − {own}, per seed ({own} better on) |",
              "|---|---|---|---|---|---|---|---|"]
     for label in labels:
@@ -211,8 +218,11 @@ def ablation_table(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> li
         ref = [data[s]["runs"][own]["final"]["test_error"] for s in have]
         runs = [data[s]["runs"][label] for s in have]
         evs = [r["event"] for r in runs]
-        drops = [100 * (e["loss_before"] - e["realized"]) / e["loss_before"] for e in evs
-                 if e.get("realized") is not None and e.get("loss_before") and math.isfinite(e["realized"])]
+        # the loss of the layer actually inserted (after an eps fallback: at the eps it went in at, which may
+        # raise the loss: a negative drop), not the line search's best (0 on a fallback)
+        after = [e.get("loss_after") if e.get("loss_after") is not None else e.get("realized") for e in evs]
+        drops = [100 * (e["loss_before"] - a) / e["loss_before"] for e, a in zip(evs, after, strict=True)
+                 if a is not None and e.get("loss_before") and math.isfinite(a)]
         finals = [r["final"]["test_error"] for r in runs]
         lines.append(
             f"| {label} | {len(have)} | {sum(bool(e.get('eps_fallback')) for e in evs)}/{len(evs)} | "

@@ -23,7 +23,8 @@ def test_growth_ablation_puts_every_initialisation_at_the_configured_site(tmp_pa
     data = json.loads(path.read_text())
     own = data["configured_rule"]
     assert own == "rowwise_whiten"  # grow_digits.yaml: rowwise + whiten
-    assert set(data["runs"]) == {"top1", "cluster", "rowwise", "rowwise_whiten", "random", "net2deeper"}
+    assert set(data["runs"]) == {"top1", "cluster", "rowwise", "rowwise_whiten", "random", "random_same_eps",
+                                 "net2deeper"}
     for label, run in data["runs"].items():
         e = run["event"]
         assert e["site"] == data["site"] and e["forced_site"] == (label != own)
@@ -35,10 +36,30 @@ def test_growth_ablation_puts_every_initialisation_at_the_configured_site(tmp_pa
     assert math.isnan(rnd["quadratic"]) if rnd["quadratic"] is not None else True
     assert rnd["method"] == "random_init" and rnd["epsilon"] > 0
 
+    # random_same_eps: the random direction of `random` (same generator and scale), at the eigen direction's eps
+    same, eigen = data["runs"]["random_same_eps"]["event"], data["runs"][own]["event"]
+    assert same["method"] == "random_init" and same["epsilon"] == eigen["epsilon"]
+    assert same["init_norm"] / same["epsilon"] == pytest.approx(rnd["init_norm"] / rnd["epsilon"], rel=1e-9)
+    assert (same["epsilon"] == rnd["epsilon"]) == (same["init_norm"] == rnd["init_norm"])
+
+    # --add: only the named initialisations, added to the existing file (its command kept, the addition recorded)
+    before = json.loads(path.read_text())
+    del before["runs"]["random_same_eps"]
+    path.write_text(json.dumps(before))
+    [again] = ablate_init.main(["--quick", "--setting", "grow_digits", "--seeds", "0", "--work-dir",
+                                str(tmp_path / "work"), "--raw-dir", str(raw), "--add", "random_same_eps"])
+    added = json.loads(again.read_text())
+    assert added["runs"] == data["runs"] and added["command"] == data["command"] and added["complete"]
+    assert "--add random_same_eps" in added["added"]["random_same_eps"]
+    with pytest.raises(SystemExit, match="unknown initialisation"):
+        ablate_init.main(["--quick", "--setting", "grow_digits", "--seeds", "0", "--work-dir",
+                          str(tmp_path / "work"), "--raw-dir", str(raw), "--add", "nonsense"])
+
     spec = quick_spec(tmp_path, "grow_digits", [0])
     text = report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "ablation"])
     for label in data["runs"]:
         assert f"| {label} |" in text
+    assert "`random_same_eps` = the direction of `random` inserted at exactly the eps" in text
     path.unlink()
     with pytest.raises(SystemExit, match=r"missing raw file .*ablation_seed0\.json.*ablate_init\.py"):
         report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "ablation"])
