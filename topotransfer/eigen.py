@@ -149,6 +149,24 @@ def _reorthogonalize(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def _keep_blocks(
+    basis: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, keep: torch.Tensor, j: int, cap: int, budget: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Drop the Lanczos recurrences of the blocks not in ``keep`` (indices into the active blocks).
+
+    basis (Ra, cap + 1, D), alpha / beta (Ra, cap) hold ``j`` steps; the survivors keep them, and the memory the
+    dropped blocks freed (``budget`` basis vectors in all) lets them run a longer Krylov space: the new capacity
+    is ``max(cap, min(D, budget // survivors - 1))``.
+    """
+    D = basis.shape[-1]
+    cap_new = max(cap, min(D, budget // keep.numel() - 1))
+    new_basis = basis.new_empty(keep.numel(), cap_new + 1, D)
+    new_basis[:, : j + 1] = basis[keep, : j + 1]
+    new_alpha, new_beta = alpha.new_zeros(keep.numel(), cap_new), beta.new_zeros(keep.numel(), cap_new)
+    new_alpha[:, :j], new_beta[:, :j] = alpha[keep, :j], beta[keep, :j]
+    return new_basis, new_alpha, new_beta, cap_new
+
+
 def lanczos_top_eigenpairs(
     matvec: Callable[..., torch.Tensor],
     num_blocks: int,
@@ -318,14 +336,7 @@ def lanczos_top_eigenpairs(
                     kept = keep.nonzero().squeeze(1)
                     act = act[kept]
                     Ra = act.numel()
-                    cap_new = max(cap, min(D, budget // Ra - 1))
-                    nb = torch.empty(Ra, cap_new + 1, D, dtype=dtype, device=dev)
-                    nb[:, : j + 1] = basis[kept, : j + 1]
-                    na = torch.zeros(Ra, cap_new, dtype=dtype, device=dev)
-                    nbeta = torch.zeros(Ra, cap_new, dtype=dtype, device=dev)
-                    na[:, :j], nbeta[:, :j] = alpha[kept, :j], beta[kept, :j]
-                    basis, alpha, beta, cap = nb, na, nbeta, cap_new
-                    del nb, na, nbeta
+                    basis, alpha, beta, cap = _keep_blocks(basis, alpha, beta, kept, j, cap, budget)
         # Explicit restart: per block, the sum of its leading Ritz vectors (most wanted pairs live there).
         lead = min(j, want)
         v0 = torch.bmm(S[:, :, j - lead :].sum(-1).unsqueeze(1), basis[:, :j]).squeeze(1)
@@ -559,14 +570,7 @@ def block_top_eigenpairs_lanczos(
                 if act.numel() == 0:
                     break
                 Ra = act.numel()
-                cap_new = max(cap, min(D, budget // Ra - 1))
-                nb = torch.empty(Ra, cap_new + 1, D, dtype=dtype, device=dev)
-                nb[:, : j + 1] = basis[keep, : j + 1]
-                na = torch.zeros(Ra, cap_new, dtype=dtype, device=dev)
-                nbeta = torch.zeros(Ra, cap_new, dtype=dtype, device=dev)
-                na[:, :j], nbeta[:, :j] = alpha[keep, :j], beta[keep, :j]
-                basis, alpha, beta, cap = nb, na, nbeta, cap_new
-                del nb, na, nbeta
+                basis, alpha, beta, cap = _keep_blocks(basis, alpha, beta, keep, j, cap, budget)
     vecs = vecs / torch.linalg.vector_norm(vecs, dim=1, keepdim=True).clamp_min(1e-300)
     vecs = fix_signs(vecs)
     # Truthful check: Rayleigh quotients and true residuals of the returned vectors, one product for all blocks.
