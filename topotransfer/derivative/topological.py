@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -261,6 +261,45 @@ def compute_site_statistics(
     forward_fn = forward_fn or default_forward
     family = get_family(model)
     site_list = _resolve_sites(model, family, sites)
+    layers, stats = _new_site_statistics(model, family, site_list, solver, dense_max_dim, cache_dtype)
+    device = next(model.parameters()).device
+
+    was_training = model.training
+    model.eval()  # the derivative is of the deterministic network: no dropout
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    n_batches = 0
+    try:
+        with capture_states(model, site_list, family) as store:
+            batches = _probe_batches(data, stats, device, max_batches, max_samples, max_cache_bytes, progress)
+            for inputs, targets in batches:
+                loss, captured = probe_batch(model, site_list, family, store, inputs, targets, loss_fn, forward_fn)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"Non-finite probe loss {loss.item()} in batch {n_batches}")
+                total_loss += loss.to(torch.float64)
+                _update_site_statistics(stats, layers, site_list, captured, inputs, n_batches,
+                                        sample_fraction, max_samples_per_batch, sample_seed)
+                n_batches += 1
+    finally:
+        model.train(was_training)
+    total_loss = _reduce_across_processes(stats, n_batches, total_loss, accelerator, device)
+    return site_list, stats, layers, float(total_loss)
+
+
+def _new_site_statistics(
+    model: nn.Module,
+    family: ChainFamily,
+    site_list: Sequence[Site],
+    solver: str,
+    dense_max_dim: int,
+    cache_dtype: torch.dtype | None,
+) -> tuple[dict[str, nn.Module], dict[str, SiteStatistic]]:
+    """One zero layer and one empty statistic per site.
+
+    The layer (on the model's device and dtype) fits the site and turns its state / adjoint into samples.
+    The statistic is dense (a D x D Q) when ``solver`` is "dense", or "auto" and D <= ``dense_max_dim``
+    with D = in_features (+1 with a bias); else matrix-free (caches the rows, ``cache_dtype``: float64 for
+    a float64 model, float32 otherwise, unless given).
+    """
     layers = {s.name: family.new_layer(model, s) for s in site_list}
     ref = next(model.parameters())
     device = ref.device
@@ -278,66 +317,104 @@ def compute_site_statistics(
             if use_dense
             else MatrixFreeStatistic(layer.out_features, layer.in_features, has_bias, cache_dtype=cache_dtype)
         )
+    return layers, stats
 
-    was_training = model.training
-    model.eval()  # the derivative is of the deterministic network: no dropout
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    n_batches = 0
-    try:
-        with capture_states(model, site_list, family) as store:
-            iterator = data
-            if progress:
-                from tqdm.auto import tqdm
 
-                iterator = tqdm(data, desc="topological derivative", total=max_batches, leave=False)
-            n_examples = 0
-            cache_per_row = any(isinstance(st, MatrixFreeStatistic) for st in stats.values())
-            subsampling = sample_fraction is not None or max_samples_per_batch is not None
-            for batch in iterator:
-                if max_batches is not None and n_batches >= max_batches:
-                    break
-                if max_samples is not None and n_examples >= max_samples:
-                    break
-                inputs, targets = split_batch(batch)
-                if max_cache_bytes is not None and n_batches > 0 and cache_per_row:
-                    held = sum(st.nbytes() for st in stats.values() if isinstance(st, MatrixFreeStatistic))
-                    if held + held / max(1, n_examples) * targets.shape[0] > max_cache_bytes:
-                        warnings.warn(
-                            f"Probe cache cap reached: the matrix-free statistics hold {held / 1e6:.0f} MB after "
-                            f"{n_examples} examples, the next batch would exceed max_cache_bytes = "
-                            f"{max_cache_bytes / 1e6:.0f} MB; the derivative uses these {n_examples} examples only",
-                            RuntimeWarning,
-                            stacklevel=2,
-                        )
-                        break
-                if max_samples is not None and n_examples + targets.shape[0] > max_samples:
-                    inputs, targets = _truncate(inputs, targets, max_samples - n_examples)
-                n_examples += targets.shape[0]
-                inputs, targets = _to_device(inputs, device), _to_device(targets, device)
-                loss, captured = probe_batch(model, site_list, family, store, inputs, targets, loss_fn, forward_fn)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"Non-finite probe loss {loss.item()} in batch {n_batches}")
-                total_loss += loss.to(torch.float64)
-                rows, rows_of, scale = None, -1, 1.0
-                for s in site_list:
-                    h, p = captured.pop(s.name)  # drop each site's state as soon as it is cached
-                    z, pr = layers[s.name].samples(h, p)
-                    keep = sample_mask(inputs, h)
-                    del h, p
-                    if keep is not None:  # padding tokens are not samples (their adjoint is 0 anyway)
-                        z, pr = z[keep], pr[keep]
-                    if subsampling and z.shape[0] != rows_of:  # once per batch: states share their row layout
-                        rows = subsample_rows(z.shape[0], n_batches, sample_fraction, max_samples_per_batch,
-                                              sample_seed, z.device)
-                        rows_of, scale = z.shape[0], z.shape[0] / rows.numel() if rows is not None else 1.0
-                    if rows is not None:  # the same rows at every site
-                        stats[s.name].update(z[rows], pr[rows] * scale, represents=z.shape[0])
-                    else:
-                        stats[s.name].update(z, pr)
-                    del z, pr
-                n_batches += 1
-    finally:
-        model.train(was_training)
+def _probe_batches(
+    data: Iterable,
+    stats: dict[str, SiteStatistic],
+    device: torch.device,
+    max_batches: int | None,
+    max_samples: int | None,
+    max_cache_bytes: int | None,
+    progress: bool,
+) -> Iterator[tuple[object, torch.Tensor]]:
+    """Yield the probe's ``(inputs, targets)`` batches on ``device``, within the probe's limits.
+
+    Stops after ``max_batches`` batches or ``max_samples`` examples (the last batch is cut to fit), and
+    before the first batch (never the first) whose rows would push the matrix-free caches past
+    ``max_cache_bytes`` (warns). The caller updates ``stats`` with each batch before asking for the next:
+    the cap is checked on what they hold then.
+    """
+    iterator = data
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(data, desc="topological derivative", total=max_batches, leave=False)
+    n_batches = n_examples = 0
+    cache_per_row = any(isinstance(st, MatrixFreeStatistic) for st in stats.values())
+    for batch in iterator:
+        if max_batches is not None and n_batches >= max_batches:
+            break
+        if max_samples is not None and n_examples >= max_samples:
+            break
+        inputs, targets = split_batch(batch)
+        if max_cache_bytes is not None and n_batches > 0 and cache_per_row:
+            held = sum(st.nbytes() for st in stats.values() if isinstance(st, MatrixFreeStatistic))
+            if held + held / max(1, n_examples) * targets.shape[0] > max_cache_bytes:
+                warnings.warn(
+                    f"Probe cache cap reached: the matrix-free statistics hold {held / 1e6:.0f} MB after "
+                    f"{n_examples} examples, the next batch would exceed max_cache_bytes = "
+                    f"{max_cache_bytes / 1e6:.0f} MB; the derivative uses these {n_examples} examples only",
+                    RuntimeWarning,
+                    stacklevel=3,  # this generator, compute_site_statistics, its caller
+                )
+                break
+        if max_samples is not None and n_examples + targets.shape[0] > max_samples:
+            inputs, targets = _truncate(inputs, targets, max_samples - n_examples)
+        n_examples += targets.shape[0]
+        yield _to_device(inputs, device), _to_device(targets, device)
+        n_batches += 1
+
+
+def _update_site_statistics(
+    stats: dict[str, SiteStatistic],
+    layers: dict[str, nn.Module],
+    site_list: Sequence[Site],
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    inputs: object,
+    batch_index: int,
+    sample_fraction: float | None,
+    max_samples_per_batch: int | None,
+    sample_seed: int,
+) -> None:
+    """Add one probed batch to every site's statistic.
+
+    Per site: the layer turns the state h and adjoint p into samples (z, p'); padding rows are dropped;
+    with subsampling, n of the N rows are kept and their adjoints scaled by N / n (Q stays an unbiased
+    estimate of the sum), the same rows at every site. Each site's state is released once cached.
+    """
+    subsampling = sample_fraction is not None or max_samples_per_batch is not None
+    rows, rows_of, scale = None, -1, 1.0
+    for s in site_list:
+        h, p = captured.pop(s.name)  # drop each site's state as soon as it is cached
+        z, pr = layers[s.name].samples(h, p)
+        keep = sample_mask(inputs, h)
+        del h, p
+        if keep is not None:  # padding tokens are not samples (their adjoint is 0 anyway)
+            z, pr = z[keep], pr[keep]
+        if subsampling and z.shape[0] != rows_of:  # once per batch: states share their row layout
+            rows = subsample_rows(z.shape[0], batch_index, sample_fraction, max_samples_per_batch,
+                                  sample_seed, z.device)
+            rows_of, scale = z.shape[0], z.shape[0] / rows.numel() if rows is not None else 1.0
+        if rows is not None:  # the same rows at every site
+            stats[s.name].update(z[rows], pr[rows] * scale, represents=z.shape[0])
+        else:
+            stats[s.name].update(z, pr)
+        del z, pr
+
+
+def _reduce_across_processes(
+    stats: dict[str, SiteStatistic],
+    n_batches: int,
+    total_loss: torch.Tensor,
+    accelerator: object | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Sum the batch count, the loss J (scalar float64) and every statistic over the accelerator's processes.
+
+    Raises ``ValueError`` when no process saw a batch.
+    """
     if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
         n_batches = int(accelerator.reduce(torch.tensor([n_batches], device=device), reduction="sum").item())
         total_loss = accelerator.reduce(total_loss.reshape(1), reduction="sum").reshape(())
@@ -345,7 +422,7 @@ def compute_site_statistics(
         raise ValueError("The probe data is empty: the topological derivative needs at least one batch")
     for st in stats.values():
         st.all_reduce(accelerator)
-    return site_list, stats, layers, float(total_loss)
+    return total_loss
 
 
 def solve_site(
