@@ -249,7 +249,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _start(args, "pretrain", PRETRAIN_FILES)
     from .recipes.pretrain import run_pretrain
 
-    results = _call(run_pretrain, cfg, overwrite=args.overwrite)
+    resume = args.resume or args.resume_from is not None
+    results = _call(run_pretrain, cfg, resume=resume, overwrite=args.overwrite)
     if not _is_main_rank():
         return EXIT_OK
     print(json.dumps({k: results[k] for k in ("task", "val_error", "test_error", "params", "wall_time")}, indent=2))
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train a small ViT from scratch and save it as a backbone for adapt")
     common(p)
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an output_dir that holds another run")
+    run_options(p)
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("derivative", help="train the starting network briefly and print TD at every site")
@@ -437,7 +438,7 @@ def _hub_error(e: BaseException) -> str | None:
 def _interrupted_message(argv: list[str]) -> str:
     """What Ctrl-C leaves: where the last checkpoint is and the command that continues from it."""
     cfg, command = _RUN.get("cfg"), _RUN.get("command")
-    if cfg is None or command not in ("grow", "adapt"):
+    if cfg is None or command not in ("grow", "adapt", "pretrain"):
         return "interrupted" if cfg is None else f"interrupted; {cfg.output_dir} may hold a partial {command} output"
     from .training.checkpoint import latest_checkpoint
 

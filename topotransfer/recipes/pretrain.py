@@ -3,7 +3,8 @@
     load the task (any image task: mnist, digits, hf:..., imagefolder:...)
     -> ViTConfig from model.{width, depth, num_heads, patch_size} and the images' size / channels
     -> train train.epochs epochs (AdamW, train.lr_schedule) on the training split, validate every epoch
-    -> test error -> output_dir/{config.yaml, results.json, history.json, model/}
+       (the run skeleton: output_dir refused if it holds another run, resumable checkpoints in output_dir/last)
+    -> test error -> output_dir/{config.yaml, results.json, history.json, last/, model/}
 
 ``output_dir/model`` is a ``save_pretrained`` directory (``config.json``, ``model.safetensors``, the
 class names as ``id2label``) with its image processor (``preprocessor_config.json``: size, mean / std), so
@@ -14,12 +15,10 @@ adapt reads the same values back from the processor config.
 
 from __future__ import annotations
 
-import math
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from ..config import ConfigError, RunConfig, to_dict
@@ -28,12 +27,9 @@ from ..models.build import build_model
 from ..models.hf import ImageNormalization
 from ..preprocess import prepare_task
 from ..requirements import check_requirements
-from ..training.checkpoint import write_json_atomic
-from ..training.distributed import build_accelerator, shard
-from ..training.loop import evaluate, make_loader, train_run_epoch
-from ..training.run import RunState
+from ..training.run import Run, RunState
 
-__all__ = ["IMAGE_MEAN", "IMAGE_STD", "run_pretrain", "save_backbone"]
+__all__ = ["IMAGE_MEAN", "IMAGE_STD", "PretrainState", "run_pretrain", "save_backbone"]
 
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.5  # ViTImageProcessor's defaults: x in [0, 1] -> [-1, 1]
 
@@ -81,75 +77,79 @@ def save_backbone(model: nn.Module, norm: ImageNormalization, directory: str | P
     return directory
 
 
-def run_pretrain(cfg: RunConfig, accelerator=None) -> dict:
+@dataclass
+class PretrainState(RunState):
+    """The run state of a pretrain run: the skeleton's (epoch, steps, history, timings) and nothing more."""
+
+
+def run_pretrain(cfg: RunConfig, accelerator=None, resume: bool = False, overwrite: bool = False) -> dict:
     """Train a ViT from scratch on ``cfg.data.name`` and save it to ``output_dir/model``.
 
     Runs on one process or under ``accelerate launch`` (DDP: each rank trains on every N-th batch of the
     epoch's shared shuffle; validation and test sums are reduced over the ranks; the main process writes).
+    The run skeleton (:class:`~topotransfer.training.run.Run`) owns the output directory, the epochs, the
+    resumable checkpoints (``output_dir/last``) and ``results.json``.
+
+    Args:
+        cfg: the run configuration (``task: pretrain``).
+        accelerator: an ``accelerate.Accelerator`` to run under (default: one built from ``cfg``).
+        resume: continue from ``output_dir/latest``.
+        overwrite: replace the run that ``output_dir`` holds (otherwise it is refused).
 
     Returns:
         The results (also in ``output_dir/results.json``): test / validation error, parameters, epochs, the
-        backbone directory.
+        backbone directory, the wall time of each phase.
 
     Raises:
         ConfigError: not ``model.family=vit``, a width the heads do not divide, or a task without images.
+        RunExistsError: ``output_dir`` holds another run and neither ``resume`` nor ``overwrite`` is set.
+        NoCheckpointError: ``resume`` but ``output_dir`` holds no checkpoint.
         FloatingPointError: the training loss diverged.
     """
-    from ..recipes.grow import check_output_dir
-
     check_requirements(cfg)
-    out = check_output_dir(cfg.output_dir)
-    acc = accelerator if accelerator is not None else build_accelerator(cfg.device, cfg.train.mixed_precision)
-    torch.manual_seed(cfg.seed)
+    run = Run(cfg, resume=resume, overwrite=overwrite, accelerator=accelerator)
     task, norm = _load_images(cfg)
-    model = _build_vit(cfg, task).to(acc.device)
-    if acc.is_main_process:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    model = _build_vit(cfg, task).to(run.device)
+    run.write_config()
+    optimizer, state = _start_or_resume(run, model)
     t = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    wrapped, optimizer = acc.prepare(model, optimizer)
-    loss_fn = nn.CrossEntropyLoss()
-    val_batches = shard(_batches(task.val, t.batch_size), acc)
-    steps_per_epoch = math.ceil(math.ceil(len(task.train) / t.batch_size) / acc.num_processes)
-    total_steps = t.epochs * steps_per_epoch if t.max_steps is None else min(t.epochs * steps_per_epoch, t.max_steps)
-    state = RunState()
-    started = time.perf_counter()
-    for epoch in range(t.epochs):
-        left = None if t.max_steps is None else t.max_steps - state.steps
-        if left is not None and left <= 0:
+    run.start(model, optimizer, {"format": 1, "recipe": "pretrain", "model": to_dict(cfg.model), "insertions": []},
+              state, train_set=task.train, val_batches=run.batches(task.val, t.batch_size), epochs=t.epochs,
+              kind="classification", loss=nn.CrossEntropyLoss(), desc="pretrain")
+    while state.epoch < t.epochs:
+        if run.train_epoch() is None:  # train.max_steps spent
             break
-        loader = acc.prepare_data_loader(make_loader(task.train, t.batch_size, shuffle=True,
-                                                     seed=cfg.seed * 100_003 + epoch))
-        train_loss, _ = train_run_epoch(wrapped, loader, optimizer, loss_fn, acc.device, left, accelerator=acc,
-                                        state=state, seed=cfg.seed, epoch=epoch, total_steps=total_steps,
-                                        train_cfg=t, rng_states=None, checkpoint=lambda: None)
-        val = evaluate(model, val_batches, "classification", acc.device, accelerator=acc)
-        state.epoch = epoch + 1
-        state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
-                                 "val_error": val["error"], "steps": state.steps,
-                                 "time": time.perf_counter() - started})
-    model = acc.unwrap_model(wrapped).eval()
-    val = evaluate(model, val_batches, "classification", acc.device, accelerator=acc)
-    test = {"loss": None, "error": None}
-    if len(task.test):
-        test = evaluate(model, shard(_batches(task.test, t.batch_size), acc), "classification", acc.device,
-                        accelerator=acc)
-    results = {
-        "recipe": "pretrain", "task": task.name, "seed": cfg.seed, "num_train": len(task.train),
-        "num_labels": task.num_outputs, "image_size": task.input_shape[-1], "num_channels": task.input_shape[0],
-        "val_error": val["error"], "val_loss": val["loss"], "test_error": test["error"], "test_loss": test["loss"],
-        "params": sum(p.numel() for p in model.parameters()), "epochs": state.epoch, "steps": state.steps,
-        "history": state.history, "backbone": str(out / "model"), "num_processes": acc.num_processes,
-        "wall_time": time.perf_counter() - started,
-    }
-    if acc.is_main_process:
-        save_backbone(model, norm, out / "model")
-        write_json_atomic(out / "history.json", {"epochs": state.history})
-        write_json_atomic(out / "results.json", results)
-    acc.wait_for_everyone()
+        if run.checkpoint_due():
+            run.checkpoint()
+    results = _results(run, task)
+    run.finish(results, export=lambda out: save_backbone(run.net, norm, out / "model"))
     return results
 
 
-def _batches(dataset, batch_size: int) -> list:
-    """Every batch of ``dataset`` in order (validation / test)."""
-    return [tuple(b) for b in make_loader(dataset, batch_size)] if len(dataset) else []
+def _start_or_resume(run: Run, model: nn.Module) -> tuple[torch.optim.Optimizer, PretrainState]:
+    """AdamW over every parameter, and a fresh state, or both (with the weights) from ``output_dir/latest``."""
+    t = run.cfg.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    ckpt = run.checkpoint_to_resume()
+    if ckpt is None:
+        return optimizer, PretrainState()
+    state = run.read_state(ckpt, PretrainState)
+    run.load_weights(ckpt, model, optimizer)
+    return optimizer, state
+
+
+def _results(run: Run, task) -> dict:
+    """Validation and test error of the trained backbone, with its size and the run's record."""
+    model, state, bs = run.net.eval(), run.state, run.cfg.train.batch_size
+    val = run.evaluate(model, run.val_batches)
+    test = run.evaluate(model, run.batches(task.test, bs)) if len(task.test) else {"loss": None, "error": None}
+    return {
+        "recipe": "pretrain", "task": task.name, "seed": run.cfg.seed, "num_train": len(task.train),
+        "num_labels": task.num_outputs, "image_size": task.input_shape[-1], "num_channels": task.input_shape[0],
+        "val_error": val["error"], "val_loss": val["loss"], "test_error": test["error"], "test_loss": test["loss"],
+        "params": sum(p.numel() for p in model.parameters()), "epochs": state.epoch, "steps": state.steps,
+        "history": state.history, "backbone": str(run.out / "model"), "num_processes": run.acc.num_processes,
+        "wall_time": run.elapsed(),
+    }
+
+
