@@ -79,3 +79,67 @@ def test_pretrain_refuses_what_it_cannot_build(tmp_path, capsys):
         run_pretrain(load_config(None, ["task=pretrain", *base, "model.family=vit", "data.name=sentiment"]))
     assert main(["pretrain", "--config", "grow_digits"]) == 2
     assert "the config has task='grow': run it with `topotransfer grow`" in capsys.readouterr().err
+
+
+def _files(directory) -> dict:
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_rerun_leaves_the_run_byte_identical(pretrained, capsys):
+    from topotransfer.errors import RunExistsError
+
+    before = _files(pretrained)
+    assert main(["pretrain", "--config", "pretrain_vit_mnist", f"output_dir={pretrained}", *TINY]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    with pytest.raises(RunExistsError, match="--resume"):
+        run_pretrain(load_config(None, ["task=pretrain", "model.family=vit", f"output_dir={pretrained}", *TINY]))
+    assert _files(pretrained) == before
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL right after a checkpoint was written (BaseException: nothing catches it)."""
+
+
+def test_a_killed_pretrain_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Killed right after the mid-epoch checkpoint of step 5 (7 steps per epoch, 2 epochs), resumed with
+    ``--resume``: the weights, history and test error equal the uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    import topotransfer.training.run as run_skeleton
+    from topotransfer.training.checkpoint import latest_checkpoint
+
+    extra = ["train.epochs=2", "train.checkpoint_every_steps=5", "train.lr_schedule=cosine"]
+    real_save = run_skeleton.save_checkpoint
+
+    def save_then_die(out, name, net, manifest, optimizer=None, state=None, **kw):
+        path = real_save(out, name, net, manifest, optimizer, state, **kw)
+        if state and state.get("steps") == 5:
+            raise _Killed
+        return path
+
+    monkeypatch.setattr(run_skeleton, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        main(["pretrain", "--config", "pretrain_vit_mnist", f"output_dir={tmp_path / 'run'}", *TINY, *extra])
+    assert not (tmp_path / "run" / "results.json").exists()
+    saved = json.loads((latest_checkpoint(tmp_path / "run") / "state.json").read_text())
+    assert saved["steps"] == 5 and saved["epoch"] == 0 and saved["epoch_progress"]["batches"] == 5
+    mid_epoch = []
+
+    def save_and_note(out, name, net, manifest, optimizer=None, state=None, **kw):
+        if state and state.get("epoch_progress") is not None:
+            mid_epoch.append(state["steps"])
+        return real_save(out, name, net, manifest, optimizer, state, **kw)
+
+    monkeypatch.setattr(run_skeleton, "save_checkpoint", save_and_note)
+    args = ["pretrain", "--config", "pretrain_vit_mnist", *TINY, *extra]
+    assert main([*args[:3], "--resume", f"output_dir={tmp_path / 'run'}", *args[3:]]) == 0
+    assert mid_epoch == [10]  # continued after step 5 (a restart would checkpoint at step 5 again)
+    monkeypatch.setattr(run_skeleton, "save_checkpoint", real_save)
+    assert main([*args, f"output_dir={tmp_path / 'full'}"]) == 0
+    run, full = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("run", "full"))
+    assert run["steps"] == full["steps"] == 14 and run["test_error"] == full["test_error"]
+    assert [{k: v for k, v in h.items() if k != "time"} for h in run["history"]] == \
+        [{k: v for k, v in h.items() if k != "time"} for h in full["history"]]
+    a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("run", "full"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert set(run["phase_times"]) >= {"training", "evaluation", "saving"}
