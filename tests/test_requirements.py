@@ -35,6 +35,7 @@ def test_missing_peft_fails_before_the_head_phase(tmp_path, monkeypatch, capsys)
     with pytest.raises(MissingPackageError, match=r"needs the package 'peft', which is not installed: pip install peft"):
         check_requirements(cfg("task=adapt", "data.name=digits", "adapt.method=lora"))
     out = tmp_path / "run"
+    capsys.readouterr()  # drop what building the test backbone printed (transformers' "Writing model shards" bar)
     assert main(["adapt", "--config", "adapt_digits_vit", f"model.name_or_path={base}", f"output_dir={out}",
                  "adapt.method=lora", "progress=false"]) == 2
     message = capsys.readouterr().err.strip()
