@@ -207,7 +207,7 @@ def _growth_step(run: Run, state: GrowState, detector: PlateauDetector, val: dic
     if _over_budget(run, base_depth):
         state.growth_done = True
         return False
-    # Growth event (STYLE 7.5): sync, unwrap (the derivative and line search run in float32+), grow in
+    # Growth event, a visible step here rather than a callback: sync, unwrap (the derivative and line search run in float32+), grow in
     # place, new optimizer carrying the surviving parameters' state, prepare again (re-shard).
     net, optimizer = run.plain()
     ev = grow_once(
