@@ -149,6 +149,28 @@ def _reorthogonalize(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def _active_products(
+    matvec: Callable[..., torch.Tensor], R: int, D: int, dtype: torch.dtype, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``apply(v, act)``: the products Q_r v_r for the active blocks ``act`` only, v of shape (len(act), D).
+
+    All blocks: one ``matvec``; a ``matvec`` taking ``rows=``: only the active blocks' products; otherwise the
+    inactive blocks get zero vectors in a full product (the same result, at the full cost).
+    """
+    with_rows = _accepts_rows(matvec)
+
+    def apply(v: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        if act.numel() == R:
+            return matvec(v.unsqueeze(-1)).squeeze(-1).to(dtype)
+        if with_rows:
+            return matvec(v.unsqueeze(-1), rows=act).squeeze(-1).to(dtype)
+        full = torch.zeros(R, D, 1, dtype=v.dtype, device=device)
+        full[act, :, 0] = v
+        return matvec(full).squeeze(-1)[act].to(dtype)
+
+    return apply
+
+
 def _keep_blocks(
     basis: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, keep: torch.Tensor, j: int, cap: int, budget: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -241,7 +263,6 @@ def lanczos_top_eigenpairs(
     dev = torch.device(device)
     k0 = max(1, min(steps, D))
     budget = R * (k0 + 1)  # basis vectors of length D held at once
-    with_rows = _accepts_rows(matvec)
     want = max(1, num)
     bounds = None
     if upper_bounds is not None:
@@ -250,14 +271,7 @@ def lanczos_top_eigenpairs(
             raise ValueError(f"upper_bounds must have one entry per block ({R}), got {bounds.numel()}")
         bounds = bounds + 1e-6 * bounds.abs()  # slack for the rounding of the (float32) products
 
-    def apply(v: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        if act.numel() == R:
-            return matvec(v.unsqueeze(-1)).squeeze(-1).to(dtype)
-        if with_rows:
-            return matvec(v.unsqueeze(-1), rows=act).squeeze(-1).to(dtype)
-        full = torch.zeros(R, D, 1, dtype=v.dtype, device=dev)
-        full[act, :, 0] = v
-        return matvec(full).squeeze(-1)[act].to(dtype)
+    apply = _active_products(matvec, R, D, dtype, dev)
 
     # Pruned blocks: their top Ritz pair (value, residual, block, vector).
     fr_vals = torch.zeros(0, dtype=dtype, device=dev)
@@ -497,18 +511,10 @@ def block_top_eigenpairs_lanczos(
     """
     R, D = num_blocks, dim
     dev = torch.device(device)
-    with_rows = _accepts_rows(matvec)
     k0 = max(1, min(steps, D))
     budget = R * (k0 + 1)
 
-    def apply(v: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        if act.numel() == R:
-            return matvec(v.unsqueeze(-1)).squeeze(-1).to(dtype)
-        if with_rows:
-            return matvec(v.unsqueeze(-1), rows=act).squeeze(-1).to(dtype)
-        full = torch.zeros(R, D, 1, dtype=v.dtype, device=dev)
-        full[act, :, 0] = v
-        return matvec(full).squeeze(-1)[act].to(dtype)
+    apply = _active_products(matvec, R, D, dtype, dev)
 
     vecs = torch.zeros(R, D, dtype=dtype, device=dev)
     radius = torch.zeros(R, dtype=dtype, device=dev)
