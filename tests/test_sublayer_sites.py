@@ -274,3 +274,27 @@ def test_adapt_recipe_with_sub_block_sites(tmp_path, lora):
         assert any("lora_B" in n and p.abs().sum() > 0 for n, p in result.model.named_parameters())
     else:
         assert torch.equal(logits(load_merged(tmp_path / "run" / "merged"), x), live)
+
+
+def test_a_block_whose_forward_differs_is_refused_and_left_as_it_was():
+    """The mid-block swap is kept only when the swapped forward reproduces the block's own forward bit for bit:
+    a forward that computes something else is refused and the block keeps its class and children."""
+    from topotransfer.errors import UnsupportedModelError
+    from topotransfer.layers import TopoLayer
+    from topotransfer.surgery.hf import _pre_ln_mid_forward
+    from topotransfer.surgery.midblock import swap_in_mid_layer, swap_out_mid_layer
+
+    block = make_vit().vit.layers[0]
+    cls, children = type(block), dict(block.named_children())
+    d = block.layernorm_after.normalized_shape[-1]
+
+    def wrong_forward(self, hidden_states, *args, **kwargs):  # drops the MLP's residual
+        return self.mlp(self.layernorm_after(self.topo_mid(hidden_states)))
+
+    with pytest.raises(UnsupportedModelError, match="is not the pre-norm computation"):
+        swap_in_mid_layer(block, TopoLayer(d, norm="layernorm"), wrong_forward, d)
+    assert type(block) is cls and dict(block.named_children()) == children
+    layer = TopoLayer(d, norm="layernorm")
+    swap_in_mid_layer(block, layer, _pre_ln_mid_forward, d)  # the right forward is kept
+    assert type(block) is not cls and block.topo_mid is layer
+    assert swap_out_mid_layer(block, "x") is layer and type(block) is cls

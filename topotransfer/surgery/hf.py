@@ -11,7 +11,7 @@ Sites inside blocks (``probe.sites=sublayers|all``), named by the LayerNorm whos
 * pre-LN ViT / DeiT block ``h -> m = h + attn(LN1(h)) -> m + mlp(LN2(m))``: the residual stream m after
   the attention add, site ``<block>.layernorm_after``. The layer must act on m for *both* of its uses (the
   LayerNorm and the MLP's residual), so the block's class is swapped for a subclass whose forward is the
-  same computation with ``m = layer(m)`` in between (:func:`_mid_block_class`); the swap is checked to
+  same computation with ``m = layer(m)`` in between (:func:`~.midblock.swap_in_mid_layer`); the swap is checked to
   reproduce the original forward bit for bit before it is kept. The point after the MLP add is the block
   boundary, a ``"blocks"`` site already.
 * post-LN BERT / RoBERTa block: the sums ``a + h`` fed to ``attention.output.LayerNorm`` and
@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import NoSitesFoundError, UnsupportedModelError
 from ..layers import TopoLayer
 from .base import ChainFamily, DownstreamUnsupportedError, Site, first_tensor
+from .midblock import swap_in_mid_layer, swap_out_mid_layer
 
 __all__ = ["BertFamily", "HFEncoderFamily", "TopoBlock", "TopoPreNorm", "ViTFamily"]
 
@@ -78,17 +79,6 @@ def _pre_ln_mid_forward(self, hidden_states: torch.Tensor, attention_mask: torch
     hidden_states = self.mlp(hidden_states)
     hidden_states = self.dropout(hidden_states)
     return hidden_states + residual
-
-
-_MID_CLASSES: dict[type, type] = {}
-
-
-def _mid_block_class(cls: type) -> type:
-    """A subclass of the block class ``cls`` (same name) whose forward applies ``topo_mid`` mid-block."""
-    if cls not in _MID_CLASSES:
-        _MID_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": _pre_ln_mid_forward, "_topo_base": cls,
-                                                         "__module__": cls.__module__})
-    return _MID_CLASSES[cls]
 
 
 class TopoBlock(nn.Module):
@@ -227,37 +217,15 @@ class HFEncoderFamily(ChainFamily):
         self._swap_mid(block, layer)
 
     @staticmethod
-    @torch.no_grad()
     def _swap_mid(block: nn.Module, layer: nn.Module) -> None:
-        """Swap ``block`` to the mid-block class with ``layer`` as ``topo_mid``, after checking that the swapped
-        forward reproduces the original one bit for bit (with a zero layer of the same kind)."""
+        """Swap ``block`` to the mid-block class with ``layer`` as ``topo_mid`` (checked bit for bit first)."""
         needed = ("layernorm_before", "attention", "dropout", "layernorm_after", "mlp")
         missing = [n for n in needed if not isinstance(getattr(block, n, None), nn.Module)]
         if missing:
             raise UnsupportedModelError(
                 f"{type(block).__name__} has no {missing}: sites inside ViT blocks need the transformers 5.x block layout"
             )
-        ref = next(block.parameters())
-        d = block.layernorm_after.normalized_shape[-1]
-        x = torch.randn(2, 3, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(ref)
-        was_training = block.training
-        block.eval()
-        try:
-            expected = first_tensor(block(x))
-            original = type(block)
-            block.topo_mid = TopoLayer(d, norm="layernorm").to(ref)  # zero: the identity
-            block.__class__ = _mid_block_class(original)
-            same = torch.equal(first_tensor(block(x)), expected)
-        finally:
-            block.train(was_training)
-        if not same:
-            block.__class__ = original
-            del block.topo_mid
-            raise UnsupportedModelError(
-                f"{original.__name__}.forward is not the pre-LN computation the sub-block site assumes "
-                "(transformers 5.x layout): cannot insert inside this block"
-            )
-        block.topo_mid = layer
+        swap_in_mid_layer(block, layer, _pre_ln_mid_forward, block.layernorm_after.normalized_shape[-1])
 
     def remove_inside(self, model: nn.Module, site: Site) -> nn.Module:
         block_path, mechanism = self._point(site)
@@ -268,14 +236,7 @@ class HFEncoderFamily(ChainFamily):
             parent_path, attr = site.name.rsplit(".", 1)
             setattr(model.get_submodule(parent_path), attr, norm.plain())
             return norm.topo
-        block = model.get_submodule(block_path)
-        base = getattr(type(block), "_topo_base", None)
-        if base is None:
-            raise ValueError(f"No inserted TopoLayer at site {site.name!r}")
-        layer = block.topo_mid
-        del block.topo_mid
-        block.__class__ = base
-        return layer
+        return swap_out_mid_layer(model.get_submodule(block_path), site.name)
 
     def inside_layers(self, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
         _, container = self.chain(model)

@@ -22,17 +22,63 @@ from ..errors import UnsupportedModelError
 from ..layers import TopoLayer
 from .base import Site, first_tensor
 
-__all__ = ["MidBlockSites"]
+__all__ = ["MidBlockSites", "swap_in_mid_layer", "swap_out_mid_layer"]
 
-_MID_CLASSES: dict[type, type] = {}
+_MID_CLASSES: dict[tuple[type, Callable], type] = {}
 
 
 def _mid_class(cls: type, forward: Callable) -> type:
-    """A subclass of the block class ``cls`` (same name) whose forward applies ``topo_mid`` mid-block."""
-    if cls not in _MID_CLASSES:
-        _MID_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "_topo_base": cls,
-                                                         "__module__": cls.__module__})
-    return _MID_CLASSES[cls]
+    """A subclass of the block class ``cls`` (same name) whose forward is ``forward`` (applies ``topo_mid``
+    mid-block); one per (class, forward), so swapped blocks of one class share their class."""
+    if (cls, forward) not in _MID_CLASSES:
+        _MID_CLASSES[cls, forward] = type(cls.__name__, (cls,), {"forward": forward, "_topo_base": cls,
+                                                                 "__module__": cls.__module__})
+    return _MID_CLASSES[cls, forward]
+
+
+@torch.no_grad()
+def swap_in_mid_layer(
+    block: nn.Module, layer: nn.Module, forward: Callable, d: int,
+    check_call: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda b, x: first_tensor(b(x)),
+) -> None:
+    """Swap ``block`` to its mid-block class (``forward`` applies ``self.topo_mid`` to m) with ``layer`` as
+    ``topo_mid``, after checking on a random (2, 3, d) input that the swapped forward with a zero layer
+    reproduces the original forward bit for bit; otherwise the block is left as it was and refused."""
+    ref = next(block.parameters())
+    x = torch.randn(2, 3, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(ref)
+    was_training = block.training
+    original = type(block)
+    block.eval()
+    try:
+        expected = check_call(block, x)
+        block.topo_mid = TopoLayer(d, norm="layernorm").to(ref)  # zero: the identity
+        block.__class__ = _mid_class(original, forward)
+        same = torch.equal(check_call(block, x), expected)
+    except Exception:
+        block.__class__ = original
+        block._modules.pop("topo_mid", None)
+        raise
+    finally:
+        block.train(was_training)
+    if not same:
+        block.__class__ = original
+        del block.topo_mid
+        raise UnsupportedModelError(
+            f"{original.__name__}.forward is not the pre-norm computation the sub-block site assumes "
+            "(transformers 5.x layout): cannot insert inside this block"
+        )
+    block.topo_mid = layer
+
+
+def swap_out_mid_layer(block: nn.Module, site_name: str) -> nn.Module:
+    """Undo :func:`swap_in_mid_layer`: the block's own class back; returns the layer it held."""
+    base = getattr(type(block), "_topo_base", None)
+    if base is None:
+        raise ValueError(f"No inserted TopoLayer at site {site_name!r}")
+    layer = block.topo_mid
+    del block.topo_mid
+    block.__class__ = base
+    return layer
 
 
 class MidBlockSites:
@@ -69,41 +115,10 @@ class MidBlockSites:
         block = self._block_of(model, site)
         if hasattr(type(block), "_topo_base"):
             raise ValueError(f"site {site.name!r} already holds an inserted layer")
-        ref = next(block.parameters())
-        d = int(model.config.hidden_size)
-        x = torch.randn(2, 3, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(ref)
-        was_training = block.training
-        original = type(block)
-        block.eval()
-        try:
-            expected = self.check_call(block, x)
-            block.topo_mid = TopoLayer(d, norm="layernorm").to(ref)  # zero: the identity
-            block.__class__ = _mid_class(original, type(self).mid_forward)
-            same = torch.equal(self.check_call(block, x), expected)
-        except Exception:
-            block.__class__ = original
-            block._modules.pop("topo_mid", None)
-            raise
-        finally:
-            block.train(was_training)
-        if not same:
-            block.__class__ = original
-            del block.topo_mid
-            raise UnsupportedModelError(
-                f"{original.__name__}.forward is not the pre-norm computation the sub-block site assumes "
-                "(transformers 5.x layout): cannot insert inside this block"
-            )
-        block.topo_mid = layer
+        swap_in_mid_layer(block, layer, type(self).mid_forward, int(model.config.hidden_size), self.check_call)
 
     def remove_inside(self, model: nn.Module, site: Site) -> nn.Module:
-        block = self._block_of(model, site)
-        base = getattr(type(block), "_topo_base", None)
-        if base is None:
-            raise ValueError(f"No inserted TopoLayer at site {site.name!r}")
-        layer = block.topo_mid
-        del block.topo_mid
-        block.__class__ = base
-        return layer
+        return swap_out_mid_layer(self._block_of(model, site), site.name)
 
     def inside_layers(self, model: nn.Module) -> list[tuple[str, str, nn.Module]]:
         _, container = self.chain(model)
