@@ -94,6 +94,26 @@ def hook_state(model: nn.Module, site: Site, fn: Callable[[torch.Tensor], object
     return module.register_forward_hook(hook)
 
 
+def block_list_path(model: nn.Module, is_block: Callable[[nn.Module], bool], inserted: tuple[type, ...],
+                    block_names: tuple[str, ...]) -> str:
+    """Dotted path of the first ``nn.ModuleList`` made of the family's blocks (``is_block``) and of layers this
+    project inserted (instances of ``inserted``), holding at least one original block.
+
+    Raises:
+        NoSitesFoundError: no such list (the message names the model type and the block classes).
+    """
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kids = list(module)
+        if any(is_block(k) for k in kids) and all(is_block(k) or isinstance(k, inserted) for k in kids):
+            return path
+    raise NoSitesFoundError(
+        f"{type(model).__name__} (model_type={getattr(model.config, 'model_type', None)!r}) has no nn.ModuleList "
+        f"of {'/'.join(block_names)} blocks"
+    )
+
+
 class ChainFamily:
     """Base adapter for models that are a stem followed by one ``nn.ModuleList`` of blocks.
 

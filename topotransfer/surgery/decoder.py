@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import NoSitesFoundError, UnsupportedModelError
 from ..layers import TopoLayer
-from .base import ChainFamily, Site
+from .base import ChainFamily, Site, block_list_path
 from .hf import TopoBlock
 from .midblock import MidBlockSites
 
@@ -131,22 +131,12 @@ class DecoderFamily(MidBlockSites, ChainFamily):
         return type(module).__name__ in self.block_classes
 
     def chain(self, model: nn.Module) -> tuple[str, str]:
-        for path, module in model.named_modules():
-            if not isinstance(module, nn.ModuleList) or len(module) == 0:
-                continue
-            kids = list(module)
-            if any(self._is_block(k) for k in kids) and all(
-                self._is_block(k) or isinstance(k, (TopoBlock, CopiedBlock)) for k in kids
-            ):
-                owner = path.rsplit(".", 1)[0] if "." in path else ""
-                backbone = model.get_submodule(owner)
-                if not isinstance(getattr(backbone, self.stem_attr, None), nn.Module):
-                    raise NoSitesFoundError(f"No {self.stem_attr!r} module beside {path!r} in {type(model).__name__}")
-                return (f"{owner}.{self.stem_attr}" if owner else self.stem_attr), path
-        raise NoSitesFoundError(
-            f"{type(model).__name__} (model_type={model.config.model_type!r}) has no nn.ModuleList of "
-            f"{'/'.join(self.block_classes)} blocks"
-        )
+        path = block_list_path(model, self._is_block, (TopoBlock, CopiedBlock), self.block_classes)
+        owner = path.rsplit(".", 1)[0] if "." in path else ""
+        backbone = model.get_submodule(owner)
+        if not isinstance(getattr(backbone, self.stem_attr, None), nn.Module):
+            raise NoSitesFoundError(f"No {self.stem_attr!r} module beside {path!r} in {type(model).__name__}")
+        return (f"{owner}.{self.stem_attr}" if owner else self.stem_attr), path
 
     def new_layer(self, model: nn.Module, site: Site) -> nn.Module:
         eps = float(getattr(model.config, self.norm_eps_attr, 1e-5))

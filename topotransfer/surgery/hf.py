@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import NoSitesFoundError, UnsupportedModelError
 from ..layers import TopoLayer
-from .base import ChainFamily, DownstreamUnsupportedError, Site, first_tensor
+from .base import ChainFamily, DownstreamUnsupportedError, Site, block_list_path, first_tensor
 from .midblock import swap_in_mid_layer, swap_out_mid_layer
 
 __all__ = ["BertFamily", "HFEncoderFamily", "TopoBlock", "TopoPreNorm", "ViTFamily"]
@@ -126,16 +126,8 @@ class HFEncoderFamily(ChainFamily):
         return type(module).__name__ in self.block_classes
 
     def chain(self, model: nn.Module) -> tuple[str, str]:
-        for path, module in model.named_modules():
-            if not isinstance(module, nn.ModuleList) or len(module) == 0:
-                continue
-            kids = list(module)
-            if any(self._is_block(k) for k in kids) and all(self._is_block(k) or isinstance(k, TopoBlock) for k in kids):
-                return self._stem_for(model, path), path
-        raise NoSitesFoundError(
-            f"{type(model).__name__} (model_type={model.config.model_type!r}) has no nn.ModuleList of "
-            f"{'/'.join(self.block_classes)} blocks"
-        )
+        path = block_list_path(model, self._is_block, (TopoBlock,), self.block_classes)
+        return self._stem_for(model, path), path
 
     @staticmethod
     def _stem_for(model: nn.Module, container: str) -> str:
