@@ -20,6 +20,7 @@ recorded, only site s is returned, with ``adapt.method=last_block`` so no TD > 0
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import hashlib
@@ -49,6 +50,30 @@ class RawDataError(RuntimeError):
 # ------------------------------------------------------------------------------------------------ settings
 def load_spec(path: Path = SPEC) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def script_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options the sweep and the ablation scripts share (settings, seeds, spec, directories, budget, threads)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setting", required=True, nargs="+", help="setting name(s) of the spec")
+    ap.add_argument("--seeds", required=True, nargs="+", type=int)
+    ap.add_argument("--spec", type=Path, default=SPEC)
+    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/topotransfer_evidence"))
+    ap.add_argument("--raw-dir", type=Path, default=None, help="where the raw JSON goes (default: WORK_DIR/raw)")
+    ap.add_argument("--quick", action="store_true", help="tiny budgets (smoke test; its own config hash)")
+    ap.add_argument("--threads", type=int, default=1)
+    return ap
+
+
+def parse_script_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, dict, Path]:
+    """Parse, set the torch threads, load the spec and refuse unknown settings: (args, spec, raw_dir)."""
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = load_spec(args.spec)
+    unknown = [s for s in args.setting if s not in spec["settings"]]
+    if unknown:
+        ap.error(f"unknown setting(s) {unknown}; the spec has {sorted(spec['settings'])}")
+    return args, spec, args.raw_dir or args.work_dir / "raw"
 
 
 def base_overrides(setting: dict) -> list[str]:

@@ -25,7 +25,6 @@ and the raw record says so (``event.eps_fallback``), with its initial norm (``ev
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -128,23 +127,10 @@ def run_setting(name: str, setting: dict, seeds: list[int], work: Path, raw_dir:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--setting", required=True, nargs="+", help="setting name(s) of the spec")
-    ap.add_argument("--seeds", required=True, nargs="+", type=int)
-    ap.add_argument("--spec", type=Path, default=ev.SPEC)
-    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/topotransfer_evidence"))
-    ap.add_argument("--raw-dir", type=Path, default=None, help="where the raw JSON goes (default: WORK_DIR/raw)")
-    ap.add_argument("--quick", action="store_true", help="tiny budgets (smoke test; its own config hash)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap = ev.script_parser(__doc__)
     ap.add_argument("--add", nargs="+", default=None, metavar="LABEL",
                     help="only these initialisations, added to each seed's existing raw file in --raw-dir")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    spec = ev.load_spec(args.spec)
-    unknown = [s for s in args.setting if s not in spec["settings"]]
-    if unknown:
-        ap.error(f"unknown setting(s) {unknown}; the spec has {sorted(spec['settings'])}")
-    raw_dir = args.raw_dir or args.work_dir / "raw"
+    args, spec, raw_dir = ev.parse_script_args(ap, argv)
     command = " ".join(["python", "scripts/ablate_init.py", *(sys.argv[1:] if argv is None else argv)])
     written = []
     for name in args.setting:

@@ -14,13 +14,10 @@ never into the repository unless asked); scripts/report_evidence.py makes the ta
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _evidence as ev  # noqa: E402  (the scripts folder)
@@ -81,22 +78,9 @@ def run_setting(name: str, setting: dict, seeds: list[int], work: Path, raw_dir:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--setting", required=True, nargs="+", help="setting name(s) of the spec")
-    ap.add_argument("--seeds", required=True, nargs="+", type=int)
-    ap.add_argument("--spec", type=Path, default=ev.SPEC)
-    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/topotransfer_evidence"))
-    ap.add_argument("--raw-dir", type=Path, default=None, help="where the raw JSON goes (default: WORK_DIR/raw)")
-    ap.add_argument("--quick", action="store_true", help="tiny budgets (smoke test; its own config hash)")
+    ap = ev.script_parser(__doc__)
     ap.add_argument("--no-references", action="store_true", help="sites only (no fixed / lora / full_finetune)")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    spec = ev.load_spec(args.spec)
-    unknown = [s for s in args.setting if s not in spec["settings"]]
-    if unknown:
-        ap.error(f"unknown setting(s) {unknown}; the spec has {sorted(spec['settings'])}")
-    raw_dir = args.raw_dir or args.work_dir / "raw"
+    args, spec, raw_dir = ev.parse_script_args(ap, argv)
     written = []
     for name in args.setting:
         setting = spec["settings"][name]
