@@ -383,11 +383,12 @@ def adapt_run(setting: dict, seed: int, out: Path, backbone: Path, site: str | N
     if ev:
         ev["scores"], ev["quadratics"] = record.get("scores", ev.get("scores")), record.get("quadratics", {})
         ev["realized"] = ev["loss_before"] if ev.get("eps_fallback") else ev["loss_after"]
-    best = min(hist, key=lambda h: h["val_loss"])
+    best = r["best_val"]  # the epoch of lowest validation loss, its model's test error (None: resumed after it)
+    inserted = bool(ev) and ev.get("site") is not None and best["epoch"] > ev["epoch"]
     return {
-        # adapt keeps no best-validation checkpoint: its test error is the final model's only
-        "best": {"epoch": best["epoch"], "val_loss": best["val_loss"], "val_error": best["val_error"],
-                 "test_error": None, "depth": None, "params": best["trainable_params"]},
+        "best": {"epoch": best["epoch"], "phase": best["phase"], "val_loss": best["val_loss"],
+                 "val_error": best["val_error"], "test_error": best["test_error"],
+                 "depth": r["depth"] + (r["insertions"] if inserted else 0), "params": best["trainable_params"]},
         "final": {"val_loss": r["val_loss"], "val_error": r["val_error"], "test_error": r["test_error"],
                   "depth": r["depth"] + r["insertions"], "params": r["trainable_params"]},
         "param_epochs": sum(h["trainable_params"] for h in after),

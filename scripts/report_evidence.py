@@ -37,6 +37,12 @@ def fmt(xs: list[float], scale: float) -> str:
     return f"{m:.3e} ± {s:.1e}" if scale == 1.0 else f"{m:.2f} ± {s:.2f}"
 
 
+def fmt_all(xs: list[float | None], scale: float) -> str:
+    """:func:`fmt`, or "–" unless every value is there (a best-validation test error of None: the run was
+    resumed after its best epoch; a mean over the others would be another set of seeds)."""
+    return fmt(xs, scale) if xs and all(x is not None for x in xs) else "–"
+
+
 def paired(a: list[float], b: list[float], scale: float) -> str:
     """b - a per seed: mean ± std, and on how many seeds a is strictly better (lower) / tied."""
     d = [(y - x) for x, y in zip(a, b) if x is not None and y is not None]
@@ -103,7 +109,6 @@ def sweep_tables(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> list
         check_same_state(d, name, s)
     rule = _site_rule(name, spec)
     sites = data[seeds[0]]["sites"]
-    grow = setting["recipe"] == "grow"
 
     def err(run, which):
         return run[which]["test_error"]
@@ -125,7 +130,7 @@ def sweep_tables(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> list
             f"{statistics.mean(e['scores'][site] for e in evs):.3g} | "
             f"{statistics.mean(e['quadratics'][site] for e in evs):.3g} | "
             f"{statistics.mean(e['realized'] for e in evs):.4g} | {sum(bool(e.get('eps_fallback')) for e in evs)} | "
-            f"{fmt([err(r, 'best') for r in runs], scale) if grow else '–'} | {fmt([err(r, 'final') for r in runs], scale)} | "
+            f"{fmt_all([err(r, 'best') for r in runs], scale)} | {fmt([err(r, 'final') for r in runs], scale)} | "
             f"{fmt([r['final']['val_error'] for r in runs], scale)} | "
             f"{statistics.mean(r['final']['params'] for r in runs):.0f} | "
             f"{statistics.mean(r['param_epochs'] for r in runs):.3g} |")
@@ -154,15 +159,16 @@ def sweep_tables(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> list
               "final params | param-epochs |", "|---|---|---|---|---|---|"]
     topo_final = [err(r, "final") for r in topo]
     for label, runs in rows.items():
-        lines.append(f"| {label} | {fmt([err(r, 'best') for r in runs], scale) if grow else '–'} | "
+        lines.append(f"| {label} | {fmt_all([err(r, 'best') for r in runs], scale)} | "
                      f"{fmt([err(r, 'final') for r in runs], scale)} | "
                      f"{'–' if label == f'topo ({rule})' else paired(topo_final, [err(r, 'final') for r in runs], scale)} | "
                      f"{statistics.mean(r['final']['params'] for r in runs):.0f} | "
                      f"{statistics.mean(r['param_epochs'] for r in runs):.3g} |")
     # uniformly random site: exact expectation = mean over the sites of each seed
     rand = [statistics.mean(err(data[s]["runs"][t], "final") for t in sites) for s in seeds]
-    rand_best = [statistics.mean(err(data[s]["runs"][t], "best") for t in sites) for s in seeds] if grow else []
-    lines.append(f"| random site (exact expectation: mean over sites) | {fmt(rand_best, scale) if grow else '–'} | "
+    rand_best = [None if any(err(data[s]["runs"][t], "best") is None for t in sites)
+                 else statistics.mean(err(data[s]["runs"][t], "best") for t in sites) for s in seeds]
+    lines.append(f"| random site (exact expectation: mean over sites) | {fmt_all(rand_best, scale)} | "
                  f"{fmt(rand, scale)} | {paired(topo_final, rand, scale)} | – | – |")
     lines.append("")
 
@@ -195,7 +201,6 @@ def ablation_table(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> li
     scale, unit = _unit(name, spec)
     setting = spec["settings"][name]
     data = {s: ev.read_raw(raw_dir, name, setting, "ablation", s) for s in seeds}
-    grow = setting["recipe"] == "grow"
     own = data[seeds[0]]["configured_rule"]
     labels = [own] + sorted({x for d in data.values() for x in d["runs"] if x != own})
     sites = sorted({d["site"] for d in data.values()})
@@ -228,7 +233,7 @@ def ablation_table(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> li
             f"| {label} | {len(have)} | {sum(bool(e.get('eps_fallback')) for e in evs)}/{len(evs)} | "
             f"{statistics.mean(e.get('init_norm', 0.0) or 0.0 for e in evs):.3g} | "
             f"{(f'{statistics.mean(drops):.2f}' if drops else '– (no search)')} | "
-            f"{fmt([r['best']['test_error'] for r in runs], scale) if grow else '–'} | {fmt(finals, scale)} | "
+            f"{fmt_all([r['best']['test_error'] for r in runs], scale)} | {fmt(finals, scale)} | "
             f"{'–' if label == own else paired(ref, finals, scale)} |")
     lines.append("")
     return lines

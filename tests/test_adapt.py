@@ -211,6 +211,47 @@ def test_baselines(base, tmp_path, method):
     assert (tmp_path / "merged").is_dir()
 
 
+
+@pytest.mark.parametrize(("method", "forced"), [("topo", 3), ("topo", 5), ("full_finetune", 3)])
+def test_best_validation_epoch_and_its_test_error(base, tmp_path, monkeypatch, method, forced):
+    """``best_val`` is the epoch of lowest validation loss and its test error is that epoch's model's.
+
+    The live model is evaluated on the test split after every epoch (independently of the recipe) and epoch
+    ``forced``'s validation loss is made the lowest: epoch 3 = the first after the insertion (the model trains
+    on for two epochs, so the kept copy must not follow it; full_finetune: nor its backbone), epoch 5 = the
+    last (then it is the final model's)."""
+    import topotransfer.recipes.adapt as recipe
+    from topotransfer.training.run import Run
+
+    seen, task, real_epoch, real_load = {}, {}, Run.train_epoch, recipe._load_data
+
+    def load_data(cfg, backbone_config):
+        loaded = real_load(cfg, backbone_config)
+        task["test"] = loaded[0].test
+        return loaded
+
+    def train_epoch(self, *args, **kwargs):
+        val = real_epoch(self, *args, **kwargs)
+        seen[self.state.epoch] = self.evaluate(self.net, self.batches(task["test"], self.cfg.train.batch_size))
+        if self.state.epoch == forced:
+            self.state.history[-1]["val_loss"] = -1.0  # lower than any cross-entropy
+        return val
+
+    monkeypatch.setattr(recipe, "_load_data", load_data)
+    monkeypatch.setattr(Run, "train_epoch", train_epoch)
+    r = run(base, tmp_path, f"adapt.method={method}", "adapt.head_epochs=2", "adapt.insertions=1",
+            "adapt.epochs_per_insertion=2", "adapt.final_epochs=1").results
+    best = r["best_val"]
+    assert r["epochs"] == len(seen) == 5 and best["epoch"] == forced and best["val_loss"] == -1.0
+    assert best["phase"] == r["history"][forced - 1]["phase"]
+    assert best["trainable_params"] == r["history"][forced - 1]["trainable_params"]
+    assert (best["test_error"], best["test_loss"]) == (seen[forced]["error"], seen[forced]["loss"])
+    if forced == 5:
+        assert (best["test_error"], best["test_loss"]) == (r["test_error"], r["test_loss"])
+    else:  # the case the copy matters: training went on after the best epoch
+        assert best["test_loss"] != r["test_loss"]
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 def test_unknown_config_key_and_missing_model(base, tmp_path, capsys):
     assert_cli_error(capsys, ["adapt", "--config", "adapt_digits_vit", "adapt.budget=3"], r"Unknown config key.*adapt\.budget")

@@ -103,6 +103,9 @@ def test_transfer_sweep_quick(tmp_path):
     data = json.loads(path.read_text())
     assert set(data["runs"]) == set(data["sites"]) and len(data["sites"]) >= 3
     assert all(r["event"]["site"] == s for s, r in data["runs"].items()) and "lora" in data["references"]
+    # every run records its best-validation epoch's test error (adapt keeps that model in memory)
+    runs = [*data["runs"].values(), *data["references"].values()]
+    assert all(0 <= r["best"]["test_error"] <= 1 and r["best"]["val_loss"] <= r["final"]["val_loss"] for r in runs)
     spec = quick_spec(tmp_path, "mnist_to_fashion_10", [0])
     assert "| reference: lora |" in report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
 

@@ -15,6 +15,7 @@ are an adapter over the untouched base (:mod:`topotransfer.adapter`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -391,12 +392,12 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None, overwrite:
               kind="classification", loss=loss_mean, desc=f"adapt[{a.method}]")
 
     if not state.method_started:
-        _train_phase(run, "head", a.head_epochs)  # adjoints from a random head are noise: train it first
+        _train_phase(run, parts, "head", a.head_epochs)  # adjoints from a random head are noise: train it first
         _start_method(run, parts)
     if a.method in INSERTION_METHODS:
         _insertion_phases(run, parts, probe_batches, val_batches, loss_sum)
     else:
-        _train_phase(run, a.method, epochs)  # every method gets the same epoch budget
+        _train_phase(run, parts, a.method, epochs)  # every method gets the same epoch budget
     run.net.eval()
 
     results = _results(run, parts, task, preprocessing, val_batches, test_batches)
@@ -415,10 +416,13 @@ class AdaptState(RunState):
     Attributes:
         phase: "head", the method's name, "insertion k", "final" or "done".
         method_started: the head warm-up is over and the method's trainable set (LoRA, backbone) is on.
+        best_val: the epoch of lowest validation loss so far ``{"epoch", "phase", "val_loss", "val_error",
+            "trainable_params"}`` (``None`` before the first epoch); its test error is added at the end.
     """
 
     phase: str = "head"
     method_started: bool = False
+    best_val: dict | None = None
 
 
 @dataclass
@@ -433,6 +437,8 @@ class _Parts:
         fingerprint: sha256 of each backbone parameter before training.
         records: insertion records ``{"site", "layer"}``: ``adapt.adapter_path``'s, then this run's.
         base_records: those of ``adapt.adapter_path`` alone.
+        best_model: ``(epoch, copy of the model)`` at :attr:`AdaptState.best_val`'s epoch. In memory only:
+            a run resumed after its best epoch has none (its best-validation test error is then ``None``).
     """
 
     head: list[str]
@@ -442,6 +448,7 @@ class _Parts:
     fingerprint: dict[str, str]
     records: list[dict]
     base_records: list[dict]
+    best_model: tuple[int, nn.Module] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -540,16 +547,33 @@ def _start_or_resume(run: Run, model: nn.Module, parts: _Parts, task: Task) -> t
 
 
 # ---------------------------------------------------------------------------------------------- the phases
-def _train_phase(run: Run, phase: str, until_epoch: int) -> None:
+def _train_phase(run: Run, parts: _Parts, phase: str, until_epoch: int) -> None:
     """Train until ``until_epoch`` epochs are done (or ``train.max_steps``), checkpointing every
-    ``train.checkpoint_every`` epochs."""
+    ``train.checkpoint_every`` epochs; the model of lowest validation loss is kept (:func:`_keep_best`)."""
     run.state.phase = phase
     while run.state.epoch < until_epoch:
         columns = {"trainable_params": count_parameters(run.net, True)}
         if run.train_epoch(columns, phase=phase, timing="head_warmup" if phase == "head" else "training") is None:
             return
+        _keep_best(run, parts)
         if run.checkpoint_due():
             run.checkpoint()
+
+
+def _keep_best(run: Run, parts: _Parts) -> None:
+    """After an epoch: when its validation loss is the lowest so far (strictly: ties keep the earlier epoch),
+    record it in ``state.best_val`` and keep a copy of the model, whose test error :func:`_results` reports.
+
+    The copy shares the frozen backbone's parameters with the live model (they never change; :func:`_results`
+    checks it), so it costs the trained tensors only; ``full_finetune`` copies everything.
+    """
+    state, row = run.state, run.state.history[-1]
+    if state.best_val is not None and not row["val_loss"] < state.best_val["val_loss"]:
+        return
+    state.best_val = {"epoch": row["epoch"], "phase": row.get("phase"), "val_loss": row["val_loss"],
+                      "val_error": row["val_error"], "trainable_params": row["trainable_params"]}
+    shared = {} if parts.full else {id(p): p for _, p in parts.backbone_params}  # deepcopy reuses memo entries
+    parts.best_model = (row["epoch"], copy.deepcopy(run.net, shared))
 
 
 def _start_method(run: Run, parts: _Parts) -> None:
@@ -574,8 +598,8 @@ def _insertion_phases(run: Run, parts: _Parts, probe: list, heldout: list, loss_
             _insertion(run, parts, event, probe, heldout, loss_sum)
         if state.events[event]["site"] is None:
             break
-        _train_phase(run, f"insertion {event + 1}", a.head_epochs + (event + 1) * a.epochs_per_insertion)
-    _train_phase(run, "final", a.head_epochs + a.insertions * a.epochs_per_insertion + a.final_epochs)
+        _train_phase(run, parts, f"insertion {event + 1}", a.head_epochs + (event + 1) * a.epochs_per_insertion)
+    _train_phase(run, parts, "final", a.head_epochs + a.insertions * a.epochs_per_insertion + a.final_epochs)
 
 
 def _insertion(run: Run, parts: _Parts, event: int, probe: list, heldout: list, loss_sum: nn.Module) -> None:
@@ -610,6 +634,10 @@ def _results(run: Run, parts: _Parts, task: Task, preprocessing: dict, val_batch
         raise RuntimeError(f"backbone weights changed during {cfg.adapt.method} adaptation (a bug): {changed[:5]}")
     val = run.evaluate(model, val_batches)
     test = {"loss": None, "error": None} if test_batches is None else run.evaluate(model, test_batches)
+    best = None if state.best_val is None else {**state.best_val, "test_error": None, "test_loss": None}
+    if best is not None and test_batches is not None and parts.best_model and parts.best_model[0] == best["epoch"]:
+        best_test = run.evaluate(parts.best_model[1], test_batches)
+        best.update(test_error=best_test["error"], test_loss=best_test["loss"])
     base, _ = unwrap_peft(model)
     parts.records = label_insertions(base, parts.records, strict=False)  # + the stable site_label / label of each
     return {
@@ -625,6 +653,7 @@ def _results(run: Run, parts: _Parts, task: Task, preprocessing: dict, val_batch
         "val_loss": val["loss"],
         "test_error": test["error"],
         "test_loss": test["loss"],
+        "best_val": best,  # the epoch of lowest validation loss and its model's test error
         "insertions": len(parts.records),
         "insertion_records": parts.records,
         "events": state.events,
