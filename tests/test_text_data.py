@@ -1,5 +1,6 @@
-"""The generated sentiment task: deterministic, balanced, disjoint splits, no single-keyword shortcut,
-held-out vocabulary in test; and its tokenisation into padded batches with an attention mask."""
+"""The generated text tasks (sentiment, intent): deterministic, balanced, disjoint splits, no single-keyword
+shortcut, held-out vocabulary and phrasing in test; the intent task written as CSV files and read back through
+the hf:csv loader; and the tokenisation into padded batches with an attention mask."""
 
 from __future__ import annotations
 
@@ -10,7 +11,19 @@ import torch
 
 from topotransfer.data import AVAILABLE_TASKS, load_task
 from topotransfer.errors import ModalityMismatchError
-from topotransfer.text_data import _TEST_WORDS, _TRAIN_WORDS, SENTIMENT_CLASSES, TextDataset, make_sentiment
+from topotransfer.text_data import (
+    _INTENT_TEST,
+    _INTENT_TRAIN,
+    _TEST_WORDS,
+    _TRAIN_WORDS,
+    INTENT_CLASSES,
+    SENTIMENT_CLASSES,
+    TextDataset,
+    make_intent,
+    make_sentiment,
+    make_text_task,
+    write_text_task_csv,
+)
 
 
 def _words(text: str) -> set[str]:
@@ -62,6 +75,72 @@ def test_test_split_holds_out_vocabulary_and_phrasing():
     test_words = set().union(*(_words(t) for t in test.texts))
     assert {"however", "yet", "nobody", "far"} <= test_words and not {"however", "yet", "nobody", "far"} & seen
     assert not set(test.texts) & set(train.texts)
+
+
+def _content_words(words) -> set[str]:
+    """Words of an intent split's items, times and request verb phrases, without the placeholders and the
+    function words both splits share."""
+    shared = {"a", "the", "my", "of", "to", "for", "on", "is", "there", "from", "i", "you", "me", "n", "t"}
+    phrases = [*words.items, *words.times, *(vp for vps in words.requests for vp in vps), *words.wrappers,
+               *words.questions, *words.retractions]
+    return set().union(*(_words(re.sub(r"\{\w+\}", " ", x)) for x in phrases)) - shared
+
+
+def test_intent_is_deterministic_balanced_and_disjoint():
+    task = load_task("intent", num_train=103, num_val=41, num_test=62, seed=3)
+    again = load_task("intent", num_train=103, num_val=41, num_test=62, seed=3)
+    other = load_task("intent", num_train=103, num_val=41, num_test=62, seed=4)
+    assert task.modality == "text" and task.num_outputs == 4 and task.class_names == list(INTENT_CLASSES)
+    assert "intent" in AVAILABLE_TASKS
+    for split in ("train", "val", "test"):
+        data = getattr(task, split)
+        assert data.texts == getattr(again, split).texts and torch.equal(data.labels, getattr(again, split).labels)
+        assert data.texts != getattr(other, split).texts
+        counts = data.labels.bincount(minlength=4)
+        assert int(counts.max() - counts.min()) <= 1  # balanced over the four classes
+        assert len(set(data.texts)) == len(data)
+        assert all(t[0].isupper() and t[-1] in ".?" for t in data.texts)
+    assert not set(task.train.texts) & set(task.val.texts)
+    assert load_task("intent", num_train=5, num_val=3, num_test=62, seed=3).test.texts == task.test.texts
+    # the two generated tasks are different tasks
+    assert not set(task.train.texts) & set(make_sentiment(103, 41, 62, seed=3)[0].texts)
+
+
+def test_intent_test_split_holds_out_phrasing_and_no_verb_decides():
+    train, val, test = make_intent(2000, 300, 800, seed=1)
+    train_vocab, test_vocab = _content_words(_INTENT_TRAIN), _content_words(_INTENT_TEST)
+    assert not train_vocab & test_vocab  # items, times, verbs, wrappers and connectives of the splits are disjoint
+    seen = set().union(*(_words(t) for t in train.texts + val.texts))
+    assert not test_vocab & seen and not set(test.texts) & set(train.texts)
+    assert all(_words(t) & test_vocab for t in test.texts) and all(_words(t) & train_vocab for t in train.texts)
+    # every request verb of the training phrasing occurs in sentences of every class: the main clause decides
+    by_label = [set() for _ in INTENT_CLASSES]
+    for text, label in zip(train.texts, train.labels.tolist(), strict=True):
+        by_label[label] |= _words(text)
+    for verb in ("book", "reserve", "cancel", "delete", "move", "change", "ask", "check"):
+        assert all(verb in words for words in by_label), verb
+    retracted = [t for t in train.texts if "going to" in t or "do not want" in t]
+    assert len(retracted) > 800  # about half the sentences give up a request of another class first
+    assert make_text_task("intent", 20, 5, 10, seed=2)[2].texts == make_intent(20, 5, 10, seed=2)[2].texts
+    with pytest.raises(ValueError, match="unknown generated text task"):
+        make_text_task("topics")
+
+
+def test_intent_csv_files_load_through_the_hf_csv_loader(tmp_path):
+    pytest.importorskip("datasets")
+    files = write_text_task_csv("intent", tmp_path / "intent", 40, 12, 20, seed=5)
+    assert sorted(files) == ["test", "train", "validation"]
+    task = load_task("hf:csv", data_files=files, cache_dir=tmp_path / "cache", seed=5)
+    expected = make_intent(40, 12, 20, seed=5)
+    assert task.modality == "text" and sorted(task.class_names) == sorted(INTENT_CLASSES)
+    for split, data in zip((task.train, task.val, task.test), expected, strict=True):
+        got = split.__getitems__(list(range(len(split))))
+        want = [(t, INTENT_CLASSES[int(y)]) for t, y in zip(data.texts, data.labels, strict=True)]
+        # the given splits as they are (order aside): same sentences, same classes
+        assert sorted((t, task.class_names[int(y)]) for t, y in got) == sorted(want)
+    with pytest.raises(ValueError, match="unknown generated text task"):
+        write_text_task_csv("topics", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_bad_arguments():

@@ -11,6 +11,8 @@ Names understood by :func:`load_task`:
   the environment variable ``TOPOTRANSFER_FASHION_MNIST_DIR`` points elsewhere).
 * ``"sentiment"``: generated review sentences labelled negative / positive, with held-out phrasing and
   vocabulary in the test split (:mod:`topotransfer.text_data`; no download). Inputs are strings.
+* ``"intent"``: generated requests to a booking assistant labelled book / cancel / reschedule / question, built
+  the same way (held-out phrasing and vocabulary in the test split).
 * ``"hf:<name>[:<config>]"``: a Hugging Face dataset through ``datasets.load_dataset`` (local cache only when
   ``HF_DATASETS_OFFLINE=1``).
 * ``"imagefolder:<dir>"``: ``<dir>/<class>/<image>`` files through ``datasets.load_dataset("imagefolder")``.
@@ -38,7 +40,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from .errors import ModalityMismatchError, TopoTransferError
-from .text_data import SENTIMENT_CLASSES, TEXT_TASKS, TextDataset, make_sentiment
+from .text_data import TEXT_CLASSES, TEXT_TASKS, TextDataset, make_text_task
 
 __all__ = [
     "AVAILABLE_TASKS",
@@ -591,7 +593,7 @@ def load_task(
 ) -> Task:
     """Load a task by name as train/val/test ``TensorDataset``s.
 
-    Defaults per task: ``regression`` 1000/200/2000 points; ``sentiment`` 2000/500/1000 sentences; ``digits`` 20% test, then 10% of the rest val
+    Defaults per task: ``regression`` 1000/200/2000 points; ``sentiment`` and ``intent`` 2000/500/1000 sentences; ``digits`` 20% test, then 10% of the rest val
     (1294/144/359); ``mnist`` and ``fashion_mnist`` the official 10,000 test images and 5,000 val images carved
     from the 60,000 training images (55,000 train); ``hf:`` / ``imagefolder:`` use their ``validation`` and
     ``test`` splits when present and otherwise carve them like ``digits``. Carved splits are stratified by class
@@ -622,7 +624,7 @@ def load_task(
     Returns:
         A :class:`Task`. Regression: inputs ``(N, 2)`` float32, targets ``(N, 1)`` float32. Classification:
         inputs ``(N, C, H, W)`` float32 in [0, 1] (``(N, 1, 8, 8)`` digits, ``(N, 1, 28, 28)`` MNIST), targets
-        ``(N,)`` int64. Text (``sentiment``): :class:`~topotransfer.text_data.TextDataset` splits of strings.
+        ``(N,)`` int64. Text (``sentiment``, ``intent``): :class:`~topotransfer.text_data.TextDataset` splits of strings.
         ``hf:`` / ``imagefolder:``: lazy splits whose items are ``(C, S, S)`` images in [0, 1] (S =
         ``image_size``, else the images' own side) or strings (sentence pairs as tuples), with int64 labels.
 
@@ -667,14 +669,15 @@ def load_task(
     if builtin in TEXT_TASKS:
         if image_size is not None:
             raise ValueError(f"image_size does not apply to the text task {builtin!r}")
-        train, val, test = make_sentiment(
+        train, val, test = make_text_task(
+            builtin,
             num_train if num_train is not None else 2000,
             num_val if num_val is not None else 500,
             num_test if num_test is not None else 1000,
             seed=seed,
         )
         return Task(name=builtin, kind="classification", train=train, val=val, test=test, input_shape=(),
-                    num_outputs=len(SENTIMENT_CLASSES), class_names=list(SENTIMENT_CLASSES), modality="text")
+                    num_outputs=len(TEXT_CLASSES[builtin]), class_names=list(TEXT_CLASSES[builtin]), modality="text")
     sizes = {"seed": seed, "num_train": num_train, "num_val": num_val, "num_test": num_test}
     if builtin == "digits":
         return _load_digits(seed, num_train, num_val, num_test, image_size)

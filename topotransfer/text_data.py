@@ -18,31 +18,48 @@ orders), nouns, adjectives, verbs and intensifiers never occur in train or valid
 which is what a pretrained text encoder brings. Train and validation share the training templates and
 vocabulary and never share a sentence.
 
+``load_task("intent")`` (:func:`make_intent`) is a 4-way request classification (book / cancel / reschedule /
+question) for a booking assistant, built the same way: half the sentences retract a request of another class
+before making their own ("i was going to cancel my haircut, but can you move my haircut to friday"), so every
+request verb occurs in every class and only the main clause decides; its test split again uses request
+verbs, items, times, wrappers and connectives that never occur in training.
+
 Inputs are Python strings (:class:`TextDataset`); :func:`topotransfer.preprocess.prepare_text_task`
 tokenises them for a backbone.
 """
 
 from __future__ import annotations
 
+import csv
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 __all__ = [
+    "INTENT_CLASSES",
     "SENTIMENT_CLASSES",
+    "TEXT_CLASSES",
     "TEXT_TASKS",
     "TextDataset",
+    "make_intent",
     "make_sentiment",
+    "make_text_task",
+    "write_text_task_csv",
 ]
 
-TEXT_TASKS: tuple[str, ...] = ("sentiment",)
+TEXT_TASKS: tuple[str, ...] = ("sentiment", "intent")
 """Built-in generated text tasks (also listed in :data:`topotransfer.data.AVAILABLE_TASKS`)."""
 
 SENTIMENT_CLASSES: tuple[str, ...] = ("negative", "positive")
+INTENT_CLASSES: tuple[str, ...] = ("book", "cancel", "reschedule", "question")
+TEXT_CLASSES: dict[str, tuple[str, ...]] = {"sentiment": SENTIMENT_CLASSES, "intent": INTENT_CLASSES}
+"""Class names of each generated text task (label i = name i)."""
 
 
 class TextDataset(Dataset):
@@ -193,16 +210,17 @@ def _sentence(rng: random.Random, words: _Lexicon, phrasings: _Phrasings, label:
     return text[0].upper() + text[1:] + "."
 
 
-def _generate(n: int, rng: random.Random, words: _Lexicon, phrasings: _Phrasings,
+def _generate(n: int, rng: random.Random, sentence: Callable[[random.Random, int], str], num_classes: int,
               exclude: set[str]) -> tuple[list[str], Tensor]:
-    """``n`` distinct sentences not in ``exclude``, classes balanced (counts differ by at most one)."""
-    labels = [i % len(SENTIMENT_CLASSES) for i in range(n)]
+    """``n`` distinct sentences ``sentence(rng, label)`` not in ``exclude``, classes balanced (counts differ by at
+    most one)."""
+    labels = [i % num_classes for i in range(n)]
     rng.shuffle(labels)
     texts: list[str] = []
     seen = set(exclude)
     for label in labels:
         for _ in range(1000):
-            text = _sentence(rng, words, phrasings, label)
+            text = sentence(rng, label)
             if text not in seen:
                 break
         else:  # pragma: no cover - the template space holds hundreds of thousands of sentences
@@ -235,9 +253,173 @@ def make_sentiment(
     Returns:
         ``(train, val, test)`` :class:`TextDataset` splits with labels 0 = negative, 1 = positive.
     """
-    rng = _rng(seed, 31)
-    val_texts, val_labels = _generate(num_val, rng, _TRAIN_WORDS, _TRAIN_PHRASINGS, set())
-    train_texts, train_labels = _generate(num_train, rng, _TRAIN_WORDS, _TRAIN_PHRASINGS, set(val_texts))
-    test_texts, test_labels = _generate(num_test, _rng(seed, 32), _TEST_WORDS, _TEST_PHRASINGS, set())
+    def train_sentence(rng: random.Random, label: int) -> str:
+        return _sentence(rng, _TRAIN_WORDS, _TRAIN_PHRASINGS, label)
+
+    def test_sentence(rng: random.Random, label: int) -> str:
+        return _sentence(rng, _TEST_WORDS, _TEST_PHRASINGS, label)
+
+    return _splits(train_sentence, test_sentence, len(SENTIMENT_CLASSES), num_train, num_val, num_test, seed, (31, 32))
+
+
+def _splits(train_sentence: Callable[[random.Random, int], str], test_sentence: Callable[[random.Random, int], str],
+            num_classes: int, num_train: int, num_val: int, num_test: int, seed: int,
+            streams: tuple[int, int]) -> tuple[TextDataset, TextDataset, TextDataset]:
+    """Validation then train from one stream (no shared sentence), test from its own stream (so it depends on
+    ``seed`` and ``num_test`` only)."""
+    rng = _rng(seed, streams[0])
+    val_texts, val_labels = _generate(num_val, rng, train_sentence, num_classes, set())
+    train_texts, train_labels = _generate(num_train, rng, train_sentence, num_classes, set(val_texts))
+    test_texts, test_labels = _generate(num_test, _rng(seed, streams[1]), test_sentence, num_classes, set())
     return (TextDataset(train_texts, train_labels), TextDataset(val_texts, val_labels),
             TextDataset(test_texts, test_labels))
+
+
+# ------------------------------------------------------------------------------------------------ intent
+@dataclass(frozen=True)
+class _IntentWords:
+    """The vocabulary and phrasings of one split of the intent task (train/val or test: disjoint).
+
+    ``requests[c]``: verb phrases (base form) asking for class c (book, cancel, reschedule) or, for
+    ``question``, asking about an item; ``{n}`` = the item, ``{t}`` = a time. ``wrappers`` turn a verb phrase into
+    a request ("please {vp}"); ``questions`` are direct questions of the question class; ``retractions`` hold
+    ``{x}`` (a verb phrase of another class, given up) and ``{y}`` (the main request, which is the label).
+    """
+
+    items: tuple[str, ...]
+    times: tuple[str, ...]
+    requests: tuple[tuple[str, ...], ...]
+    wrappers: tuple[str, ...]
+    questions: tuple[str, ...]
+    retractions: tuple[str, ...]
+
+
+_INTENT_TRAIN = _IntentWords(
+    items=("dinner table", "hotel room", "flight", "haircut", "dentist appointment", "rental car", "train ticket",
+           "yoga class"),
+    times=("friday", "tuesday", "monday evening", "the tenth"),
+    requests=(
+        ("book a {n} for {t}", "reserve a {n} for {t}", "book a {n}"),
+        ("cancel my {n}", "cancel the {n} on {t}", "delete my {n} reservation"),
+        ("move my {n} to {t}", "change my {n} to {t}", "push my {n} back to {t}"),
+        ("ask how much a {n} costs", "check whether a {n} is free on {t}"),
+    ),
+    wrappers=("i would like to {vp}", "please {vp}", "can you {vp}", "i want to {vp}"),
+    questions=("how much does a {n} cost", "is a {n} free on {t}", "i want to know the cost of a {n}"),
+    retractions=("i was going to {x}, but {y}", "i do not want to {x}; {y}", "{y}, i am not going to {x}"),
+)
+
+_INTENT_TEST = _IntentWords(
+    items=("ferry crossing", "guided tour", "spa session", "tennis court", "museum visit", "driving lesson",
+           "pottery workshop", "boat trip"),
+    times=("saturday morning", "the weekend", "thursday afternoon", "the twenty-first"),
+    requests=(
+        ("secure a {n} for {t}", "arrange a {n} for {t}", "set up a {n}"),
+        ("scrap my {n}", "call off the {n} on {t}", "withdraw from my {n}"),
+        ("postpone my {n} until {t}", "shift my {n} to {t}", "bring my {n} forward to {t}"),
+        ("find out the price of a {n}", "see if there is a {n} open on {t}"),
+    ),
+    wrappers=("i'd love to {vp}", "kindly {vp}", "could you {vp} for me", "i need you to {vp}"),
+    questions=("what is the price of a {n}", "are any {n} slots open on {t}", "what is the fee for a {n} on {t}"),
+    retractions=("i had planned to {x}, yet {y}", "{y}; there is no need to {x}", "rather than {x}, {y}"),
+)
+
+_QUESTION = INTENT_CLASSES.index("question")
+
+
+def _intent_clause(rng: random.Random, w: _IntentWords, label: int, noun: str) -> tuple[str, bool]:
+    """The main clause of class ``label`` about ``noun``; ``True`` when it is a question (ends with "?")."""
+    time = rng.choice(w.times)
+    if label == _QUESTION and rng.random() < 0.5:
+        return rng.choice(w.questions).format(n=noun, t=time), True
+    vp = rng.choice(w.requests[label]).format(n=noun, t=time)
+    wrapper = rng.choice(w.wrappers)
+    return wrapper.format(vp=vp), wrapper.startswith(("can you", "could you")) or label == _QUESTION
+
+
+def _intent_sentence(rng: random.Random, w: _IntentWords, label: int) -> str:
+    """Half the sentences: one request of class ``label``; the other half retract a request of another class
+    (about the same item) first, so the request verbs of every class occur in every class."""
+    noun = rng.choice(w.items)
+    main, question = _intent_clause(rng, w, label, noun)
+    if rng.random() < 0.5:
+        other = rng.choice([c for c in range(len(INTENT_CLASSES)) if c != label])
+        given_up = rng.choice(w.requests[other]).format(n=noun, t=rng.choice(w.times))
+        main = rng.choice(w.retractions).format(x=given_up, y=main)
+    return main[0].upper() + main[1:] + ("?" if question else ".")
+
+
+def make_intent(
+    num_train: int = 2000, num_val: int = 500, num_test: int = 1000, *, seed: int = 0
+) -> tuple[TextDataset, TextDataset, TextDataset]:
+    """Generate the intent task's splits: requests to a booking assistant, labels :data:`INTENT_CLASSES`.
+
+    The label is the main request: "I was going to cancel my haircut, but can you move my haircut to friday?"
+    is ``reschedule``. The test split's request verbs, items, times, wrappers, question forms and retraction
+    connectives never occur in train or validation. Same split rules as :func:`make_sentiment`.
+
+    Args:
+        num_train: training sentences (>= 1).
+        num_val: validation sentences (>= 0), training phrasings and vocabulary, no sentence shared with train.
+        num_test: test sentences (>= 0), held-out phrasings and vocabulary.
+        seed: seed of the generator.
+
+    Returns:
+        ``(train, val, test)`` :class:`TextDataset` splits, labels 0..3 (counts differ by at most one).
+    """
+
+    def train_sentence(rng: random.Random, label: int) -> str:
+        return _intent_sentence(rng, _INTENT_TRAIN, label)
+
+    def test_sentence(rng: random.Random, label: int) -> str:
+        return _intent_sentence(rng, _INTENT_TEST, label)
+
+    return _splits(train_sentence, test_sentence, len(INTENT_CLASSES), num_train, num_val, num_test, seed, (41, 42))
+
+
+_MAKERS = {"sentiment": make_sentiment, "intent": make_intent}
+
+
+def make_text_task(
+    name: str, num_train: int = 2000, num_val: int = 500, num_test: int = 1000, *, seed: int = 0
+) -> tuple[TextDataset, TextDataset, TextDataset]:
+    """The splits of the generated text task ``name`` (one of :data:`TEXT_TASKS`).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name not in _MAKERS:
+        raise ValueError(f"unknown generated text task {name!r}; expected one of {TEXT_TASKS}")
+    return _MAKERS[name](num_train, num_val, num_test, seed=seed)
+
+
+def write_text_task_csv(
+    name: str, directory: str | os.PathLike, num_train: int = 2000, num_val: int = 500, num_test: int = 1000, *,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Write the splits of generated text task ``name`` as ``train.csv`` / ``validation.csv`` / ``test.csv``
+    (columns ``text``, ``label`` = the class name) under ``directory``, for the ``hf:csv`` loader.
+
+    ``load_task("hf:csv", data_files=<the returned dict>)`` then reads the same sentences and classes as
+    ``load_task(name, ...)`` with the same sizes and seed: the file path of a user's own CSV data, exercised
+    on a task whose held-out test phrasing is known.
+
+    Returns:
+        ``{"train": path, "validation": path, "test": path}`` (strings, as ``data.data_files`` takes them).
+
+    Raises:
+        ValueError: an unknown task name.
+    """
+    splits = make_text_task(name, num_train, num_val, num_test, seed=seed)
+    classes = TEXT_CLASSES[name]
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, data in zip(("train", "validation", "test"), splits, strict=True):
+        path = out / f"{split}.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows([text, classes[int(label)]] for text, label in zip(data.texts, data.labels, strict=True))
+        files[split] = str(path)
+    return files
