@@ -30,11 +30,19 @@ BASE = ["train.batch_size=8", "adapt.lr=0.005", "adapt.backbone_lr=0.001", "adap
         "probe.batches=1", "data.max_length=64", "adapt.save_merged=false", "adapt.save_adapter=false",
         "train.checkpoint_every=1000", "probe.rule=rowwise", "adapt.lora_alpha=16"]
 VARIANTS: dict[str, list[str]] = {
-    "lora": ["adapt.method=lora", "adapt.lora_r=16"],
+    "lora": ["adapt.method=lora", "adapt.lora_r=16"],  # LoRA at adapt.backbone_lr = 1e-3 (BASE)
+    "lora_blr3e-3": ["adapt.method=lora", "adapt.lora_r=16", "adapt.backbone_lr=0.003"],
+    "lora_blr3e-4": ["adapt.method=lora", "adapt.lora_r=16", "adapt.backbone_lr=0.0003"],
     "topo_blocks": ["adapt.method=topo", "probe.sites=blocks"],
     "topo_sub": ["adapt.method=topo", "probe.sites=sublayers"],
     "topo_all": ["adapt.method=topo", "probe.sites=all"],
     "budget_blocks": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16"],
+    # the rank-k collapse study: a lower lr for the inserted layers, U frozen to the eigen rows, fewer sites
+    "budget_blocks_llr1e-3": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16", "adapt.layer_lr=0.001"],
+    "budget_blocks_llr3e-4": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16", "adapt.layer_lr=0.0003"],
+    "budget_blocks_frozenU": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16",
+                              "adapt.lowrank_freeze_up=true"],
+    "budget_blocks_min96": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16", "adapt.budget_min_rank=96"],
     "budget_all": ["adapt.method=topo", "probe.sites=all", "adapt.budget_lora_rank=16"],
     "budget_all_max64": ["adapt.method=topo", "probe.sites=all", "adapt.budget_lora_rank=16", "adapt.budget_max_rank=64"],
     "topo_lora_all": ["adapt.method=topo", "probe.sites=all", "adapt.lora=true", "adapt.lora_r=8",

@@ -162,3 +162,41 @@ def test_adapt_recipe_spends_the_budget_on_rank_k_layers(tmp_path, lora):
         torch.testing.assert_close(merged, live, rtol=1e-5, atol=1e-6)
     else:
         assert torch.equal(merged, live)
+
+
+def test_frozen_up_keeps_the_eigen_rows_and_layer_lr_gets_its_own_group(tmp_path):
+    """adapt.lowrank_freeze_up: every rank-k layer's U is still its one-hot eigen rows after training (V moved),
+    and is not counted as trained; adapt.layer_lr: the inserted layers form their own optimizer group."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from test_adapt_text import run, save_bert
+
+    from topotransfer.adapter import head_module_names, unwrap_peft
+    from topotransfer.config import load_config
+    from topotransfer.recipes.adapt import _optimizer
+    from topotransfer.surgery import get_family
+
+    base = save_bert(tmp_path / "bert")
+    result = run(base, tmp_path / "run", "probe.rule=rowwise", "probe.sites=all", "adapt.budget_lora_rank=2",
+                 "adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=2", "train.max_steps=6",
+                 "adapt.budget_max_rank=3", "adapt.lowrank_freeze_up=true", "adapt.layer_lr=0.02")
+    r = result.results
+    layers = [layer for _, layer in get_family(result.model).inserted(result.model)]
+    records = [x for e in r["events"] for x in e.get("layers", [])]
+    assert layers and len(layers) == len(records)
+    for layer in layers:
+        assert isinstance(layer, LowRankTopoLayer) and not layer.up.requires_grad
+        rows = {tuple(x["rows"]) for x in records if x["rank"] == layer.rank}
+        one_hot = torch.zeros_like(layer.up)
+        assert any(torch.equal(layer.up, one_hot.index_put((torch.tensor(list(rw)), torch.arange(layer.rank)),
+                                                         torch.tensor(1.0))) for rw in rows)
+        assert layer.weight.abs().sum() > 0
+    spent = sum(x["parameters"] for x in records)
+    frozen = sum(layer.up.numel() for layer in layers)
+    assert r["trainable_params"] == spent - frozen + 16 * 2 + 2  # V and c of the layers + the head
+    cfg = load_config(None, ["task=adapt", "adapt.lr=0.005", "adapt.layer_lr=0.0007"])
+    model = result.model
+    opt = _optimizer(model, head_module_names(unwrap_peft(model)[0]), cfg.adapt, cfg.train)
+    layer_ids = {id(p) for layer in layers for p in layer.parameters() if p.requires_grad}
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert by_lr[0.0007] == layer_ids and 0.005 in by_lr and not by_lr[0.005] & layer_ids

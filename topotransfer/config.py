@@ -357,6 +357,13 @@ class AdaptConfig:
     budget_lora_rank: int | None = field(
         default=None, metadata={"help": "param_budget = LoRA's parameter count at this rank on the LoRA targets"}
     )
+    layer_lr: float | None = field(
+        default=None, metadata={"help": "lr of the inserted layers (None = adapt.lr, the head's)"}
+    )
+    lowrank_freeze_up: bool = field(
+        default=False,
+        metadata={"help": "rank-k layers: keep U at its initial one-hot eigen rows (V and c train)"},
+    )
     budget_min_rank: int = field(default=1, metadata={"help": "budgeted layers: smallest rank of a layer"})
     budget_max_rank: int | None = field(default=None, metadata={"help": "budgeted layers: largest rank of a layer"})
     adapter_path: str | None = field(default=None, metadata={"help": "continue from a saved adapter of the same base"})
@@ -374,6 +381,7 @@ class AdaptConfig:
             _check(getattr(self, key) >= 0, f"adapt.{key} must be >= 0, got {getattr(self, key)}")
         _check(self.lr > 0, f"adapt.lr must be positive, got {self.lr}")
         _check(self.backbone_lr is None or self.backbone_lr > 0, f"adapt.backbone_lr must be positive, got {self.backbone_lr}")
+        _check(self.layer_lr is None or self.layer_lr > 0, f"adapt.layer_lr must be positive, got {self.layer_lr}")
         _check(self.lora_r >= 1, f"adapt.lora_r must be >= 1, got {self.lora_r}")
         _check(self.site_selection in ("argmax", "realized"),
                f"adapt.site_selection must be argmax|realized, got {self.site_selection!r}")

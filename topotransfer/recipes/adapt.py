@@ -36,6 +36,7 @@ from ..errors import CheckpointMismatchError, LabelCountMismatchError
 from ..growth import count_parameters, random_site_generator, realized_site
 from ..init_rules import probe_site_results
 from ..insertion import DEFAULT_EPSILONS, insert_layer, line_search_epsilon
+from ..layers import LowRankTopoLayer
 from ..models.hf import load_backbone
 from ..preprocess import load_for_backbone
 from ..requirements import check_requirements
@@ -102,8 +103,9 @@ def apply_lora(model: nn.Module, cfg: AdaptConfig) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def _set_trainable(model: nn.Module, head: list[str], *, backbone: bool, lora: bool) -> None:
-    """Only the head, the inserted layers and (optionally) LoRA / the whole backbone train."""
+def _set_trainable(model: nn.Module, head: list[str], *, backbone: bool, lora: bool, freeze_up: bool = False) -> None:
+    """Only the head, the inserted layers and (optionally) LoRA / the whole backbone train; with ``freeze_up``
+    the U of every rank-k layer stays at its one-hot eigen rows (adapt.lowrank_freeze_up)."""
     base, _ = unwrap_peft(model)
     for name, p in model.named_parameters():
         p.requires_grad_(backbone or (lora and "lora_" in name))
@@ -111,26 +113,30 @@ def _set_trainable(model: nn.Module, head: list[str], *, backbone: bool, lora: b
         base.get_submodule(name).requires_grad_(True)
     for _, layer in get_family(model).inserted(model):
         layer.requires_grad_(True)
+        if freeze_up and isinstance(layer, LowRankTopoLayer):
+            layer.up.requires_grad_(False)
 
 
-def _fast_params(model: nn.Module, head: list[str]) -> set[int]:
-    """ids of the head's and inserted layers' parameters (they use ``adapt.lr``)."""
+def _fast_params(model: nn.Module, head: list[str]) -> tuple[set[int], set[int]]:
+    """ids of the head's parameters (``adapt.lr``) and of the inserted layers' (``adapt.layer_lr`` or ``adapt.lr``)."""
     base, _ = unwrap_peft(model)
-    params = [p for name in head for p in base.get_submodule(name).parameters()]
-    params += [p for _, layer in get_family(model).inserted(model) for p in layer.parameters()]
-    return {id(p) for p in params}
+    head_ids = {id(p) for name in head for p in base.get_submodule(name).parameters()}
+    layer_ids = {id(p) for _, layer in get_family(model).inserted(model) for p in layer.parameters()}
+    return head_ids, layer_ids
 
 
 def _optimizer(
     model: nn.Module, head: list[str], cfg: AdaptConfig, train: TrainConfig, old: torch.optim.Optimizer | None = None
 ) -> torch.optim.Optimizer:
-    """Optimizer over the trainable parameters: head + inserted layers at ``lr``, backbone / LoRA at
-    ``backbone_lr``. Parameters that survive from ``old`` keep their state (public ``optimizer.state``)."""
-    fast_ids = _fast_params(model, head)
+    """Optimizer over the trainable parameters: head at ``lr``, inserted layers at ``layer_lr`` (default ``lr``),
+    backbone / LoRA at ``backbone_lr``. Parameters that survive from ``old`` keep their state (public
+    ``optimizer.state``)."""
+    head_ids, layer_ids = _fast_params(model, head)
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in trainable if id(p) in fast_ids], "lr": cfg.lr},
-        {"params": [p for p in trainable if id(p) not in fast_ids], "lr": cfg.backbone_lr or cfg.lr},
+        {"params": [p for p in trainable if id(p) in head_ids], "lr": cfg.lr},
+        {"params": [p for p in trainable if id(p) in layer_ids], "lr": cfg.layer_lr or cfg.lr},
+        {"params": [p for p in trainable if id(p) not in head_ids | layer_ids], "lr": cfg.backbone_lr or cfg.lr},
     ]
     groups = [g for g in groups if g["params"]]
     if not groups:
@@ -540,7 +546,8 @@ def _start_or_resume(run: Run, model: nn.Module, parts: _Parts, task: Task) -> t
     state = run.read_state(ckpt, AdaptState)
     parts.records += [{"site": r["site"], "layer": r["layer"]} for r in saved["insertions"]]
     started = state.method_started
-    _set_trainable(model, parts.head, backbone=parts.full and started, lora=parts.use_lora and started)
+    _set_trainable(model, parts.head, backbone=parts.full and started, lora=parts.use_lora and started,
+                   freeze_up=cfg.adapt.lowrank_freeze_up)
     optimizer = _optimizer(model, parts.head, cfg.adapt, cfg.train)
     run.load_weights(ckpt, model, optimizer)
     return model, optimizer, state, saved
@@ -584,7 +591,7 @@ def _start_method(run: Run, parts: _Parts) -> None:
         torch.manual_seed(cfg.seed)  # LoRA's A matrices: the same draw on every rank
         model = apply_lora(model, cfg.adapt)
         run.manifest["lora"] = _lora_config(model)
-    _set_trainable(model, parts.head, backbone=parts.full, lora=parts.use_lora)
+    _set_trainable(model, parts.head, backbone=parts.full, lora=parts.use_lora, freeze_up=cfg.adapt.lowrank_freeze_up)
     run.rewrap(model, _optimizer(model, parts.head, cfg.adapt, cfg.train))
     run.state.method_started = True
 
@@ -612,7 +619,7 @@ def _insertion(run: Run, parts: _Parts, event: int, probe: list, heldout: list, 
     record["epoch"] = run.state.epoch
     if record["site"] is not None:
         parts.records.extend({"site": x["site"], "layer": x["layer"]} for x in record.get("layers") or [record])
-        _set_trainable(model, parts.head, backbone=False, lora=parts.use_lora)
+        _set_trainable(model, parts.head, backbone=False, lora=parts.use_lora, freeze_up=cfg.adapt.lowrank_freeze_up)
         optimizer = _optimizer(model, parts.head, cfg.adapt, cfg.train, old=optimizer)
     run.record_event(record, model, optimizer, depth=unwrap_peft(model)[0].config.num_hidden_layers,
                      insertions=parts.records)
