@@ -132,9 +132,12 @@ def read_raw(raw_dir: Path, name: str, setting: dict, kind: str, seed: int) -> d
         return data
     if "config" in data and "spec" in data:
         # A field added to the config classes since the file was written, at its default value, is the same
-        # config: compare field by field instead of by hash.
-        spec = {k: v for k, v in setting.items() if not k.endswith("_seeds")}
-        diff = ["spec"] if data["spec"] != spec else []
+        # config: compare field by field instead of by hash. Likewise overrides that only pin what the file's
+        # config already was (a default changed since, e.g. probe.score): what ran is the resolved config.
+        def bare(x: dict) -> dict:
+            return {k: v for k, v in x.items() if not k.endswith("_seeds") and k != "overrides"}
+
+        diff = ["spec"] if bare(data["spec"]) != bare(setting) else []
         diff += config_diff(data["config"], resolved_config(setting), to_dict(load_config(None, [])))
         if not diff:
             return data
@@ -143,16 +146,22 @@ def read_raw(raw_dir: Path, name: str, setting: dict, kind: str, seed: int) -> d
                        f"the spec {SPEC.name}): rerun it")
 
 
+#: The value a config field stood for before it existed, where that is not its default today: ``probe.score``
+#: was added when sites were ranked by lambda_max, and its default became ``quadratic`` later.
+IMPLIED = {"probe.score": "lambda_max"}
+
+
 def config_diff(stored: dict, current: dict, defaults: dict, prefix: str = "") -> list[str]:
     """Dotted keys where ``stored`` and ``current`` differ; a key only in ``current`` counts only when its value
-    is not the default (a field added later, left at its default, changes nothing that was run)."""
+    is not what the code did before the field was added (its default, or :data:`IMPLIED`): a field added later,
+    left at that value, changes nothing that was run."""
     out = []
     for key in sorted(set(stored) | set(current)):
         path = f"{prefix}{key}"
         if key not in current:
             out.append(path)
         elif key not in stored:
-            if current[key] != (defaults or {}).get(key, object()):
+            if current[key] != IMPLIED.get(path, (defaults or {}).get(key, object())):
                 out.append(path)
         elif isinstance(stored[key], dict) and isinstance(current[key], dict):
             out += config_diff(stored[key], current[key], (defaults or {}).get(key) or {}, f"{path}.")

@@ -240,31 +240,67 @@ def ablation_table(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> li
 
 
 def score_table(spec: dict, names: list[str], raw_dir: Path) -> list[str]:
-    """Which number should rank the sites: lambda_max(Q_t) or theta^T Q_t theta (development seeds only)."""
+    """Which number should rank the sites (development seeds only): per site rule, the Spearman correlation of
+    its number with the realized improvement, how often it picks the best site, the mean final test error of
+    its pick and the regret to the best site of each seed, and its paired difference to the first-site rule."""
     lines = ["## Site score: lambda_max or the inserted direction's quadratic? (development seeds)", "",
-             "Spearman rank correlation over the sites between the score and the realized improvement (−final test "
-             "error), mean over seeds (n = seeds where it is defined); and on how many seeds the score's argmax is "
-             "the best site by final test error (ties count as best).", "",
-             "| setting | seeds | lambda_max | quadratic | realized (line search) | argmax lambda_max best | "
-             "argmax quadratic best | realized best |", "|---|---|---|---|---|---|---|---|"]
+             "Per site rule, over the development seeds: the Spearman rank correlation over the sites between the "
+             "rule's number and the realized improvement (−final test error), mean over seeds (n = seeds where it "
+             "is defined); on how many seeds its pick is the best site by final test error (ties count as best); "
+             "the final test error of its pick (mean ± std); the regret to the best site of each seed (mean ± "
+             "std); and the paired per-seed difference to the fixed rule \"first site\" (first site − rule, "
+             "positive = the rule is better; on how many seeds it is strictly better / tied).", "",
+             "| setting | seeds | rule | Spearman | picks the best site | final test | regret to the best site | "
+             "first site − rule, per seed |", "|---|---|---|---|---|---|---|---|"]
+    ends = {}  # setting -> (argmax lambda_max = last site, argmax quadratic = first site, seeds, ratio per site)
     for name in names:
+        scale, unit = _unit(name, spec)
         seeds = ev.seeds_of(spec, name, "dev")
         data = {s: ev.read_raw(raw_dir, name, spec["settings"][name], "sweep", s) for s in seeds}
-        corr = {"lambda_max": [], "quadratic": [], "realized": []}
-        best = {"argmax": 0, "quadratic": 0, "realized": 0}
+        # rule -> (pick(runs, sites), number that ranks the sites or None for a fixed rule)
+        rules = {
+            "argmax lambda_max": (lambda runs, sites: ev.topo_choice(runs, "argmax"),
+                                  lambda runs, t: runs[t]["event"]["scores"][t]),
+            "argmax quadratic": (lambda runs, sites: ev.topo_choice(runs, "quadratic"),
+                                 lambda runs, t: runs[t]["event"]["quadratics"][t]),
+            "realized (line search)": (lambda runs, sites: ev.topo_choice(runs, "realized"),
+                                       lambda runs, t: -runs[t]["event"]["realized"]),
+            "first site": (lambda runs, sites: sites[0], None),
+            "last site": (lambda runs, sites: sites[-1], None),
+        }
+        picked = {r: [] for r in rules}
+        best = {r: [] for r in rules}
+        corr = {r: [] for r in rules}
         for s, d in data.items():
             check_same_state(d, name, s)
             runs, sites = d["runs"], d["sites"]
             finals = {t: runs[t]["final"]["test_error"] for t in sites}
             improvement = [-finals[t] for t in sites]
-            e0 = runs[sites[0]]["event"]
-            corr["lambda_max"].append(spearman([e0["scores"][t] for t in sites], improvement))
-            corr["quadratic"].append(spearman([e0["quadratics"][t] for t in sites], improvement))
-            corr["realized"].append(spearman([-runs[t]["event"]["realized"] for t in sites], improvement))
-            for rule in best:
-                best[rule] += finals[ev.topo_choice(runs, rule)] == min(finals.values())
-        lines.append(f"| {name} | {seeds} | " + " | ".join(_mean_finite(v) for v in corr.values()) + " | "
-                     + " | ".join(f"{best[r]}/{len(seeds)}" for r in best) + " |")
+            best_err = min(finals.values())
+            for rule, (pick, number) in rules.items():
+                t = pick(runs, sites)
+                picked[rule].append(finals[t])
+                best[rule].append(best_err)
+                if number is not None:
+                    corr[rule].append(spearman([number(runs, u) for u in sites], improvement))
+        sites0 = data[seeds[0]]["sites"]
+        ratio = {t: statistics.mean(d["runs"][t]["event"]["scores"][t] / d["runs"][t]["event"]["quadratics"][t]
+                                    for d in data.values()) for t in sites0}
+        ends[name] = (sum(rules["argmax lambda_max"][0](d["runs"], d["sites"]) == d["sites"][-1] for d in data.values()),
+                      sum(rules["argmax quadratic"][0](d["runs"], d["sites"]) == d["sites"][0] for d in data.values()),
+                      len(seeds), ratio)
+        first = picked["first site"]
+        for rule in rules:
+            regret = [a - b for a, b in zip(picked[rule], best[rule], strict=True)]
+            lines.append(
+                f"| {name} | {seeds} | {rule} | {_mean_finite(corr[rule]) if rules[rule][1] else '–'} | "
+                f"{sum(r == 0 for r in regret)}/{len(seeds)} | {fmt(picked[rule], scale)} {unit} | "
+                f"{fmt(regret, scale)} {unit} | "
+                f"{'–' if rule == 'first site' else paired(picked[rule], first, scale)} |")
+    lines += ["", "Where the two numbers point: " + "; ".join(
+        f"{name}: argmax lambda_max is the last site on {a}/{n} seeds, argmax quadratic the first site on {b}/{n} "
+        "(lambda_max / quadratic per site, mean over seeds: " + ", ".join(f"{t} {r:.3g}" for t, r in ratio.items()) + ")"
+        for name, (a, b, n, ratio) in ends.items()) + "."]
     return lines + [""]
 
 

@@ -106,7 +106,7 @@ def test_cli_adapt_end_to_end(base, tmp_path, capsys):
     assert results["backbone_unchanged"] and results["num_labels"] == 10 and results["depth"] == 4
     assert results["steps"] == 6 and len(results["events"]) == 2
     for event in results["events"]:
-        assert event["site"] == max(event["scores"], key=event["scores"].get)  # argmax of TD
+        assert event["site"] == max(event["scores"], key=event["scores"].get)  # argmax of probe.score
         assert event["epsilon"] > 0
         assert event["loss_after"] < event["loss_before"] or event["eps_fallback"]  # line search never raises it
     adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -132,14 +132,16 @@ def test_adapter_and_merged_reload_equal_live_model(base, tmp_path):
 @pytest.mark.parametrize("whiten", ["false", "true"])
 def test_rowwise_rule_in_the_adapt_recipe(base, tmp_path, whiten):
     """probe.rule=rowwise in adapt: every row with positive curvature starts active (cluster: a few), the
-    site is still the argmax of TD, and the adapter reloads to the live model's logits."""
-    common = ("adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=1", "train.max_steps=3")
+    site is still the argmax of TD (probe.score=lambda_max), and the adapter reloads to the live model's logits."""
+    common = ("adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=1", "train.max_steps=3",
+              "probe.score=lambda_max")
     cluster = run(base, tmp_path / "cluster", "probe.rule=cluster", *common).results["events"][0]
     result = run(base, tmp_path / "rowwise", "probe.rule=rowwise", f"probe.whiten={whiten}", *common)
     (event,) = result.results["events"]
     assert event["scores"] == pytest.approx(cluster["scores"], rel=1e-5)  # TD does not depend on the rule
     assert event["site"] == cluster["site"] == max(event["scores"], key=event["scores"].get)
     assert event["k"] > cluster["k"] and event["epsilon"] > 0
+    assert event["score_kind"] == "lambda_max" and event["scores"] == event["lambda_max"]
     x = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
     assert torch.equal(logits(load_adapter(base, tmp_path / "rowwise" / "adapter"), x), logits(result.model, x))
 
@@ -393,7 +395,7 @@ def test_progress_lines_refused_rerun_and_phase_times(base, tmp_path, capsys):
               "adapt.final_epochs=1", "adapt.save_merged=false").results
     err = capsys.readouterr().err
     ev = res["events"][0]
-    line = re.search(r"event 1 @ epoch 1: (\S+) \| TD ((?:\S+=\S+ ?)+) \| eps (\S+) \| held-out loss (\S+) -> (\S+) "
+    line = re.search(r"event 1 @ epoch 1: (\S+) \| quadratic ((?:\S+=\S+ ?)+) \| eps (\S+) \| held-out loss (\S+) -> (\S+) "
                      r"\| depth (\d+), ([\d,]+) params", err)
     assert line, err[-3000:]
     assert line.group(1) == ev["site"] and [s.split("=")[0] for s in line.group(2).split()] == list(ev["scores"])

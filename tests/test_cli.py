@@ -294,9 +294,9 @@ def test_derivative_warmup_is_bounded_and_its_table_saved(tmp_path):
     table = json.loads((out / "derivative.json").read_text())
     assert table["warmup_epochs"] == 1 and [r["site"] for r in table["sites"]] == ["input_layer", "layers.0"]
     rows = (out / "derivative.csv").read_text().splitlines()
-    assert rows[0] == "site,td,k,solver,heldout_loss,chosen" and len(rows) == 3
+    assert rows[0] == "site,td,quadratic,k,solver,heldout_loss,chosen" and len(rows) == 3
     explained = (out / "derivative.md").read_text()
-    assert all(f"| {c} |" in explained for c in ("site", "td", "k", "solver", "heldout_loss", "chosen"))
+    assert all(f"| {c} |" in explained for c in ("site", "td", "quadratic", "k", "solver", "heldout_loss", "chosen"))
     # the table is not overwritten by a second derivative run without --overwrite
     assert_input_error(in_process("derivative", *TINY, "--warmup-epochs", "1", f"output_dir={out}"), "--overwrite")
 
@@ -314,7 +314,9 @@ def test_derivative_marks_the_site_the_configs_growth_event_chooses(tmp_path, se
     assert grow.returncode == 0, grow.stderr[-3000:]
     event = json.loads((tmp_path / "g" / "history.json").read_text())["events"][0]
     assert table["chosen_site"] == event["site"]
-    assert {r["site"]: r["td"] for r in table["sites"]} == pytest.approx(event["scores"], rel=1e-6)
+    assert {r["site"]: r["td"] for r in table["sites"]} == pytest.approx(event["lambda_max"], rel=1e-6)
+    assert {r["site"]: r["quadratic"] for r in table["sites"]} == pytest.approx(event["quadratics"], rel=1e-6)
+    assert event["score_kind"] == table["score"] == "quadratic" and event["scores"] == event["quadratics"]
     marked = [line for line in der.stdout.splitlines() if "<- insert here" in line]
     assert len(marked) == 1 and marked[0].split()[0] == event["site"] and selection in marked[0]
     if selection == "realized":

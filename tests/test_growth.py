@@ -249,7 +249,7 @@ def test_a_run_that_fails_in_set_up_writes_nothing(tmp_path):
 
 # ------------------------------------------------------------------------------- progress people can read
 EVENT_LINE = re.compile(
-    r"event (\d+) @ epoch (\d+): (\S+) \| TD ((?:\S+=\S+ ?)+) \| eps (\S+) \| held-out loss (\S+) -> (\S+) "
+    r"event (\d+) @ epoch (\d+): (\S+) \| quadratic ((?:\S+=\S+ ?)+) \| eps (\S+) \| held-out loss (\S+) -> (\S+) "
     r"\| depth (\d+), ([\d,]+) params"
 )
 

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 import topotransfer.init_rules as ir
-from topotransfer.config import ProbeConfig
+from topotransfer.config import ConfigError, ProbeConfig, load_config
 from topotransfer.derivative.statistics import MatrixFreeStatistic
 from topotransfer.derivative.topological import compute_site_statistics, topological_derivative
 from topotransfer.eigen import block_top_eigenpairs_lanczos
 from topotransfer.errors import ConvergenceWarning
+from topotransfer.growth import grow_once
 from topotransfer.models import ResidualMLP
 
 
@@ -136,8 +137,8 @@ def _three_site_mlp():
 
 def test_quadratic_score_ranks_by_the_inserted_direction(float64):
     model, data, loss_fn = _three_site_mlp()
-    by_lambda = ir.probe_site_results(model, data, loss_fn, ProbeConfig(rule="rowwise"))
-    by_quad = ir.probe_site_results(model, data, loss_fn, ProbeConfig(rule="rowwise", score="quadratic"))
+    by_lambda = ir.probe_site_results(model, data, loss_fn, ProbeConfig(rule="rowwise", score="lambda_max"))
+    by_quad = ir.probe_site_results(model, data, loss_fn, ProbeConfig(rule="rowwise"))  # the default: quadratic
     _, stats, _, _ = compute_site_statistics(model, data, loss_fn)
     for a, b in zip(by_lambda, by_quad, strict=True):
         assert a.score_kind == "lambda_max" and b.score_kind == "quadratic"
@@ -166,3 +167,52 @@ def test_quadratic_score_under_the_cluster_rule_and_bad_input(float64):
         ir.rowwise_site_results(model, data, loss_fn, score="bogus")
     with pytest.raises(ValueError, match="probe.score"):
         ProbeConfig(score="bogus")
+
+
+@pytest.mark.parametrize("whiten", [False, True], ids=["rowwise", "rowwise-whitened"])
+def test_growth_event_inserts_at_the_argmax_of_the_configured_score(float64, whiten):
+    """Where lambda_max and the inserted direction's theta^T Q theta rank the sites differently, a growth event
+    (site_selection=argmax) inserts where ``probe.score`` is largest; the default is the quadratic. The event
+    says which number ranked (``score_kind``) and keeps both per site."""
+    assert ProbeConfig().score == "quadratic"
+    chosen = {}
+    for score in ("lambda_max", "quadratic"):
+        model, data, loss_fn = _three_site_mlp()
+        probe = ProbeConfig(rule="rowwise", whiten=whiten, score=score)
+        results = {r.site: r for r in ir.probe_site_results(model, data, loss_fn, probe)}
+        assert all(r.score_kind == score for r in results.values())
+        rec = grow_once(model, "topo", data, data, loss_fn, event=0, epoch=0, probe_cfg=probe)
+        assert rec.score_kind == score and rec.site == max(rec.scores, key=rec.scores.get)
+        assert rec.lambda_max == pytest.approx({s: r.lambda_max for s, r in results.items()}, rel=1e-10)
+        assert rec.quadratics == pytest.approx({s: r.quadratic for s, r in results.items()}, rel=1e-10)
+        assert rec.scores == (rec.lambda_max if score == "lambda_max" else rec.quadratics)
+        assert rec.quadratic == pytest.approx(results[rec.site].quadratic, rel=1e-10)  # of the layer inserted
+        chosen[score] = rec.site
+    by_lambda = max(rec.lambda_max, key=rec.lambda_max.get)
+    by_quad = max(rec.quadratics, key=rec.quadratics.get)
+    assert by_lambda != by_quad  # the case is informative under this rule
+    assert chosen == {"lambda_max": by_lambda, "quadratic": by_quad}
+    if not whiten:
+        assert chosen == {"lambda_max": "layers.0", "quadratic": "layers.1"}  # the case the docstring names
+
+
+def test_under_top1_both_scores_are_the_same_number(float64):
+    """Rule top1 inserts the top eigenvector itself: theta^T Q theta = lambda_max(Q_t), exactly, so the two
+    scores rank the sites alike (and both equal theta^T Q theta computed from Q)."""
+    model, data, loss_fn = _three_site_mlp()
+    by = {score: ir.probe_site_results(model, data, loss_fn, ProbeConfig(rule="top1", score=score))
+          for score in ("lambda_max", "quadratic")}
+    _, stats, _, _ = compute_site_statistics(model, data, loss_fn)
+    for a, b in zip(by["lambda_max"], by["quadratic"], strict=True):
+        assert (a.score_kind, b.score_kind) == ("lambda_max", "quadratic") and a.k == b.k == 1
+        assert a.score == b.score == a.lambda_max == b.quadratic  # not approximately: one float
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+        assert b.quadratic == pytest.approx(stats[b.site].quadratic(b.weight, b.bias), rel=1e-10)
+    assert max(by["lambda_max"], key=lambda r: r.score).site == max(by["quadratic"], key=lambda r: r.score).site
+
+
+def test_probe_score_config_error_is_one_line():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["probe.score=td"])
+    assert "\n" not in str(err.value) and "probe.score must be quadratic|lambda_max, got 'td'" in str(err.value)
+    assert load_config(None, ["probe.score=lambda_max"]).probe.score == "lambda_max"

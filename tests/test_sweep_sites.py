@@ -44,6 +44,9 @@ def test_growth_sweep_runs_every_site_from_one_shared_state_and_the_report_check
     spec = quick_spec(tmp_path, "grow_digits", [0])
     text = report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
     assert "development seeds" in text  # dev seeds of the quick spec: 0, the same file
+    for rule in ("argmax lambda_max", "argmax quadratic", "realized (line search)", "first site", "last site"):
+        assert f"| grow_digits | [0] | {rule} |" in text  # every site rule of the dev-seed score table
+    assert "argmax lambda_max is the last site on" in text
     assert "| input_layer |" in text and "| layers.0 |" in text and "random site (exact expectation" in text
     assert "| reference: fixed |" in text and "topo's rank among the 2 sites" in text
 
@@ -54,6 +57,23 @@ def test_growth_sweep_runs_every_site_from_one_shared_state_and_the_report_check
     del edited["config"]["probe"]["solver"]  # "auto", the default
     path.write_text(json.dumps(edited))
     assert "| input_layer |" in report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
+    # a field absent from an older file stands for what the code did before it existed: probe.score was added
+    # when lambda_max ranked the sites (the spec pins it), although its default is quadratic now
+    del edited["config"]["probe"]["score"]
+    path.write_text(json.dumps(edited))
+    assert "| input_layer |" in report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
+    unpinned = json.loads(spec.read_text())
+    unpinned["settings"]["grow_digits"]["overrides"].remove("probe.score=lambda_max")
+    (tmp_path / "unpinned.json").write_text(json.dumps(unpinned))
+    with pytest.raises(SystemExit, match=r"another config \(differs in probe\.score\)"):
+        report_evidence.main(["--spec", str(tmp_path / "unpinned.json"), "--raw-dir", str(raw), "--kinds", "sweep"])
+    # an override that only pins what the file's config already was is the same config (another hash)
+    pinned = json.loads(spec.read_text())
+    pinned["settings"]["grow_digits"]["overrides"].append(f"train.lr={data['config']['train']['lr']}")
+    (tmp_path / "pinned.json").write_text(json.dumps(pinned))
+    assert ev.config_hash("grow_digits", pinned["settings"]["grow_digits"], "sweep") != data["config_hash"]
+    assert "| input_layer |" in report_evidence.main(["--spec", str(tmp_path / "pinned.json"), "--raw-dir", str(raw),
+                                                      "--kinds", "sweep"])
     edited["config"]["train"]["lr"] = 0.5
     path.write_text(json.dumps(edited))
     with pytest.raises(SystemExit, match=r"another config \(differs in train\.lr\)"):

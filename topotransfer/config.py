@@ -179,8 +179,9 @@ class ProbeConfig:
                           "None = half the memory available when the probe starts, 0 = no cap"},
     )
     score: str = field(
-        default="lambda_max",
-        metadata={"help": "what ranks the sites: lambda_max (TD) | quadratic (theta^T Q theta of the inserted direction)"},
+        default="quadratic",
+        metadata={"help": "what ranks the sites (site_selection=argmax): quadratic (theta^T Q theta, the predicted "
+                          "decrease of the direction inserted) | lambda_max (TD; the same number under rule top1)"},
     )
     sample_fraction: float | None = field(
         default=None, metadata={"help": "keep this fraction of the tokens / pixels of each probe batch (seeded)"}
@@ -202,8 +203,8 @@ class ProbeConfig:
                f"probe.row_weighting must be equal|sqrt|lambda, got {self.row_weighting!r}")
         _check(self.max_cache_gb is None or self.max_cache_gb >= 0,
                f"probe.max_cache_gb must be >= 0, got {self.max_cache_gb}")
-        _check(self.score in ("lambda_max", "quadratic"),
-               f"probe.score must be lambda_max|quadratic, got {self.score!r}")
+        _check(self.score in ("quadratic", "lambda_max"),
+               f"probe.score must be quadratic|lambda_max, got {self.score!r}")
         _check(0.0 <= self.c <= 1.0, f"probe.c must lie in [0, 1], got {self.c}")
         _check(self.rule != "topk" or (self.k or 0) >= 1, "probe.rule=topk needs probe.k >= 1")
         _check(self.batch_size > 0, f"probe.batch_size must be positive, got {self.batch_size}")
@@ -239,7 +240,7 @@ class GrowthConfig:
     epsilons: list[float] | None = field(default=None, metadata={"help": "eps grid of the line search (None = default)"})
     site_selection: str = field(
         default="argmax",
-        metadata={"help": "topo: argmax (of TD, the published rule) | realized (line-search every TD > 0 site's eigen "
+        metadata={"help": "topo: argmax (of probe.score) | realized (line-search every score > 0 site's eigen "
                           "direction, keep the lowest held-out loss)"},
     )
     fill_inactive: float = field(
@@ -345,7 +346,7 @@ class AdaptConfig:
     epsilons: list[float] | None = field(default=None, metadata={"help": "eps grid of the line search (None = default)"})
     site_selection: str = field(
         default="argmax",
-        metadata={"help": "topo: argmax (of TD, the published rule) | realized (line-search every TD > 0 site's direction, "
+        metadata={"help": "topo: argmax (of probe.score) | realized (line-search every score > 0 site's direction, "
                           "keep the lowest held-out loss)"},
     )
     param_budget: int | None = field(

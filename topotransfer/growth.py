@@ -3,10 +3,11 @@ baseline's rule) and *how* (eigenvector direction + line-searched eps). docs/met
 
 Methods (one switch, ``GrowthConfig.method``):
 
-- ``topo``: TD at every site; insert at argmax if TD > 0, eigen direction, eps by line search.
-  With ``site_selection="realized"`` the site is instead the one whose eigen direction, line-searched,
-  lowers the held-out loss most (among sites with TD > 0): the finite-eps counterpart of TD, which is
-  only its eps -> 0 limit (J(0) - J(eps) ~ eps^2 TD / 2) and ties often between residual sites.
+- ``topo``: the site score at every site (``probe.score``: theta^T Q_t theta, the predicted decrease of the
+  direction the rule inserts there, by default; or TD = lambda_max(Q_t)); insert at the argmax if it is > 0,
+  eigen direction, eps by line search. With ``site_selection="realized"`` the site is instead the one whose
+  eigen direction, line-searched, lowers the held-out loss most (among sites with score > 0): the finite-eps
+  counterpart of the score, which is only its eps -> 0 limit (J(0) - J(eps) ~ eps^2 theta^T Q theta / 2).
 - ``random_site``: a random site, eigen direction of that site, eps by line search. The site is drawn by
   :func:`random_site_generator`: independently per (setting, seed, event).
 - ``random_init``: the site topo would choose (same ``site_selection``), a Gaussian random direction scaled
@@ -85,7 +86,8 @@ class GrowthEvent:
         epoch: epochs completed before the event.
         method: growth method.
         site: where the layer went (site name before insertion); ``None`` if nothing was inserted.
-        scores: TD per site (``{}`` for methods that do not compute it).
+        scores: the number that ranks the sites, per site (``{}`` for methods that do not compute it);
+            ``score_kind`` says which: lambda_max(Q_t) = TD, or theta^T Q_t theta of the site's direction.
         k: directions summed into the initial layer.
         epsilon: scale of the inserted layer.
         eps_tried: ``[(eps, held-out loss), ...]`` from the line search.
@@ -99,9 +101,13 @@ class GrowthEvent:
         quadratic: theta^T Q_t theta of the unit-scale direction (eigen methods; NaN otherwise): the
             second-order model predicts loss_before - loss_after ~ (eps^2 / 2) * quadratic (on the probe
             data, which the line search does not use).
-        realized: ``site_selection="realized"``: best held-out loss of each candidate site's line search.
+        realized: ``site_selection="realized"``: best held-out loss of each candidate site's line search; when it
+            is not empty it is what ranked the sites (lowest wins; ``scores`` only admitted sites with score > 0
+            and broke ties).
         quadratics: theta^T Q_t theta of each site's direction (the predicted decrease per eps^2 / 2 of the
-            layer that would be inserted there; ``scores`` is lambda_max(Q_t)).
+            layer that would be inserted there).
+        score_kind: what ``scores`` holds (``probe.score``): "lambda_max" or "quadratic" ("" when no derivative).
+        lambda_max: lambda_max(Q_t) = TD of each site, whatever ``score_kind`` is.
         eps_fallback: no eps lowered the held-out loss; the layer went in at the grid's smallest eps.
         init_norm: Frobenius norm of the inserted layer's [W | b] (eps times the direction's norm).
         forced_site: the site was imposed by the caller (``grow_once(site=...)``: every-site sweeps and
@@ -131,6 +137,8 @@ class GrowthEvent:
     init_norm: float = 0.0
     forced_site: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+    score_kind: str = ""
+    lambda_max: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,7 +228,8 @@ def grow_once(
         both_signs: line-search eps along +theta and -theta and keep the better (``GrowthEvent.sign``).
         fill_inactive: for eigen directions (topo, random_site), add a random direction of this relative
             norm on the rows the eigenvectors leave at zero (:func:`~topotransfer.insertion.fill_inactive_rows`).
-        site_selection: topo and random_init: "argmax" (TD, docs/method.md) or "realized" (module docstring).
+        site_selection: topo and random_init: "argmax" (of ``SiteResult.score``, i.e. ``probe.score``;
+            docs/method.md section 7) or "realized" (module docstring).
         site: insert here whatever the method would choose (topo, random_site, random_init, net2deeper), and
             even if no site has TD > 0: the every-site sweep and the initialisation ablation
             (``scripts/sweep_sites.py``, ``scripts/ablate_init.py``). The scores of every site are still
@@ -323,6 +332,8 @@ def _eigen_layer(model: nn.Module, method: str, results: list, site: str | None,
     family = get_family(model)
     rec.scores = {r.site: r.score for r in results}
     rec.quadratics = {r.site: float(r.quadratic) for r in results}
+    rec.lambda_max = {r.site: float(r.lambda_max) for r in results}
+    rec.score_kind = results[0].score_kind if results else ""
     best = max(results, key=lambda r: r.score)
     if site is not None:
         best = next(r for r in results if r.site == site)

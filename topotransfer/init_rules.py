@@ -15,7 +15,8 @@ sigma'(0) = 0 keeps them stationary for ever. The row-wise rule uses each block'
 - ``"sqrt"``: a_r = sqrt(lambda_r) -- a row's share of the second-order decrease grows with lambda_r^2;
 - ``"lambda"``: a_r = lambda_r.
 
-The site score is unchanged: TD_t = max_r lambda_r = lambda_max(Q_t).
+TD_t = max_r lambda_r = lambda_max(Q_t) is unchanged; the direction's own predicted decrease is the
+theta^T Q theta below, which is what ranks the sites in the recipes (``probe.score=quadratic``, the default).
 
 Whitened variant (``whiten=True``): a unit *parameter* norm says little about how far the new layer is
 from the identity; what the higher-order terms grow with is the size of its pre-activation W z + b. With
@@ -441,8 +442,10 @@ def probe_site_results(
     ``probe.rule`` = top1 | cluster | topk: :func:`~topotransfer.derivative.topological.topological_derivative`;
     ``rowwise``: :func:`rowwise_site_results` (``probe.row_weighting``, ``probe.whiten``). Every recipe
     (grow, adapt, derivative) goes through here, so a rule means the same in all of them. The score that ranks
-    the sites is ``probe.score``: TD_t = lambda_max(Q_t) (default) or "quadratic", theta^T Q_t theta of the
-    direction the rule inserts; every result records both (``SiteResult.score_kind`` says which is ``score``).
+    the sites is ``probe.score``: "quadratic" (default), theta^T Q_t theta of the direction the rule inserts
+    (its predicted decrease J(0) - J(eps) ~ eps^2/2 theta^T Q_t theta), or TD_t = lambda_max(Q_t), the decrease
+    of the best unit direction, which only the top1 rule inserts (there the two are the same number). Every
+    result records both (``SiteResult.score_kind`` says which is ``score``).
     ``sites=None`` probes ``probe.sites`` (blocks | sublayers | all; sites inside blocks that already hold a
     layer are left out).
     """
@@ -454,7 +457,7 @@ def probe_site_results(
         sites = [s.name for s in family.sites(model, probe.sites) if s.name not in taken]
     common = dict(accelerator=accelerator, solver=probe.solver, tol=probe.tol, progress=progress,
                   sample_fraction=probe.sample_fraction, max_samples_per_batch=probe.max_samples_per_batch,
-                  score=getattr(probe, "score", "lambda_max"), max_cache_bytes=probe_cache_cap(probe))
+                  score=getattr(probe, "score", "quadratic"), max_cache_bytes=probe_cache_cap(probe))
     if probe.rule == "rowwise":
         return rowwise_site_results(model, data, loss_fn, sites=sites, weighting=probe.row_weighting,
                                     whiten=probe.whiten, **common)

@@ -63,7 +63,8 @@ def plot_site_scores(events: Sequence[dict], path: str | Path, title: str = "") 
     chosen by ``site_selection=realized``, a second row shows each site's line-searched held-out decrease.
 
     Args:
-        events: growth events as in ``history.json`` (``scores``: site -> TD, ``site``: chosen site,
+        events: growth events as in ``history.json`` (``scores``: site -> score of kind ``score_kind``, TD or
+            theta^T Q_t theta; ``site``: chosen site,
             optionally ``realized``: site -> held-out loss after its line search, and ``loss_before``).
         path: output PNG.
     """
@@ -89,7 +90,9 @@ def plot_site_scores(events: Sequence[dict], path: str | Path, title: str = "") 
             ax.set_xlabel("site (depth order)")
         when = f" (epoch {ev['epoch']})" if "epoch" in ev else ""
         axes[0][col].set_title(f"event {ev['event']}{when}", fontsize=9)
-    axes[0][0].set_ylabel("TD = lambda_max(Q_t)")
+    kinds = {e.get("score_kind") or "lambda_max" for e in events}  # what ``scores`` holds (older runs: TD)
+    axes[0][0].set_ylabel("TD = lambda_max(Q_t)" if kinds == {"lambda_max"} else
+                          "theta^T Q_t theta" if kinds == {"quadratic"} else "site score")
     if realized:
         axes[1][0].set_ylabel("held-out loss drop [%]")
     fig.suptitle(title or "topological derivative per site (red: chosen)", fontsize=10)

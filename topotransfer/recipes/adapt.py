@@ -211,9 +211,13 @@ def _insertion_event(
         model, probe, loss_sum, cfg.probe, sites=_method_sites(model, method, cfg, event), accelerator=accelerator,
         progress=cfg.progress and getattr(accelerator, "is_main_process", True),
     )
-    scores = {r.site.removeprefix(_PEFT_PREFIX): r.score for r in results}
-    record = {"event": event, "method": method, "scores": scores, "site": None,
-              "seconds": {"derivative": time.perf_counter() - t0}}
+    def per_site(value) -> dict[str, float]:
+        return {r.site.removeprefix(_PEFT_PREFIX): float(value(r)) for r in results}
+
+    # scores = what ranks the sites (probe.score, named by score_kind); both numbers are kept whatever ranks
+    record = {"event": event, "method": method, "scores": per_site(lambda r: r.score), "site": None,
+              "score_kind": results[0].score_kind if results else "", "lambda_max": per_site(lambda r: r.lambda_max),
+              "quadratics": per_site(lambda r: r.quadratic), "seconds": {"derivative": time.perf_counter() - t0}}
     best = max(results, key=lambda r: r.score)
     if method == "topo" and best.score <= 0:
         record["stopped"] = "score<=0"  # no insertion lowers the loss to second order

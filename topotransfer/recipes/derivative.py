@@ -34,12 +34,15 @@ __all__ = ["COLUMNS", "run_derivative"]
 COLUMNS = {
     "site": "dotted name of the module whose output state a new layer would follow (depth order)",
     "td": "topological derivative TD = lambda_max(Q_t): the second-order decrease of the training loss per "
-          "eps^2/2 when a layer with the best direction is inserted there (> 0: inserting helps)",
+          "eps^2/2 when a layer with the best unit direction is inserted there (> 0: inserting helps)",
+    "quadratic": "theta^T Q_t theta of the direction the probe rule would insert there: its predicted decrease per "
+                 "eps^2/2 (equals td under probe.rule=top1); ranks the sites when probe.score=quadratic",
     "k": "number of eigen directions the probe rule (probe.rule) combined into the layer's initial weights",
     "solver": "eigen-solver used: dense or matrix_free",
     "heldout_loss": "site_selection=realized only: held-out (validation) loss after inserting that site's layer "
                     "with its line-searched eps (empty: site not searched, TD <= 0)",
-    "chosen": "1 for the site a growth event of this config would insert at now",
+    "chosen": "1 for the site a growth event of this config would insert at now (site_selection=argmax: the "
+              "largest probe.score, td or quadratic)",
 }
 
 
@@ -112,22 +115,23 @@ def run_derivative(cfg: RunConfig, accelerator: object | None = None, warmup_epo
         acc.end_training()
     if not main:
         return results
-    rows = [{"site": r.site, "td": r.score, "k": r.k, "solver": r.solver, "heldout_loss": realized.get(r.site),
-             "chosen": int(r.site == chosen)} for r in results]
+    rows = [{"site": r.site, "td": r.lambda_max, "quadratic": r.quadratic, "k": r.k, "solver": r.solver,
+             "heldout_loss": realized.get(r.site), "chosen": int(r.site == chosen)} for r in results]
     table = {"task": task.name, "model": type(net).__name__, "warmup_epochs": epochs, "val_loss": val["loss"],
-             "site_selection": g.site_selection, "chosen_site": chosen, "event": event, "sites": rows,
-             "columns": COLUMNS}
+             "site_selection": g.site_selection, "score": p.score, "chosen_site": chosen, "event": event,
+             "sites": rows, "columns": COLUMNS}
     _save_table(Path(out), table)
     print(f"{task.name}: {type(net).__name__} after {epochs} warm-up epochs, val loss {val['loss']:.4g}")
     extra = f" {'held-out loss':>14s}" if realized else ""
-    print(f"{'site':28s} {'TD (lambda_max)':>16s} {'k':>4s} {'solver':>12s}{extra}")
+    print(f"{'site':28s} {'TD (lambda_max)':>16s} {'quadratic':>12s} {'k':>4s} {'solver':>12s}{extra}")
+    rule = g.site_selection if g.site_selection == "realized" else f"argmax of {'TD' if p.score == 'lambda_max' else p.score}"
     for row in rows:
-        mark = f"  <- insert here ({g.site_selection})" if row["chosen"] else ""
+        mark = f"  <- insert here ({rule})" if row["chosen"] else ""
         loss = row["heldout_loss"]
         col = (f" {loss:14.6g}" if loss is not None else f" {'-':>14s}") if realized else ""
-        print(f"{row['site']:28s} {row['td']:16.6g} {row['k']:4d} {row['solver']:>12s}{col}{mark}")
+        print(f"{row['site']:28s} {row['td']:16.6g} {row['quadratic']:12.6g} {row['k']:4d} {row['solver']:>12s}{col}{mark}")
     if chosen is None:
-        print("no site has TD > 0: a growth event would stop here")
+        print(f"no site has {'TD' if p.score == 'lambda_max' else p.score} > 0: a growth event would stop here")
     print(f"table: {Path(out) / 'derivative.json'}, {Path(out) / 'derivative.csv'} (columns: {Path(out) / 'derivative.md'})")
     return results
 

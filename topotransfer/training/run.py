@@ -192,14 +192,16 @@ def trained_tensors(model: nn.Module, frozen_ids: set[int]) -> dict[str, torch.T
 def event_line(record: dict, depth: int | None = None, params: int | None = None) -> str:
     """One readable line for a growth / insertion event record.
 
-    ``event 2 @ epoch 8: blocks.1 | TD blocks.0=1.2e-03 blocks.1=3.4e-03 | eps 0.01 | held-out loss 12.3 -> 11.9
-    | depth 3, 1,234 params`` (or ``... stopped: score<=0``).
+    ``event 2 @ epoch 8: blocks.1 | quadratic blocks.0=1.2e-03 blocks.1=3.4e-03 | eps 0.01 | held-out loss 12.3
+    -> 11.9 | depth 3, 1,234 params`` (or ``... stopped: score<=0``). The scores are named by what they are
+    (``record["score_kind"]``, ``probe.score``): ``quadratic`` = theta^T Q_t theta of each site's direction,
+    ``TD`` = lambda_max(Q_t) (records without a kind: TD, what they held before the kind was recorded).
     """
     scores = " ".join(f"{site}={score:.3g}" for site, score in (record.get("scores") or {}).items())
     head = f"event {record['event'] + 1} @ epoch {record.get('epoch')}"
     parts = [f"{head}: {record['site'] or 'no insertion'}"]
     if scores:
-        parts.append(f"TD {scores}")
+        parts.append(f"{'quadratic' if record.get('score_kind') == 'quadratic' else 'TD'} {scores}")
     if record["site"] is None:
         parts.append(f"stopped: {record.get('stopped')}")
     else:
