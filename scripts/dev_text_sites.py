@@ -3,8 +3,13 @@ budget, topo + LoRA, against LoRA at matched parameters. Not a report: it prints
 
     python scripts/dev_text_sites.py --variants topo_blocks topo_all --seeds 0 1 2 --work-dir /work/runs/text/dev
 
-Every variant uses the settings of scripts/reproduce_text_transfer.py (its FULL overrides, 32 labels per class,
-rule rowwise) plus its own overrides below; a finished run (results.json present) is read back, not rerun.
+Every variant uses the settings of scripts/reproduce_text_transfer.py (the shipped config's, 32 labels per class,
+rule rowwise) plus its own overrides below; a finished run (results.json present) is read back, not rerun. With
+--raw-dir every run also leaves a small record there (that script's ``summary``), and
+
+    python scripts/dev_text_sites.py --table-from docs/results/transfer_text/dev
+
+prints the paired table (each variant minus LoRA, per seed) from those records alone.
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from reproduce_text_transfer import load_records, paired_table, summary  # noqa: E402  (the scripts folder)
 
 from topotransfer.config import load_config  # noqa: E402
 from topotransfer.models.hf import packaged_model_dir  # noqa: E402
@@ -40,11 +49,18 @@ VARIANTS: dict[str, list[str]] = {
     # the rank-k collapse study: a lower lr for the inserted layers, U frozen to the eigen rows, fewer sites
     "budget_blocks_llr1e-3": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16", "adapt.layer_lr=0.001"],
     "budget_blocks_llr3e-4": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16", "adapt.layer_lr=0.0003"],
+    # U frozen: a rank costs d + 1 trained parameters, so LoRA-16's count buys ~383 ranks; "_half" spends half of
+    # it (191 ranks: the allocation of the first frozen-U run, which still charged 2d + 1 per rank)
     "budget_blocks_frozenU": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16",
                               "adapt.lowrank_freeze_up=true"],
+    "budget_blocks_frozenU_half": ["adapt.method=topo", "probe.sites=blocks", "adapt.param_budget=73535",
+                                   "adapt.lowrank_freeze_up=true"],
     "budget_blocks_min96": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16", "adapt.budget_min_rank=96"],
     "budget_all": ["adapt.method=topo", "probe.sites=all", "adapt.budget_lora_rank=16"],
     "budget_all_max64": ["adapt.method=topo", "probe.sites=all", "adapt.budget_lora_rank=16", "adapt.budget_max_rank=64"],
+    # topo + LoRA at LoRA-16's total: LoRA rank 8 (73,728) + frozen-U rank-k layers on the block sites (73,728)
+    "topo_lora_frozenU": ["adapt.method=topo", "probe.sites=blocks", "adapt.lora=true", "adapt.lora_r=8",
+                          "adapt.budget_lora_rank=16", "adapt.lowrank_freeze_up=true"],
     "topo_lora_all": ["adapt.method=topo", "probe.sites=all", "adapt.lora=true", "adapt.lora_r=8",
                       "adapt.budget_lora_rank=16"],
 }
@@ -52,9 +68,9 @@ VARIANTS: dict[str, list[str]] = {
 
 def run(variant: str, seed: int, shots: int, work: Path) -> dict:
     out = work / f"{shots}shot" / variant / f"seed{seed}"
-    done = out / "results.json"
+    done, cpu = out / "results.json", out / "cpu_time.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return {**json.loads(done.read_text()), **(json.loads(cpu.read_text()) if cpu.is_file() else {})}
     n = 2 * shots
     over = [f"model.name_or_path={packaged_model_dir()}", f"data.num_train={n}", f"data.num_val={n}",
             "data.num_test=1000", f"seed={seed}", f"output_dir={out}", "progress=false", *BASE, *VARIANTS[variant]]
@@ -62,7 +78,10 @@ def run(variant: str, seed: int, shots: int, work: Path) -> dict:
         import shutil
 
         shutil.rmtree(out)
-    return run_adapt(load_config(CONFIG, over)).results
+    t0 = time.process_time()
+    results = run_adapt(load_config(CONFIG, over)).results
+    cpu.write_text(json.dumps({"cpu_time": time.process_time() - t0}))  # one thread: the run's CPU seconds
+    return {**results, "cpu_time": time.process_time() - t0}
 
 
 def main() -> None:
@@ -71,7 +90,12 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--shots", type=int, default=32)
     ap.add_argument("--work-dir", type=Path, default=Path("/work/runs/text/dev"))
+    ap.add_argument("--raw-dir", type=Path, default=None, help="write a small record per run here")
+    ap.add_argument("--table-from", type=Path, default=None, help="run nothing: print the table from these records")
     args = ap.parse_args()
+    if args.table_from is not None:
+        print("\n".join(paired_table(load_records(args.table_from))))
+        return
     if any(s >= 100 for s in args.seeds):
         raise SystemExit("development seeds only (< 100)")
     torch.set_num_threads(1)
@@ -79,6 +103,10 @@ def main() -> None:
     for variant in args.variants:
         for seed in args.seeds:
             r = run(variant, seed, args.shots, args.work_dir)
+            if args.raw_dir is not None:
+                args.raw_dir.mkdir(parents=True, exist_ok=True)
+                (args.raw_dir / f"sentiment_{args.shots}shot_{variant}_seed{seed}.json").write_text(
+                    json.dumps(summary(r, "sentiment", args.shots, variant), indent=1) + "\n")
             sites = [e.get("site") for e in r.get("events", [])]
             layers = [rec.get("site") for e in r.get("events", []) for rec in e.get("layers", [])] or sites
             rows.append((variant, seed, 100 * r["test_error"], 100 * r["val_error"], r["trainable_params"], layers,

@@ -17,7 +17,7 @@ from topotransfer.layers import LowRankTopoLayer
 
 
 def test_costs_and_lora_matching():
-    assert rank_cost(384) == 769 and rank_cost(384, bias=False) == 768
+    assert rank_cost(384) == 769 and rank_cost(384, bias=False) == 768 and rank_cost(384, train_up=False) == 385
     # LoRA r = 16 on query / value (384 -> 384) of 6 blocks: the MiniLM benchmark's 147,456 backbone parameters
     assert lora_parameter_count([(384, 384)] * 12, 16) == 147_456
     assert split_budget(10, 3) == [4, 3, 3] and sum(split_budget(147_456, 4)) == 147_456
@@ -166,7 +166,7 @@ def test_adapt_recipe_spends_the_budget_on_rank_k_layers(tmp_path, lora):
 
 def test_frozen_up_keeps_the_eigen_rows_and_layer_lr_gets_its_own_group(tmp_path):
     """adapt.lowrank_freeze_up: every rank-k layer's U is still its one-hot eigen rows after training (V moved),
-    and is not counted as trained; adapt.layer_lr: the inserted layers form their own optimizer group."""
+    and is neither trained nor spent from the budget; adapt.layer_lr: the inserted layers form their own optimizer group."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     from test_adapt_text import run, save_bert
@@ -191,9 +191,9 @@ def test_frozen_up_keeps_the_eigen_rows_and_layer_lr_gets_its_own_group(tmp_path
         assert any(torch.equal(layer.up, one_hot.index_put((torch.tensor(list(rw)), torch.arange(layer.rank)),
                                                          torch.tensor(1.0))) for rw in rows)
         assert layer.weight.abs().sum() > 0
-    spent = sum(x["parameters"] for x in records)
-    frozen = sum(layer.up.numel() for layer in layers)
-    assert r["trainable_params"] == spent - frozen + 16 * 2 + 2  # V and c of the layers + the head
+    spent = sum(x["parameters"] for x in records)  # a frozen U is not spent: d + 1 per rank
+    assert spent == sum(layer.rank * (16 + 1) for layer in layers) <= lora_parameter_count([(16, 16)] * 4, 2)
+    assert r["trainable_params"] == spent + 16 * 2 + 2  # V and c of the layers + the head
     cfg = load_config(None, ["task=adapt", "adapt.lr=0.005", "adapt.layer_lr=0.0007"])
     model = result.model
     opt = _optimizer(model, head_module_names(unwrap_peft(model)[0]), cfg.adapt, cfg.train)

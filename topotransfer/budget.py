@@ -23,11 +23,12 @@ __all__ = [
 ]
 
 
-def rank_cost(dim: int, bias: bool = True) -> int:
-    """Parameters of one rank of a LowRankTopoLayer on width ``dim``: a row of V (d), c_j (1), a column of U (d)."""
+def rank_cost(dim: int, bias: bool = True, train_up: bool = True) -> int:
+    """Trained parameters of one rank of a LowRankTopoLayer on width ``dim``: a row of V (d), c_j (1), and a column
+    of U (d) unless U stays at its one-hot eigen rows (``train_up=False``: a fixed row selection, not trained)."""
     if dim <= 0:
         raise ValueError(f"dim must be positive, got {dim}")
-    return 2 * dim + int(bias)
+    return dim + int(bias) + (dim if train_up else 0)
 
 
 def lora_parameter_count(shapes: Sequence[tuple[int, int]], rank: int) -> int:
@@ -118,10 +119,12 @@ class Allocation:
     parameters: int
 
 
-def plan_insertions(results: Sequence, budget: int, *, min_rank: int = 1, max_rank: int | None = None) -> list[Allocation]:
+def plan_insertions(results: Sequence, budget: int, *, min_rank: int = 1, max_rank: int | None = None,
+                    train_up: bool = True) -> list[Allocation]:
     """Allocate ``budget`` over the sites of row-wise :class:`~topotransfer.derivative.topological.SiteResult` s.
 
     Each result needs ``row_scores`` (R,) (the rule "rowwise" fills them) and a ``layer_config`` with ``dim``.
+    ``train_up=False``: U will not train, so a rank costs d + 1 trained parameters (:func:`rank_cost`).
 
     Returns:
         One :class:`Allocation` per site that gets a rank, deepest site first.
@@ -131,7 +134,7 @@ def plan_insertions(results: Sequence, budget: int, *, min_rank: int = 1, max_ra
         if getattr(r, "row_scores", None) is None:
             raise ValueError(f"site {r.site!r} has no per-row eigenvalues: a parameter budget needs probe.rule=rowwise")
         spectra[r.site] = r.row_scores.tolist()
-        costs[r.site] = rank_cost(int(r.layer_config["dim"]), r.bias is not None)
+        costs[r.site] = rank_cost(int(r.layer_config["dim"]), r.bias is not None, train_up)
         by_site[r.site] = r
     ranks = allocate_ranks(spectra, costs, budget, min_rank=min_rank, max_rank=max_rank)
     out = []
@@ -165,6 +168,7 @@ def insert_budgeted(
     accelerator: object | None = None,
     min_rank: int = 1,
     max_rank: int | None = None,
+    train_up: bool = True,
 ) -> list[dict]:
     """Spend ``budget`` on rank-k layers (:func:`plan_insertions`), deepest site first: line-search each layer's eps
     on ``heldout`` with the layers inserted before it in place, then insert it.
@@ -182,7 +186,7 @@ def insert_budgeted(
 
     family = get_family(model)
     records = []
-    for a in plan_insertions(results, budget, min_rank=min_rank, max_rank=max_rank):
+    for a in plan_insertions(results, budget, min_rank=min_rank, max_rank=max_rank, train_up=train_up):
         full = family.new_layer(model, family.site(model, a.site))
         if not isinstance(full, TopoLayer):
             raise ValueError(f"rank-k layers replace token-wise TopoLayers only; site {a.site!r} takes {type(full).__name__}")

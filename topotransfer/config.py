@@ -363,7 +363,8 @@ class AdaptConfig:
     )
     lowrank_freeze_up: bool = field(
         default=False,
-        metadata={"help": "rank-k layers: keep U at its initial one-hot eigen rows (V and c train)"},
+        metadata={"help": "rank-k layers: keep U at its initial one-hot eigen rows (V and c train; a budget then counts "
+                          "d + 1 trained parameters per rank)"},
     )
     budget_min_rank: int = field(default=1, metadata={"help": "budgeted layers: smallest rank of a layer"})
     budget_max_rank: int | None = field(default=None, metadata={"help": "budgeted layers: largest rank of a layer"})

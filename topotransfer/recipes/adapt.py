@@ -301,7 +301,7 @@ def _budgeted_insertion(model, results, record, budget, heldout, loss_sum, grid,
         model, results, budget, heldout, loss_sum, epsilons=grid, accelerator=accelerator,
         # eps = 0 gives a layer that never trains (sigma'(0) = 0): the smallest eps of the grid then, as for one layer
         choose_epsilon=lambda ls: first_local_minimum_epsilon(ls.tried) or min(grid),
-        min_rank=a.budget_min_rank, max_rank=a.budget_max_rank,
+        min_rank=a.budget_min_rank, max_rank=a.budget_max_rank, train_up=not a.lowrank_freeze_up,
     )
     if not layers:
         record["stopped"] = "budget"  # no positive eigenvalue fits the budget
