@@ -283,3 +283,52 @@ def test_results_record_wall_time_per_phase(tmp_path):
     assert all(t > 0 for t in times.values())
     assert sum(times.values()) <= res["wall_time"]  # phases do not overlap (nested blocks are not counted twice)
     assert times["derivative"] == pytest.approx(sum(e["seconds"]["derivative"] for e in res["events"]))
+
+
+def test_init_mix_interpolates_between_the_eigen_and_the_random_init_direction(tmp_path):
+    """growth.init_mix = m inserts sqrt(1 - m^2) theta + m R: m = 1 is exactly random_init's layer (same R,
+    drawn from the event's generator), m = 0.6 is 0.8 theta + 0.6 R (each layer divided by its own sign * eps)."""
+    from topotransfer.data import load_task
+    from topotransfer.growth import grow_once
+    from topotransfer.models.build import build_model
+    from topotransfer.recipes.grow import _batches
+
+    cfg = _cfg(tmp_path, "probe.rule=rowwise", "probe.whiten=true")
+    task = load_task("regression", seed=0, num_train=160, num_val=64, num_test=128)
+    torch.manual_seed(0)
+    base = build_model(cfg.model, task.input_shape, task.num_outputs).double().state_dict()
+    loss = torch.nn.MSELoss(reduction="sum")
+    batches = [(x.double(), y.double()) for x, y in _batches(task.train, 80)]
+    val = [(x.double(), y.double()) for x, y in _batches(task.val, 64)]
+
+    def insert(method, mix):
+        model = build_model(cfg.model, task.input_shape, task.num_outputs).double()
+        model.load_state_dict(base)
+        rec = grow_once(model, method, batches, val, loss, event=0, epoch=0, seed=0, probe_cfg=cfg.probe,
+                        site="layers.0", init_mix=mix)
+        new = {k: v for k, v in model.state_dict().items() if k not in base or v.shape != base[k].shape
+               or not torch.equal(v, base[k])}
+        return rec, new
+
+    rnd, rnd_layer = insert("random_init", 0.0)
+    mixed1, mixed1_layer = insert("topo", 1.0)
+    assert mixed1.epsilon == rnd.epsilon and mixed1.sign == rnd.sign
+    assert rnd_layer.keys() == mixed1_layer.keys() and rnd_layer
+    assert all(torch.equal(rnd_layer[k], mixed1_layer[k]) for k in rnd_layer)
+
+    eig, eig_layer = insert("topo", 0.0)
+    mix, mix_layer = insert("topo", 0.6)
+    assert eig_layer.keys() == mix_layer.keys() == rnd_layer.keys()
+    for k in eig_layer:
+        def unit(layer, rec):
+            return layer[k] / (rec.sign * rec.epsilon)
+        expected = 0.8 * unit(eig_layer, eig) + 0.6 * unit(rnd_layer, rnd)
+        # the new layer stores float32 (family.new_layer), whatever the model: agreement to float32 rounding
+        assert torch.allclose(unit(mix_layer, mix), expected, rtol=1e-6, atol=1e-6), k
+
+
+def test_init_mix_outside_unit_interval_is_a_one_line_config_error(tmp_path):
+    from topotransfer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"growth.init_mix must be in \[0, 1\], got 1.5"):
+        _cfg(tmp_path, "growth.init_mix=1.5")

@@ -248,12 +248,18 @@ class GrowthConfig:
         metadata={"help": "random direction on the rows the eigen direction leaves at zero (they never train "
                           "otherwise), norm relative to the eigen direction's; 0 = off"},
     )
+    init_mix: float = field(
+        default=0.0,
+        metadata={"help": "topo: inserted direction sqrt(1 - m^2) * eigen + m * random, the random part scaled like "
+                          "the eigen one (random_init's direction); 0 = the eigen direction, 1 = random_init's"},
+    )
 
     def __post_init__(self) -> None:
         methods = ("topo", "random_site", "random_init", "net2deeper", "forward_thinking", "fixed")
         _check(self.method in methods, f"growth.method must be one of {methods}, got {self.method!r}")
         _check(self.max_insertions >= 0, f"growth.max_insertions must be >= 0, got {self.max_insertions}")
         _check(self.fill_inactive >= 0, f"growth.fill_inactive must be >= 0, got {self.fill_inactive}")
+        _check(0.0 <= self.init_mix <= 1.0, f"growth.init_mix must be in [0, 1], got {self.init_mix}")
         _check(self.site_selection in ("argmax", "realized"),
                f"growth.site_selection must be argmax|realized, got {self.site_selection!r}")
         _check(self.patience >= 1, f"growth.patience must be >= 1, got {self.patience}")

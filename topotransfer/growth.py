@@ -210,6 +210,7 @@ def grow_once(
     accelerator: object | None = None,
     both_signs: bool = True,
     fill_inactive: float = 0.0,
+    init_mix: float = 0.0,
     site_selection: str = "argmax",
     site: str | None = None,
     setting: str = "",
@@ -228,6 +229,9 @@ def grow_once(
         both_signs: line-search eps along +theta and -theta and keep the better (``GrowthEvent.sign``).
         fill_inactive: for eigen directions (topo, random_site), add a random direction of this relative
             norm on the rows the eigenvectors leave at zero (:func:`~topotransfer.insertion.fill_inactive_rows`).
+        init_mix: topo: insert sqrt(1 - m^2) * theta + m * R instead of the eigen direction theta, R a random
+            direction of theta's size (:func:`scale_matched_random_direction`; the whitened rule's measure under
+            ``probe.whiten``); 0 = theta (nothing drawn), 1 = random_init's direction at topo's site rule.
         site_selection: topo and random_init: "argmax" (of ``SiteResult.score``, i.e. ``probe.score``;
             docs/method.md section 7) or "realized" (module docstring).
         site: insert here whatever the method would choose (topo, random_site, random_init, net2deeper), and
@@ -259,7 +263,7 @@ def grow_once(
         results = _site_results(model, method, sites, site, site_gen, probe_data, loss_fn, probe_cfg, accelerator)
         rec.seconds["derivative"] = time.perf_counter() - t0
         found = _eigen_layer(model, method, results, site, gen, rec, probe_data, probe_cfg, accelerator, search,
-                             fill_inactive, site_selection)
+                             fill_inactive, site_selection, init_mix)
         if found is None:
             return rec
         site, layer = found
@@ -323,7 +327,7 @@ class _LineSearch:
 
 def _eigen_layer(model: nn.Module, method: str, results: list, site: str | None, gen: torch.Generator,
                  rec: GrowthEvent, probe_data: Iterable, probe_cfg, accelerator, search: _LineSearch,
-                 fill_inactive: float, site_selection: str) -> tuple | None:
+                 fill_inactive: float, site_selection: str, init_mix: float = 0.0) -> tuple | None:
     """topo / random_site / random_init after the derivative: site and direction -> eps by line search -> layer.
 
     Fills ``rec`` (scores, sign, k, quadratic, line search, eps, init norm, line-search seconds). Returns
@@ -341,9 +345,27 @@ def _eigen_layer(model: nn.Module, method: str, results: list, site: str | None,
         rec.stopped = "score<=0"  # no insertion lowers the loss to second order: stop growing
         return None
 
+    def matched_moment(site_name: str):
+        """Under the whitened rule the random direction is sized by its RMS pre-activation (needs M at the site)."""
+        if probe_cfg is None or probe_cfg.rule != "rowwise" or not probe_cfg.whiten:
+            return None
+        target = family.site(model, site_name)
+        return input_second_moments(model, probe_data, [target], {target.name: family.new_layer(model, target)},
+                                    accelerator)[target.name]
+
     def eigen(r):
-        return (fill_inactive_rows(r.weight, r.bias, fill_inactive, gen) if fill_inactive > 0
+        w, b = (fill_inactive_rows(r.weight, r.bias, fill_inactive, gen) if fill_inactive > 0
                 else (r.weight, r.bias))
+        if method != "topo" or init_mix == 0:
+            return w, b
+        # theta' = sqrt(1 - m^2) theta + m R with |R| = |theta| (the rule's measure): the second-order decrease
+        # becomes (1 - m^2) theta^T Q theta + m^2 R^T Q R + 2 m sqrt(1 - m^2) theta^T Q R, i.e. traded for rows
+        # that are not all aligned with the few top eigen-directions of the probe (the eigen layer is low rank).
+        rw, rb = scale_matched_random_direction(w, b, gen, matched_moment(r.site))
+        keep = math.sqrt(1.0 - init_mix**2)
+        w = keep * w.to(rw) + init_mix * rw
+        b = None if b is None else keep * b.to(rb) + init_mix * rb
+        return w, b
 
     t0 = time.perf_counter()
     if site is None and method in ("topo", "random_init") and site_selection == "realized":

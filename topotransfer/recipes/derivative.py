@@ -106,7 +106,7 @@ def run_derivative(cfg: RunConfig, accelerator: object | None = None, warmup_epo
         # what the config's growth event would do: line-search every TD > 0 site on a copy, keep the best
         ev = grow_once(copy.deepcopy(net), "topo", probe_batches, val_batches, loss_sum, event=0, epoch=epochs,
                        seed=cfg.seed, probe_cfg=p, epsilons=g.epsilons, setting=d.name,
-                       accelerator=acc, both_signs=g.both_signs, fill_inactive=g.fill_inactive,
+                       accelerator=acc, both_signs=g.both_signs, fill_inactive=g.fill_inactive, init_mix=g.init_mix,
                        site_selection="realized")
         chosen, realized = ev.site, dict(ev.realized)
         event = {"epsilon": ev.epsilon, "loss_before": ev.loss_before, "loss_after": ev.loss_after}

@@ -212,7 +212,7 @@ def _growth_step(run: Run, state: GrowState, detector: PlateauDetector, val: dic
     net, optimizer = run.plain()
     ev = grow_once(
         net, g.method, probe_batches, val_batches, loss_sum, event=len(state.events), epoch=state.epoch,
-        seed=cfg.seed, probe_cfg=cfg.probe, epsilons=g.epsilons, setting=cfg.data.name, accelerator=run.acc, both_signs=g.both_signs, fill_inactive=g.fill_inactive, site_selection=g.site_selection,
+        seed=cfg.seed, probe_cfg=cfg.probe, epsilons=g.epsilons, setting=cfg.data.name, accelerator=run.acc, both_signs=g.both_signs, fill_inactive=g.fill_inactive, init_mix=g.init_mix, site_selection=g.site_selection,
     )
     if ev.site is None:
         state.growth_done = True
