@@ -37,7 +37,8 @@ CONFIG = ROOT / "topotransfer" / "configs" / "adapt_sentiment_minilm.yaml"
 BASE = ["train.batch_size=8", "adapt.lr=0.005", "adapt.backbone_lr=0.001", "adapt.head_epochs=20",
         "adapt.insertions=1", "adapt.epochs_per_insertion=20", "adapt.final_epochs=0", "probe.batch_size=64",
         "probe.batches=1", "data.max_length=64", "adapt.save_merged=false", "adapt.save_adapter=false",
-        "train.checkpoint_every=1000", "probe.rule=rowwise", "adapt.lora_alpha=16"]
+        "train.checkpoint_every=1000", "probe.rule=rowwise", "adapt.lora_alpha=16",
+        "adapt.budget_lora_rank=null", "adapt.budget_min_rank=1"]  # the shipped config's budget off
 VARIANTS: dict[str, list[str]] = {
     "lora": ["adapt.method=lora", "adapt.lora_r=16"],  # LoRA at adapt.backbone_lr = 1e-3 (BASE)
     "lora_blr3e-3": ["adapt.method=lora", "adapt.lora_r=16", "adapt.backbone_lr=0.003"],
@@ -61,6 +62,12 @@ VARIANTS: dict[str, list[str]] = {
     # topo + LoRA at LoRA-16's total: LoRA rank 8 (73,728) + frozen-U rank-k layers on the block sites (73,728)
     "topo_lora_frozenU": ["adapt.method=topo", "probe.sites=blocks", "adapt.lora=true", "adapt.lora_r=8",
                           "adapt.budget_lora_rank=16", "adapt.lowrank_freeze_up=true"],
+    # the same with U trained at the inserted layers' lower rate (the other fix of the collapse)
+    "topo_lora_llr1e-3": ["adapt.method=topo", "probe.sites=blocks", "adapt.lora=true", "adapt.lora_r=8",
+                          "adapt.budget_lora_rank=16", "adapt.layer_lr=0.001"],
+    # LoRA rank 8 + one rank-k layer (min rank 48: the 95 ranks the other half buys go to one site)
+    "topo_lora_min48": ["adapt.method=topo", "probe.sites=blocks", "adapt.lora=true", "adapt.lora_r=8",
+                        "adapt.budget_lora_rank=16", "adapt.budget_min_rank=48"],
     "topo_lora_all": ["adapt.method=topo", "probe.sites=all", "adapt.lora=true", "adapt.lora_r=8",
                       "adapt.budget_lora_rank=16"],
 }

@@ -14,9 +14,10 @@ transfer_text.md to --out-dir and one small JSON record per run (no weights) to 
 The tasks (``topotransfer.text_data``) hold out phrasing and vocabulary in their test split. Methods
 (``adapt.method``): linear_probe (the new head only), lora (rank chosen so that its trainable parameters match
 one inserted layer's; its rate ``LORA_LR`` chosen on validation, development seeds), random_site and last_block
-insertion (eigenvector init at that site), topo (argmax of the topological derivative over the block sites),
-topo_lora (rank-k layers plus LoRA at LoRA's total parameter count, ``METHOD_OVERRIDES``); full_finetune on
-request. Every method gets the same head warm-up and the same epoch budget. The settings are the shipped
+insertion (eigenvector init at that site), topo (one full layer at the argmax of the topological derivative over
+the block sites), topo_rank_k (one rank-k layer with LoRA's parameter count, its site and rows from the
+eigenvalues), topo_lora (a rank-k layer plus LoRA at LoRA's total parameter count; ``METHOD_OVERRIDES``);
+full_finetune on request. Every method gets the same head warm-up and the same epoch budget. The settings are the shipped
 ``adapt_sentiment_minilm`` config's (so ``topotransfer adapt --config adapt_sentiment_minilm`` is the topo row).
 The backbone is found with importlib, without importing the package (nor sentence-transformers).
 """
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchrun import run_or_reuse, wall_text  # noqa: E402  (the scripts folder: shared benchmark helpers)
 
 METHODS = ["linear_probe", "lora", "random_site", "last_block", "topo"]
-CHOICES = [*METHODS, "topo_lora", "full_finetune"]
+CHOICES = [*METHODS, "topo_rank_k", "topo_lora", "full_finetune"]
 TASKS = ["sentiment", "intent", "csv:sentiment", "csv:intent"]
 CONFIG = str(Path(__file__).parents[1] / "topotransfer" / "configs" / "adapt_sentiment_minilm.yaml")
 # The config's own settings (batches of 8, lr 5e-3 for the head and the layer, 20 + 20 epochs) are the table's;
@@ -58,11 +59,16 @@ QUICK = ["train.batch_size=8", "adapt.head_epochs=1", "adapt.insertions=1", "ada
 #: among 3e-4, 1e-3 and 3e-3 (docs/results/transfer_text.md).
 LORA_LR = 0.001
 #: Rows that are not a plain adapt.method: their overrides (frozen on development seeds 0-2, see the report).
+ONE_FULL_LAYER = ["adapt.budget_lora_rank=null", "adapt.budget_min_rank=1"]  # the config's budget off
 METHOD_OVERRIDES: dict[str, list[str]] = {
     "lora": [f"adapt.backbone_lr={LORA_LR}"],
-    # LoRA rank 8 (73,728 parameters) + rank-k layers on the block sites with the other half of LoRA-16's count
+    "topo": ONE_FULL_LAYER, "random_site": ONE_FULL_LAYER, "last_block": ONE_FULL_LAYER,
+    # one rank-k layer with LoRA-16's parameter count (191 ranks; min rank 96 keeps it at one block site: spread
+    # over all six block sites the layers collapsed to chance at this rate, development seed 0)
+    "topo_rank_k": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16", "adapt.budget_min_rank=96"],
+    # LoRA rank 8 (73,728 parameters) + one rank-k layer with the other half of LoRA-16's count (95 ranks)
     "topo_lora": ["adapt.method=topo", "adapt.lora=true", "adapt.lora_r=8", f"adapt.backbone_lr={LORA_LR}",
-                  "adapt.budget_lora_rank=16", "probe.sites=blocks", "adapt.layer_lr=0.001"],
+                  "probe.sites=blocks", "adapt.budget_lora_rank=16", "adapt.budget_min_rank=48"],
     "full_finetune": ["adapt.backbone_lr=0.00005"],
 }
 
@@ -135,8 +141,8 @@ def paired_table(records: list[dict], reference: str = "lora") -> list[str]:
         chance = 100 * (1 - 1 / len(TEXT_CLASSES[task.removeprefix("csv:")]))
         lines += [f"### {task}, {shots} labels per class (seeds {', '.join(map(str, seeds))}; chance {chance:.0f} %)",
                   "", f"| method | test error [%] | per seed | vs {reference}: paired difference [points] | better "
-                  f"than {reference} on | trainable params | CPU time [s] | wall time [s] |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"than {reference} on | val error [%] | trainable params | CPU time [s] | wall time [s] |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
             mine = [by[(m, s)] for s in seeds if (m, s) in by]
             errs = [100 * r["test_error"] for r in mine]
@@ -146,9 +152,12 @@ def paired_table(records: list[dict], reference: str = "lora") -> list[str]:
                 f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.2f}")
             wins = "–" if m == reference or not diffs else f"{sum(d < 0 for d in diffs)} of {len(diffs)}"
             cpu = [r["cpu_time"] for r in mine if r.get("cpu_time")]
+            per_seed = " / ".join(f"{e:.1f}" for e in errs)
+            if len(mine) < len(seeds):  # not every seed: say which
+                per_seed += f" (seed {', '.join(str(r['seed']) for r in mine)})"
             lines.append(
-                f"| {m} | {_fmt([e / 100 for e in errs])} | {' / '.join(f'{e:.1f}' for e in errs)} | {vs} | {wins} | "
-                f"{statistics.mean(r['trainable_params'] for r in mine):.0f} | "
+                f"| {m} | {_fmt([e / 100 for e in errs])} | {per_seed} | {vs} | {wins} | "
+                f"{_fmt([r['val_error'] for r in mine])} | {statistics.mean(r['trainable_params'] for r in mine):.0f} | "
                 f"{f'{statistics.mean(cpu):.0f}' if cpu else '–'} | {statistics.mean(r['wall_time'] for r in mine):.0f} |")
         lines.append("")
     return lines

@@ -276,7 +276,8 @@ def _adapt_csv(base: str, tmp_path: Path, *extra: str):
         f"model.name_or_path={base}", f"output_dir={tmp_path / 'run'}", "data.name=hf:csv",
         f"data.data_files={csv}", f"data.cache_dir={tmp_path / 'cache'}", "data.num_train=null", "data.num_val=null",
         "data.num_test=null", "probe.batch_size=16", "probe.batches=1", "train.batch_size=8", "progress=false",
-        "adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=1", "train.max_steps=6", *extra,
+        "adapt.head_epochs=1", "adapt.insertions=1", "adapt.epochs_per_insertion=1", "train.max_steps=6",
+        "adapt.budget_lora_rank=null", "adapt.budget_min_rank=1", *extra,  # one full layer on the tiny BERT
     ])
     return run_adapt(cfg)
 

@@ -68,7 +68,7 @@ def test_intent_task_from_csv_files(tmp_path):
     model = save_bert(tmp_path / "bert")
     report = module.main(["--quick", "--model", model, "--task", "csv:intent", "--methods", "lora", "topo_lora",
                           "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "docs"),
-                          "train.max_steps=2", "adapt.budget_lora_rank=2", "adapt.lora_r=1"])
+                          "train.max_steps=2", "adapt.budget_lora_rank=2", "adapt.lora_r=1", "adapt.budget_min_rank=1"])
     text = report.read_text()
     assert "| topo_lora |" in text and "(chance = 75 %)" in text and "Task: `csv:intent`" in text
     records = {r["method"]: r for r in module.load_records(tmp_path / "docs" / "transfer_text" / "runs")}
