@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> str:
                     help="default (report): every seed with a curve file")
     ap.add_argument("--work-dir", type=Path, default=None, help="collect: the sweep / ablation --work-dir")
     ap.add_argument("--curves-dir", type=Path, default=CURVES)
+    ap.add_argument("--out", type=Path, default=None, help="report: also write the tables here (markdown)")
     args = ap.parse_args(argv)
     if args.mode == "collect":
         if args.work_dir is None or not args.seeds:
@@ -132,13 +133,19 @@ def main(argv: list[str] | None = None) -> str:
             for s in args.seeds:
                 print(collect(args.work_dir, name, s, args.curves_dir))
         return ""
-    out = []
+    command = "python scripts/evidence_curves.py report --setting " + " ".join(args.setting) + (
+        f" --out {args.out.as_posix()}" if args.out else "")
+    out = ["# Evidence: how long the insertion's head start lasts", "",
+           f"Printed by `{command}` from the curve files in docs/results/evidence/curves "
+           "(collected from the runs of the report seeds named in each table; scripts/evidence_curves.py says how).", ""]
     for name in args.setting:
         seeds = args.seeds or sorted(int(p.stem.rsplit("_seed", 1)[1])
                                      for p in Path(args.curves_dir).glob(f"{name}_seed*.json"))
         out += table(name, seeds, args.curves_dir) + [""]
-    text = "\n".join(out)
-    print(text)
+    text = "\n".join(out).rstrip() + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text, end="")
     return text
 
 
