@@ -368,7 +368,7 @@ def test_insertion_keeps_the_first_local_minimum_of_a_non_monotone_line_search(b
 
     def non_monotone(*args, **kwargs):
         ls = real(*args, **kwargs)
-        assert [e for e, _ in ls.tried[1:]] == grid
+        assert kwargs["stop_at_rise"] and [e for e, _ in ls.tried[1:]] == grid[: len(ls.tried) - 1]
         base_loss = ls.baseline_loss
         tried = [(e, base_loss + v - FAILED_SEED_CURVE[0][1]) for e, v in FAILED_SEED_CURVE]
         return LineSearchResult(10.0, tried[-1][1], base_loss, tried, ls.downstream)  # global minimum: eps = 10
@@ -410,6 +410,8 @@ def test_progress_lines_refused_rerun_and_phase_times(base, tmp_path, capsys):
     times = json.loads((out / "results.json").read_text())["phase_times"]
     assert set(times) == {"head_warmup", "training", "evaluation", "saving", "derivative", "line_search"}
     assert all(t > 0 for t in times.values()) and sum(times.values()) <= res["wall_time"]
+    cpu = json.loads((out / "results.json").read_text())["phase_cpu_times"]  # CPU seconds of the same phases
+    assert set(cpu) == set(times) and all(t > 0 for t in cpu.values())
 
     finished = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     with pytest.raises(RunExistsError, match=r"--resume.*--overwrite"):

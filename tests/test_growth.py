@@ -283,6 +283,9 @@ def test_results_record_wall_time_per_phase(tmp_path):
     assert all(t > 0 for t in times.values())
     assert sum(times.values()) <= res["wall_time"]  # phases do not overlap (nested blocks are not counted twice)
     assert times["derivative"] == pytest.approx(sum(e["seconds"]["derivative"] for e in res["events"]))
+    cpu = json.loads((tmp_path / "results.json").read_text())["phase_cpu_times"]  # CPU seconds, the same phases
+    assert set(cpu) == set(times) and all(t > 0 for t in cpu.values())
+    assert cpu["derivative"] == pytest.approx(sum(e["cpu_seconds"]["derivative"] for e in res["events"]))
 
 
 def test_init_mix_interpolates_between_the_eigen_and_the_random_init_direction(tmp_path):

@@ -1,6 +1,7 @@
 """Insertion preserves the function at eps = 0; the eps line search never raises the loss."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -325,6 +326,37 @@ def test_shared_states_give_bit_identical_line_searches(kind, monkeypatch):
     assert passes_alone == 2 * len(results) * (len(held) + 1)
     assert len(full_passes) == len(held) + len(results)
     assert ins._REUSE is None  # the context cleaned up
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+@pytest.mark.parametrize("downstream", [True, False])
+def test_stop_at_rise_tries_a_bit_identical_prefix_up_to_the_first_rise(kind, downstream):
+    """stop_at_rise evaluates the grid upwards and stops after the first eps whose loss rises: its (eps, loss)
+    are exactly the first ones of the full search, the first local minimum is the same, and the eps above the
+    rise are never evaluated."""
+    from topotransfer.recipes.adapt import first_local_minimum_epsilon
+
+    model, held, loss_fn, results = _search_problem(kind)
+    grid = tuple(float(e) for e in torch.logspace(-3, 2, 12, dtype=torch.float64))  # far enough to rise
+    stopped_early = 0
+    for r in results:
+        for sign in (1, -1):
+            w, b = sign * r.weight, None if r.bias is None else sign * r.bias
+            full = line_search_epsilon(model, r.site, held, loss_fn, w, b, epsilons=grid, downstream=downstream)
+            short = line_search_epsilon(model, r.site, held, loss_fn, w, b, epsilons=grid, downstream=downstream,
+                                        stop_at_rise=True)
+            assert short.tried == full.tried[: len(short.tried)]  # bit-identical losses
+            assert first_local_minimum_epsilon(short.tried) == first_local_minimum_epsilon(full.tried)
+            losses = [v for _, v in short.tried]
+            assert all(a >= b for a, b in zip(losses[:-2], losses[1:-1], strict=True))  # no rise before the last eps tried
+            if len(short.tried) < len(full.tried):
+                stopped_early += 1
+                assert losses[-1] > losses[-2] or not math.isfinite(losses[-1])
+            assert short.epsilon == min(short.tried, key=lambda t: (t[1], t[0]))[0] or short.epsilon == 0.0
+    assert stopped_early > 0  # the grid reaches eps where the loss rises: the test exercises the stop
+    with pytest.raises(ValueError, match="ascending"):
+        line_search_epsilon(model, results[0].site, held, loss_fn, results[0].weight, results[0].bias,
+                            epsilons=(0.1, 0.01), stop_at_rise=True)
 
 
 def test_probe_cache_cap_stops_before_exceeding_and_warns():

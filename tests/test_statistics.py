@@ -82,3 +82,22 @@ def test_second_moment_equals_a_forward_pass_bit_for_bit(solver):
             assert torch.equal(stats[s.name].second_moment(), ref[s.name])
         _, sub, _, _ = compute_site_statistics(model, data, loss_fn, solver=solver, sample_fraction=0.5)
         assert all(st.second_moment() is None for st in sub.values())
+
+
+@pytest.mark.parametrize("d_in, bias", [(6, True), (256, True), (5, False)])
+def test_dense_blocks_equal_the_float64_sum_and_are_exactly_symmetric(d_in, bias):
+    """DenseStatistic accumulates only each block's upper triangle (packed, in chunks of rows: one chunk at
+    d_in = 6, chunks of 128 rows at d_in = 256) and mirrors it: Q_r = sum_n p_nr zh_n zh_n^T to float64
+    rounding, symmetric bit for bit."""
+    from topotransfer.derivative.statistics import DenseStatistic, append_bias
+
+    g = torch.Generator().manual_seed(3)
+    z, p = torch.randn(1200, d_in, generator=g), torch.randn(1200, 3, generator=g)
+    st = DenseStatistic(3, d_in, bias)
+    st.update(z[:700], p[:700])
+    st.update(z[700:], p[700:])
+    zh = append_bias(z.double(), bias)
+    ref = torch.einsum("nr,ni,nj->rij", p.double(), zh, zh)
+    assert torch.equal(st.Q, st.Q.transpose(1, 2))
+    assert (st.Q - ref).abs().max() <= 1e-12 * ref.abs().max()
+    assert torch.equal(st.M, zh[:700].T @ zh[:700] + zh[700:].T @ zh[700:]) and st.count == 1200

@@ -113,6 +113,7 @@ class GrowthEvent:
         forced_site: the site was imposed by the caller (``grow_once(site=...)``: every-site sweeps and
             initialisation ablations), not chosen by the method.
         seconds: wall time of the event's steps (``"derivative"``, ``"line_search"``).
+        cpu_seconds: CPU time of this process in the same steps.
     """
 
     event: int
@@ -139,6 +140,7 @@ class GrowthEvent:
     seconds: dict[str, float] = field(default_factory=dict)
     score_kind: str = ""
     lambda_max: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -259,9 +261,10 @@ def grow_once(
     if method in ("topo", "random_site", "random_init"):
         search = _LineSearch(model, heldout_data, loss_fn, tuple(epsilons) if epsilons else DEFAULT_EPSILONS,
                              accelerator, both_signs)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         results = _site_results(model, method, sites, site, site_gen, probe_data, loss_fn, probe_cfg, accelerator)
         rec.seconds["derivative"] = time.perf_counter() - t0
+        rec.cpu_seconds["derivative"] = time.process_time() - c0
         found = _eigen_layer(model, method, results, site, gen, rec, probe_data, probe_cfg, accelerator, search,
                              fill_inactive, site_selection, init_mix)
         if found is None:
@@ -367,7 +370,7 @@ def _eigen_layer(model: nn.Module, method: str, results: list, site: str | None,
         b = None if b is None else keep * b.to(rb) + init_mix * rb
         return w, b
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if site is None and method in ("topo", "random_init") and site_selection == "realized":
         def candidate(r):
             found = search(r, *eigen(r))
@@ -386,6 +389,7 @@ def _eigen_layer(model: nn.Module, method: str, results: list, site: str | None,
     elif site is not None or method != "topo" or site_selection != "realized":
         ls, weight, bias, rec.sign = search(best, *eigen(best))
     rec.seconds["line_search"] = time.perf_counter() - t0
+    rec.cpu_seconds["line_search"] = time.process_time() - c0
     rec.k = best.k if method != "random_init" else int(weight.shape[0])
     rec.quadratic = float(best.quadratic) if method != "random_init" else math.nan
     rec.eps_tried, rec.loss_before = ls.tried, ls.baseline_loss

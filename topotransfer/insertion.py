@@ -8,6 +8,7 @@ of eps on held-out probe data and never accepts an eps that raises the loss (eps
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -343,6 +344,7 @@ def line_search_epsilon(
     accelerator: object | None = None,
     downstream: bool = True,
     layer: nn.Module | None = None,
+    stop_at_rise: bool = False,
 ) -> LineSearchResult:
     """Pick eps for the layer W = eps*weight, b = eps*bias at ``site`` on held-out probe data.
 
@@ -366,9 +368,17 @@ def line_search_epsilon(
             every loss is summed over processes, so all ranks choose the same eps.
         downstream: ``False`` always runs full forward passes.
         layer: the zero layer to try (copied; default the family's full layer), as in :func:`insert_layer`.
+        stop_at_rise: walk the (ascending) grid up from eps = 0 and stop after the first eps whose loss is
+            not finite or higher than the previous one's: the eps above it are not evaluated. Everything a
+            first-local-minimum rule (:func:`~topotransfer.recipes.adapt.first_local_minimum_epsilon`) reads
+            is in ``tried`` (the losses tried are bit-identical to a full search's), while ``epsilon`` is
+            then the best of the eps tried, not of the whole grid.
 
     Returns:
         :class:`LineSearchResult` with every eps tried and its loss.
+
+    Raises:
+        ValueError: no direction, an eps <= 0, or ``stop_at_rise`` with a grid that is not ascending.
     """
     check_loss_fn(loss_fn)
     site, weight, bias = _direction(site, weight, bias)
@@ -376,13 +386,15 @@ def line_search_epsilon(
         raise ValueError("line_search_epsilon needs a direction: pass a SiteResult or weight/bias")
     if any(e <= 0 for e in epsilons):
         raise ValueError(f"epsilons must be positive (eps = 0 is always tried), got {list(epsilons)}")
+    if stop_at_rise and list(epsilons) != sorted(epsilons):
+        raise ValueError(f"stop_at_rise walks the grid upwards: epsilons must be ascending, got {list(epsilons)}")
     family = get_family(model)
     resolved = family.site(model, site)
     tried = None
     # sub-block sites have no "rest of the chain" to run: full passes (forward_from would refuse anyway)
     if downstream and resolved.kind == "output" and (forward_fn is None or forward_fn is default_forward):
         tried = _line_search_downstream(model, family, resolved, data, loss_fn, weight, bias, epsilons, max_batches,
-                                        accelerator, layer)
+                                        accelerator, layer, stop_at_rise)
     used_downstream = tried is not None
     if tried is None:
         baseline = evaluate_loss(model, data, loss_fn, forward_fn, max_batches, accelerator)
@@ -397,6 +409,8 @@ def line_search_epsilon(
                     None if bias is None else (eps * bias.to(torch.float64)).to(ref),
                 )
                 tried.append((float(eps), evaluate_loss(model, data, loss_fn, forward_fn, max_batches, accelerator)))
+                if stop_at_rise and _rises(tried):
+                    break
         finally:
             family.remove(model, resolved)
     baseline = tried[0][1]
@@ -404,6 +418,12 @@ def line_search_epsilon(
     if not best_loss < baseline:
         best_eps, best_loss = 0.0, baseline
     return LineSearchResult(best_eps, best_loss, baseline, tried, used_downstream)
+
+
+def _rises(tried: list[tuple[float, float]]) -> bool:
+    """Whether the last loss of ``tried`` is not finite or higher than the one before it (the search stops)."""
+    last, previous = tried[-1][1], tried[-2][1]
+    return not math.isfinite(last) or last > previous
 
 
 def _downstream_reproduces(model, family, site, cached, loss_fn) -> bool:
@@ -431,7 +451,7 @@ def _downstream_reproduces(model, family, site, cached, loss_fn) -> bool:
 
 
 def _line_search_downstream(model, family, site, data, loss_fn, weight, bias, epsilons, max_batches, accelerator,
-                            template=None):
+                            template=None, stop_at_rise=False):
     """The eps losses via cached states, or ``None`` when the full forward pass must be used instead.
 
     Every process decides the same way (the decision is all-reduced), so collective calls stay matched.
@@ -454,6 +474,19 @@ def _line_search_downstream(model, family, site, data, loss_fn, weight, bias, ep
             layer = family.new_layer(model, site) if template is None else copy.deepcopy(template)
             ref = next(model.parameters())
             layer = layer.to(device=ref.device, dtype=ref.dtype).eval()
+            if stop_at_rise:
+                # one eps at a time, each loss summed over the processes before the next is decided on (every
+                # rank stops at the same eps); a loss is the same sum, in the same batch order, as below
+                (base,), n = _sum_over_processes([total], len(cached), accelerator)
+                if n == 0:
+                    raise ValueError("The line-search data is empty")
+                tried = [(0.0, base)]
+                for e in epsilons:
+                    losses = _downstream_losses(model, family, site, layer, cached, loss_fn, weight, bias, [e])
+                    tried.append((float(e), _sum_over_processes(losses, 0, accelerator)[0][0]))
+                    if _rises(tried):
+                        break
+                return tried
             losses = _downstream_losses(model, family, site, layer, cached, loss_fn, weight, bias, epsilons)
     finally:
         model.train(was_training)

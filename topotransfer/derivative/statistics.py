@@ -107,12 +107,33 @@ class DenseStatistic(SiteStatistic):
         self.M += zh.T @ zh  # D^2 per row next to the blocks' R D^2: the whitened rule needs no extra pass
         p = p.to(torch.float64) * SIGMA_SECOND_DERIVATIVE
         n = zh.shape[0]
-        # Q_r += sum_n p_nr zh_ni zh_nj  ("nr,ni,nj->rij"), chunked over r so the (N, r, D) product stays small.
-        chunk = max(1, (1 << 24) // max(1, n * self.D))
-        for r0 in range(0, self.R, chunk):
-            pz = p[:, r0 : r0 + chunk, None] * zh[:, None, :]  # (N, rc, D)
-            self.Q[r0 : r0 + chunk] += torch.einsum("nri,nj->rij", pz, zh)
+        # Q_r is symmetric: only its upper triangle i <= j is accumulated, as one GEMM over the packed products
+        #   Q_r[i, j] += sum_n K_(ij),n p_nr,   K_(ij),n = zh_ni zh_nj   ("kn,nr->kr", k = (i, j) with i <= j)
+        # half the flops of the full blocks ("nr,ni,nj->rij"), and the temporary K is (D (D+1) / 2, N), built
+        # by D contiguous row products, not an (N, R, D) tensor. Chunked over n so that K (about 2^19 elements,
+        # 4 MB, at least 128 rows) stays in cache between being written and read by the GEMM: 1.7x faster than
+        # one chunk of 2^24 elements at D = 65 on a CPU.
+        iu, ju = self._upper
+        packed = torch.zeros(iu.numel(), self.R, dtype=torch.float64, device=self.Q.device)
+        chunk = max(128, (1 << 19) // iu.numel())
+        for n0 in range(0, n, chunk):
+            zt = zh[n0 : n0 + chunk].T.contiguous()  # (D, n)
+            K = torch.empty(iu.numel(), zt.shape[1], dtype=torch.float64, device=zt.device)
+            start = 0
+            for i in range(self.D):  # rows (i, i..D-1) of K: zh_i * zh_j for j >= i, in triu_indices order
+                torch.mul(zt[i : i + 1], zt[i:], out=K[start : start + self.D - i])
+                start += self.D - i
+            packed.addmm_(K, p[n0 : n0 + chunk])
+        self.Q[:, iu, ju] += packed.T
+        self.Q[:, ju, iu] = self.Q[:, iu, ju]  # the lower triangle mirrors the upper one exactly
         self._counted(n, represents)
+
+    @property
+    def _upper(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and column indices (i, j), i <= j, of a block's upper triangle (diagonal included)."""
+        if getattr(self, "_upper_idx", None) is None:
+            self._upper_idx = tuple(torch.triu_indices(self.D, self.D, device=self.Q.device))
+        return self._upper_idx
 
     def matvec(self, v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         Q = self.Q if rows is None else self.Q[rows]

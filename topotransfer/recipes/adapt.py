@@ -175,7 +175,10 @@ def first_local_minimum_epsilon(tried: list[tuple[float, float]]) -> float:
     class it is as likely an accident of those examples as a real improvement: on Fashion-MNIST with 10
     labels per class such an eps = 10 (an initial layer of norm 36) lowered the 100-example validation loss
     and left the model at 90 % test error. The global-minimum rule of
-    :func:`~topotransfer.insertion.line_search_epsilon` is recorded next to it (``eps_global_min``).
+    The line search stops at that first rise (``stop_at_rise``: the eps above it cannot change this rule's
+    choice and are not evaluated), so ``eps_tried`` ends there and the global-minimum rule of
+    :func:`~topotransfer.insertion.line_search_epsilon` recorded next to it (``eps_global_min``) is the best of
+    the eps tried.
 
     Args:
         tried: ``[(eps, summed held-out loss), ...]`` as in ``LineSearchResult.tried`` (eps = 0 included).
@@ -206,7 +209,7 @@ def _insertion_event(
     Under a multi-process ``accelerator``, ``probe`` and ``heldout`` are this rank's shards: the
     statistics and the line-search losses are summed over the ranks, so every rank inserts the same layer.
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results = probe_site_results(
         model, probe, loss_sum, cfg.probe, sites=_method_sites(model, method, cfg, event), accelerator=accelerator,
         progress=cfg.progress and getattr(accelerator, "is_main_process", True),
@@ -217,7 +220,8 @@ def _insertion_event(
     # scores = what ranks the sites (probe.score, named by score_kind); both numbers are kept whatever ranks
     record = {"event": event, "method": method, "scores": per_site(lambda r: r.score), "site": None,
               "score_kind": results[0].score_kind if results else "", "lambda_max": per_site(lambda r: r.lambda_max),
-              "quadratics": per_site(lambda r: r.quadratic), "seconds": {"derivative": time.perf_counter() - t0}}
+              "quadratics": per_site(lambda r: r.quadratic), "seconds": {"derivative": time.perf_counter() - t0},
+              "cpu_seconds": {"derivative": time.process_time() - c0}}
     best = max(results, key=lambda r: r.score)
     if method == "topo" and best.score <= 0:
         record["stopped"] = "score<=0"  # no insertion lowers the loss to second order
@@ -228,13 +232,14 @@ def _insertion_event(
         return _budgeted_insertion(model, results, record, budget, heldout, loss_sum, grid, cfg, accelerator)
     search = functools.partial(_eps_search, model=model, heldout=heldout, loss_sum=loss_sum, grid=grid,
                                accelerator=accelerator)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if method == "topo" and cfg.adapt.site_selection == "realized":
         best, (local, ls), realized = realized_site(results, search)
         record["realized"] = {name.removeprefix(_PEFT_PREFIX): loss for name, loss in realized.items()}
     else:
         _, (local, ls) = search(best)
     record["seconds"]["line_search"] = time.perf_counter() - t0
+    record["cpu_seconds"]["line_search"] = time.process_time() - c0
     # eps = 0 would give a layer that never trains (sigma'(0) = 0 gives it zero gradient): when no eps
     # lowers the held-out loss, seed with the smallest eps of the grid and record it.
     eps = local if local > 0 else min(grid)
@@ -263,10 +268,11 @@ def _eps_search(result, *, model: nn.Module, heldout: list, loss_sum: nn.Module,
     """Line search along ``result``'s direction: ``(held-out loss at the chosen eps, (eps, the line search))``.
 
     The derivative vouches for the direction only near eps = 0: the first local minimum of the held-out loss
-    along the grid is taken, not the global one (see :func:`first_local_minimum_epsilon`).
+    along the grid is taken, not the global one (see :func:`first_local_minimum_epsilon`); the search stops
+    after the first eps whose loss rises (the losses of the eps tried are those of a full search).
     """
     ls = line_search_epsilon(model, result.site, heldout, loss_sum, result.weight, result.bias, epsilons=grid,
-                             accelerator=accelerator)
+                             accelerator=accelerator, stop_at_rise=True)
     local = first_local_minimum_epsilon(ls.tried)
     return dict(ls.tried).get(local, ls.baseline_loss), (local, ls)
 

@@ -121,6 +121,8 @@ class RunState:
         wall_time: seconds spent up to the last checkpoint (a resumed run adds to it).
         epoch_progress: ``{"batches", "loss_sum", "count"}`` of a mid-epoch checkpoint, else ``None``.
         timings: seconds per phase of the run (training, evaluation, saving, derivative, line search ...).
+        cpu_timings: CPU seconds of this process per phase (``time.process_time``, all its threads), the same
+            keys: on a shared machine the wall times of two runs are not comparable, their CPU times are.
     """
 
     epoch: int = 0
@@ -130,6 +132,7 @@ class RunState:
     wall_time: float = 0.0
     epoch_progress: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    cpu_timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -260,7 +263,7 @@ class Run:
         self.frozen_ids: set[int] = set()
         self.rng_states: list[dict] | None = None  # every rank's RNG states of a mid-epoch checkpoint being resumed
         self.bar = None
-        self._timers: list[list] = []  # open timed() blocks: [key, start, seconds of nested blocks]
+        self._timers: list[list] = []  # open timed() blocks: [key, start, cpu start, nested seconds, nested cpu]
         self._copies: dict[str, tuple] = {}  # side copies (name -> (module, state)) for the next checkpoint
         torch.manual_seed(cfg.seed)
 
@@ -440,7 +443,7 @@ class Run:
                 self.manifest["insertions"].append({"site": ins["site"], "layer": ins["layer"], "epoch": self.state.epoch})
         label_event(record, net, self.manifest["insertions"] if insertions is None else insertions)
         for key in ("derivative", "line_search"):  # the event's own phases (seconds), see growth.grow_once
-            self.add_time(key, record.get("seconds", {}).get(key, 0.0))
+            self.add_time(key, record.get("seconds", {}).get(key, 0.0), record.get("cpu_seconds", {}).get(key, 0.0))
         self.state.events.append(record)
         self.say(event_line(record, depth, sum(p.numel() for p in net.parameters())))
         self.rewrap(net, optimizer)
@@ -492,6 +495,7 @@ class Run:
             with self.timed("saving"):
                 export(self.out)
         results["phase_times"] = dict(self.state.timings)
+        results["phase_cpu_times"] = dict(self.state.cpu_timings)
         if self.main:
             write_json_atomic(self.out / "results.json", results)
         if self.bar is not None:
@@ -509,19 +513,23 @@ class Run:
 
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:
-        """Add the seconds the block takes to ``state.timings[key]``, less those of blocks timed inside it
-        (a mid-epoch checkpoint is saving, not training)."""
-        timer = [key, time.perf_counter(), 0.0]
+        """Add the seconds (wall and CPU) the block takes to ``state.timings[key]`` / ``state.cpu_timings[key]``,
+        less those of blocks timed inside it (a mid-epoch checkpoint is saving, not training)."""
+        timer = [key, time.perf_counter(), time.process_time(), 0.0, 0.0]
         self._timers.append(timer)
         try:
             yield
         finally:
             self._timers.pop()
-            seconds = time.perf_counter() - timer[1]
-            self.add_time(key, seconds - timer[2])
+            seconds, cpu = time.perf_counter() - timer[1], time.process_time() - timer[2]
+            self.add_time(key, seconds - timer[3], cpu - timer[4])
             if self._timers:
-                self._timers[-1][2] += seconds
+                self._timers[-1][3] += seconds
+                self._timers[-1][4] += cpu
 
-    def add_time(self, key: str, seconds: float) -> None:
+    def add_time(self, key: str, seconds: float, cpu_seconds: float = 0.0) -> None:
+        """Book ``seconds`` of wall time and ``cpu_seconds`` of this process's CPU time to phase ``key``."""
         if seconds:
             self.state.timings[key] = self.state.timings.get(key, 0.0) + seconds
+        if cpu_seconds:
+            self.state.cpu_timings[key] = self.state.cpu_timings.get(key, 0.0) + cpu_seconds
