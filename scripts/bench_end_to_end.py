@@ -93,21 +93,30 @@ def report(rows: list[dict]) -> str:
         cells = [f"{r['phase_times'].get(p, 0.0):.1f} / {r['phase_cpu_times'].get(p, 0.0):.1f}" for p in PHASES]
         lines.append(f"| {r['kind']} | {r['setting']} | {r['method']} | {r['seed']} | " + " | ".join(cells)
                      + f" | {r['total_wall']:.1f} / {r['total_cpu']:.1f} | {r['test_error']:.4f} |")
-    lines += ["", "Seconds: wall / CPU. Ratio = topo / baseline (LoRA for adapt, fixed for grow), whole call.", "",
-              "| kind | setting | seed | wall ratio | CPU ratio | topo's derivative + line search, CPU share | "
-              "goal (wall) |", "|---|---|---:|---:|---:|---:|---|"]
+    lines += ["", "Seconds: wall / CPU. Ratios topo / baseline (LoRA for adapt, fixed for grow): of the summed phase "
+              "times of results.json (the issue's measure), and of the whole call (model loading and data "
+              "preparation included; the first run of a process also pays one-time costs: imports, first data load).",
+              "", "| kind | setting | seed | order | phases: wall ratio | phases: CPU ratio | call: wall ratio | "
+              "call: CPU ratio | topo's derivative + line search, share of its phase CPU | goal (phases, wall) |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
     pairs: dict[tuple, dict] = {}
-    for r in rows:
-        pairs.setdefault((r["kind"], r["setting"], r["seed"]), {})[r["method"]] = r
+    for i, r in enumerate(rows):
+        pairs.setdefault((r["kind"], r["setting"], r["seed"]), {})[r["method"]] = (i, r)
     for (kind, setting, seed), by in pairs.items():
         topo, base = by.get("topo"), by.get("lora" if kind == "adapt" else "fixed")
         if topo is None or base is None:
             continue
-        wall, cpu = topo["total_wall"] / base["total_wall"], topo["total_cpu"] / base["total_cpu"]
-        extra = sum(topo["phase_cpu_times"].get(p, 0.0) for p in ("derivative", "line_search")) / topo["total_cpu"]
+        order = "topo first" if topo[0] < base[0] else "baseline first"
+        topo, base = topo[1], base[1]
+        ph = {k: sum(r["phase_times"].values()) for k, r in (("t", topo), ("b", base))}
+        pc = {k: sum(r["phase_cpu_times"].values()) for k, r in (("t", topo), ("b", base))}
+        wall, cpu = ph["t"] / ph["b"], pc["t"] / pc["b"]
+        extra = sum(topo["phase_cpu_times"].get(p, 0.0) for p in ("derivative", "line_search")) / pc["t"]
         goal = GOALS[kind]
-        lines.append(f"| {kind} | {setting} | {seed} | {wall:.2f} | {cpu:.2f} | {100 * extra:.0f} % | <= {goal} "
-                     f"{'met' if wall <= goal else 'missed'} (CPU {'met' if cpu <= goal else 'missed'}) |")
+        lines.append(f"| {kind} | {setting} | {seed} | {order} | {wall:.2f} | {cpu:.2f} | "
+                     f"{topo['total_wall'] / base['total_wall']:.2f} | {topo['total_cpu'] / base['total_cpu']:.2f} | "
+                     f"{100 * extra:.0f} % | <= {goal}: {'met' if wall <= goal else 'missed'} (CPU "
+                     f"{'met' if cpu <= goal else 'missed'}) |")
     return "\n".join(lines)
 
 
