@@ -19,6 +19,7 @@ from which ``--report-only`` prints the same tables.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -60,9 +61,9 @@ def run_adapt_pair(backbone: Path, args: argparse.Namespace, budget: dict, shots
     rows = []
     for method in args.order:
         baseline = "lora" if method == "baseline" else "topo"
-        res, wall, cpu = _timed_call(lambda: run_one(
-            backbone, args.target, baseline, shots, seed, args.work_dir / "adapt", budget["adapt"] + args.overrides,
-            rank, 10, budget["num_test"] if args.quick else args.num_test))
+        res, wall, cpu = _timed_call(functools.partial(
+            run_one, backbone, args.target, baseline, shots, seed, args.work_dir / "adapt",
+            budget["adapt"] + args.overrides, rank, 10, budget["num_test"] if args.quick else args.num_test))
         rows.append(_row("adapt", f"{shots} labels/class", baseline, res, wall, cpu))
         print(f"  adapt {shots} labels/class {baseline}: wall {wall:.1f} s, CPU {cpu:.1f} s, test error "
               f"{res['test_error']!r}", file=sys.stderr, flush=True)
@@ -78,7 +79,7 @@ def run_grow_pair(args: argparse.Namespace, seed: int) -> list[dict]:
         out = args.work_dir / "grow" / f"{name}-seed{seed}"
         cfg = load_config(args.grow_config, [f"growth.method={name}", f"seed={seed}", f"output_dir={out}",
                                              "progress=false", *extra, *args.grow_overrides])
-        res, wall, cpu = _timed_call(lambda: run_grow(cfg, overwrite=True))
+        res, wall, cpu = _timed_call(functools.partial(run_grow, cfg, overwrite=True))
         rows.append(_row("grow", Path(args.grow_config).stem, name, res, wall, cpu))
         print(f"  grow {name}: wall {wall:.1f} s, CPU {cpu:.1f} s, test error {res['test_error']!r}",
               file=sys.stderr, flush=True)
