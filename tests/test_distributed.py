@@ -315,12 +315,14 @@ def test_two_process_derivative_recipe_prints_the_one_process_scores(tmp_path):
     run = launch_two_processes(["derivative", *args, "train.batch_size=60", f"output_dir={tmp_path / 'two'}"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("TD (lambda_max)") == 1, "only rank 0 prints the table"
-    printed = {line.split()[0]: float(line.split()[1]) for line in run.stdout.splitlines()
+    # columns: site, TD (lambda_max), quadratic (the default probe.score), k, solver
+    printed = {line.split()[0]: (float(line.split()[1]), float(line.split()[2])) for line in run.stdout.splitlines()
                if line.startswith(("input_layer", "layers."))}
     ref = run_derivative(load_config(None, [*args, "train.batch_size=120", f"output_dir={tmp_path / 'one'}"]))
     assert list(printed) == [r.site for r in ref]
     for r in ref:
-        assert printed[r.site] == pytest.approx(r.score, rel=1e-5), r.site
+        assert printed[r.site][0] == pytest.approx(r.lambda_max, rel=1e-5), r.site
+        assert printed[r.site][1] == pytest.approx(r.quadratic, rel=1e-5), r.site
 
 
 def test_ctrl_c_of_a_launched_run_stops_every_rank_and_names_the_resume_command(tmp_path):
