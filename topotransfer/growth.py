@@ -379,12 +379,7 @@ def _eigen_layer(model: nn.Module, method: str, results: list, site: str | None,
         best, (ls, weight, bias, rec.sign), rec.realized = realized_site(results, candidate)
     if method == "random_init":
         # the same site, a random direction of the eigen direction's size (scale_matched_random_direction)
-        moment = None
-        if probe_cfg is not None and probe_cfg.rule == "rowwise" and probe_cfg.whiten:
-            target = family.site(model, best.site)
-            moment = input_second_moments(model, probe_data, [target], {target.name: family.new_layer(model, target)},
-                                          accelerator)[target.name]
-        weight, bias = scale_matched_random_direction(best.weight, best.bias, gen, moment)
+        weight, bias = scale_matched_random_direction(best.weight, best.bias, gen, matched_moment(best.site))
         ls, weight, bias, rec.sign = search(best, weight, bias)
     elif site is not None or method != "topo" or site_selection != "realized":
         ls, weight, bias, rec.sign = search(best, *eigen(best))
