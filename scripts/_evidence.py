@@ -307,8 +307,8 @@ def grow_record(results: dict, out: Path) -> dict:
 
 
 def _event_summary(ev: dict) -> dict:
-    keep = ("site", "scores", "quadratics", "epsilon", "eps_fallback", "loss_before", "loss_after", "init_norm",
-            "sign", "k", "quadratic", "method", "epoch", "forced_site")
+    keep = ("site", "scores", "quadratics", "lambda_max", "score_kind", "epsilon", "eps_fallback", "loss_before",
+            "loss_after", "init_norm", "sign", "k", "quadratic", "method", "epoch", "forced_site")
     out = {k: ev.get(k) for k in keep if k in ev}
     if ev:
         out["realized"] = ev["loss_before"] if ev.get("eps_fallback") else ev["loss_after"]
@@ -343,6 +343,7 @@ def imposed_adapt(site: str | None, record: dict, direction=None):
         results = real(model, data, loss_fn, probe, sites=None, **kwargs)
         record["scores"] = {r.site.removeprefix(_PEFT): float(r.score) for r in results}
         record["quadratics"] = {r.site.removeprefix(_PEFT): float(r.quadratic) for r in results}
+        record["lambda_max"] = {r.site.removeprefix(_PEFT): float(r.lambda_max) for r in results}
         if site is None:
             return results
         chosen = [r for r in results if r.site.removeprefix(_PEFT) == site]
@@ -391,6 +392,9 @@ def adapt_run(setting: dict, seed: int, out: Path, backbone: Path, site: str | N
     ev = dict(r["events"][0]) if r["events"] else {}
     if ev:
         ev["scores"], ev["quadratics"] = record.get("scores", ev.get("scores")), record.get("quadratics", {})
+        ev.pop("lambda_max", None)  # the event's may name the sites with the PEFT prefix: the probe's record's
+        if "lambda_max" in record:
+            ev["lambda_max"] = record["lambda_max"]
         ev["realized"] = ev["loss_before"] if ev.get("eps_fallback") else ev["loss_after"]
     best = r["best_val"]  # the epoch of lowest validation loss, its model's test error (None: resumed after it)
     inserted = bool(ev) and ev.get("site") is not None and best["epoch"] > ev["epoch"]
@@ -401,25 +405,36 @@ def adapt_run(setting: dict, seed: int, out: Path, backbone: Path, site: str | N
         "final": {"val_loss": r["val_loss"], "val_error": r["val_error"], "test_error": r["test_error"],
                   "depth": r["depth"] + r["insertions"], "params": r["trainable_params"]},
         "param_epochs": sum(h["trainable_params"] for h in after),
-        "event": {k: ev[k] for k in ("site", "scores", "quadratics", "epsilon", "eps_fallback", "loss_before",
-                                     "loss_after", "init_norm", "k", "score", "realized") if k in ev},
+        "event": {k: ev[k] for k in ("site", "scores", "quadratics", "lambda_max", "score_kind", "epsilon",
+                                     "eps_fallback", "loss_before", "loss_after", "init_norm", "k", "score",
+                                     "realized") if k in ev},
         "wall_time": r["wall_time"],
     }
 
 
-def topo_choice(runs: dict[str, dict], rule: str) -> str:
-    """The site the configured method picks, from a sweep's runs (every run recorded every site's scores).
+def lambda_max_of(event: dict) -> dict[str, float]:
+    """lambda_max(Q_t) per site of a run's event. Raw files written before the events recorded ``lambda_max``
+    (and ``score_kind``) were all ranked by lambda_max (``probe.score=lambda_max`` pinned): their ``scores``."""
+    if "lambda_max" in event:
+        return event["lambda_max"]
+    if event.get("score_kind", "lambda_max") != "lambda_max":
+        raise RawDataError(f"an event ranked by {event['score_kind']} without its lambda_max per site")
+    return event["scores"]
 
-    ``rule``: "argmax" (lambda_max(Q_t)), "quadratic" (theta^T Q_t theta of the inserted direction) or
-    "realized" (lowest held-out loss after the line search among sites with score > 0; ties: larger score).
+
+def topo_choice(runs: dict[str, dict], rule: str) -> str:
+    """The site a site rule picks, from a sweep's runs (every run recorded every site's scores).
+
+    ``rule``: "argmax" (of the configured site score, ``scores``: what ``site_selection=argmax`` ranks by,
+    ``probe.score``), "lambda_max" (of lambda_max(Q_t)), "quadratic" (of theta^T Q_t theta of the inserted
+    direction) or "realized" (lowest held-out loss after the line search among sites with score > 0; ties:
+    larger score).
     """
     first = next(iter(runs.values()))["event"]
     scores = first["scores"]
-    if rule == "argmax":
-        return max(scores, key=scores.get)
-    if rule == "quadratic":
-        q = first["quadratics"]
-        return max(q, key=q.get)
+    if rule in ("argmax", "lambda_max", "quadratic"):
+        ranked = {"argmax": scores, "lambda_max": lambda_max_of(first), "quadratic": first["quadratics"]}[rule]
+        return max(ranked, key=ranked.get)
     cands = [s for s in runs if scores.get(s, 0) > 0] or list(runs)
     return min(cands, key=lambda s: (runs[s]["event"]["realized"], -scores[s]))
 

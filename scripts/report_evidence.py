@@ -88,6 +88,12 @@ def _site_rule(name: str, spec: dict) -> str:
     return (cfg.get("growth") or cfg.get("adapt"))["site_selection"]
 
 
+def _site_rule_label(name: str, spec: dict) -> str:
+    """The configured site rule as the tables name it: ``argmax`` says of which number (``probe.score``)."""
+    rule = _site_rule(name, spec)
+    return f"argmax {ev.resolved_config(spec['settings'][name])['probe']['score']}" if rule == "argmax" else rule
+
+
 # ------------------------------------------------------------------------------------------------ tables
 def check_same_state(data: dict, name: str, seed: int) -> None:
     """Every run of a sweep seed must have seen the same state at event 0 (same scores at every site)."""
@@ -107,7 +113,7 @@ def sweep_tables(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> list
     data = {s: ev.read_raw(raw_dir, name, setting, "sweep", s) for s in seeds}
     for s, d in data.items():
         check_same_state(d, name, s)
-    rule = _site_rule(name, spec)
+    rule, rule_label = _site_rule(name, spec), _site_rule_label(name, spec)
     sites = data[seeds[0]]["sites"]
 
     def err(run, which):
@@ -115,10 +121,11 @@ def sweep_tables(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> list
 
     lines = [f"### {name}: every site ({len(seeds)} seeds: {seeds})", "",
              f"Single insertion at event 0 at each site, then the rest of the budget. Site rule of the configured "
-             f"method: `{rule}`. Test error in {unit}; best = best-validation model, final = last model. "
-             "Score = lambda_max(Q_t), quadratic = theta^T Q_t theta of the inserted direction (mean over seeds).",
+             f"method: `{rule_label}`. Test error in {unit}; best = best-validation model, final = last model. "
+             "lambda_max = lambda_max(Q_t), quadratic = theta^T Q_t theta of the inserted direction (mean over "
+             "seeds).",
              "",
-             "| site | chosen by topo | score | quadratic | held-out loss after line search | eps fallbacks | "
+             "| site | chosen by topo | lambda_max | quadratic | held-out loss after line search | eps fallbacks | "
              f"best-val test [{unit}] | final test [{unit}] | final val [{unit}] | final params | param-epochs |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     choice = {s: ev.topo_choice(d["runs"], rule) for s, d in data.items()}
@@ -127,7 +134,7 @@ def sweep_tables(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> list
         evs = [r["event"] for r in runs]
         lines.append(
             f"| {site} | {sum(choice[s] == site for s in seeds)}/{len(seeds)} | "
-            f"{statistics.mean(e['scores'][site] for e in evs):.3g} | "
+            f"{statistics.mean(ev.lambda_max_of(e)[site] for e in evs):.3g} | "
             f"{statistics.mean(e['quadratics'][site] for e in evs):.3g} | "
             f"{statistics.mean(e['realized'] for e in evs):.4g} | {sum(bool(e.get('eps_fallback')) for e in evs)} | "
             f"{fmt_all([err(r, 'best') for r in runs], scale)} | {fmt([err(r, 'final') for r in runs], scale)} | "
@@ -142,8 +149,8 @@ def sweep_tables(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> list
 
     topo = rule_runs(lambda s: choice[s])
     rows = {
-        f"topo ({rule})": topo,
-        "topo (argmax lambda_max)": rule_runs(lambda s: ev.topo_choice(data[s]["runs"], "argmax")),
+        f"topo ({rule})": topo,  # argmax: of the configured score (the line above the table names it)
+        "topo (argmax lambda_max)": rule_runs(lambda s: ev.topo_choice(data[s]["runs"], "lambda_max")),
         "topo (argmax quadratic)": rule_runs(lambda s: ev.topo_choice(data[s]["runs"], "quadratic")),
         "first site": rule_runs(lambda s: sites[0]),
         "last site": rule_runs(lambda s: sites[-1]),
@@ -185,7 +192,7 @@ def sweep_tables(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> list
         regret.append(finals[choice[s]] - finals[ordered[0]])
         improvement = [-finals[t] for t in sites]
         ev0 = runs[sites[0]]["event"]
-        corr["lambda_max"].append(spearman([ev0["scores"][t] for t in sites], improvement))
+        corr["lambda_max"].append(spearman([ev.lambda_max_of(ev0)[t] for t in sites], improvement))
         corr["quadratic"].append(spearman([ev0["quadratics"][t] for t in sites], improvement))
         corr["realized (−line-search loss)"].append(spearman([-runs[t]["event"]["realized"] for t in sites], improvement))
     spread = statistics.stdev(err(r, "final") for r in topo) if len(seeds) > 1 else 0.0
@@ -259,8 +266,8 @@ def score_table(spec: dict, names: list[str], raw_dir: Path) -> list[str]:
         data = {s: ev.read_raw(raw_dir, name, spec["settings"][name], "sweep", s) for s in seeds}
         # rule -> (pick(runs, sites), number that ranks the sites or None for a fixed rule)
         rules = {
-            "argmax lambda_max": (lambda runs, sites: ev.topo_choice(runs, "argmax"),
-                                  lambda runs, t: runs[t]["event"]["scores"][t]),
+            "argmax lambda_max": (lambda runs, sites: ev.topo_choice(runs, "lambda_max"),
+                                  lambda runs, t: ev.lambda_max_of(runs[t]["event"])[t]),
             "argmax quadratic": (lambda runs, sites: ev.topo_choice(runs, "quadratic"),
                                  lambda runs, t: runs[t]["event"]["quadratics"][t]),
             "realized (line search)": (lambda runs, sites: ev.topo_choice(runs, "realized"),
@@ -284,7 +291,7 @@ def score_table(spec: dict, names: list[str], raw_dir: Path) -> list[str]:
                 if number is not None:
                     corr[rule].append(spearman([number(runs, u) for u in sites], improvement))
         sites0 = data[seeds[0]]["sites"]
-        ratio = {t: statistics.mean(d["runs"][t]["event"]["scores"][t] / d["runs"][t]["event"]["quadratics"][t]
+        ratio = {t: statistics.mean(ev.lambda_max_of(d["runs"][t]["event"])[t] / d["runs"][t]["event"]["quadratics"][t]
                                     for d in data.values()) for t in sites0}
         ends[name] = (sum(rules["argmax lambda_max"][0](d["runs"], d["sites"]) == d["sites"][-1] for d in data.values()),
                       sum(rules["argmax quadratic"][0](d["runs"], d["sites"]) == d["sites"][0] for d in data.values()),

@@ -40,6 +40,9 @@ def test_growth_sweep_runs_every_site_from_one_shared_state_and_the_report_check
         assert run["event"]["scores"] == own["scores"]  # the same state at event 0 in every run of the seed
         assert run["event"]["forced_site"] == (site != data["configured_site"])
     assert data["references"]["fixed"]["event"] == {} and data["references"]["fixed"]["final"]["depth"] == 2
+    # both numbers per site are kept, and which one ``scores`` holds (grow_digits pins probe.score=lambda_max)
+    assert own["score_kind"] == "lambda_max" and own["lambda_max"] == own["scores"]
+    assert set(own["quadratics"]) == set(own["scores"])
 
     spec = quick_spec(tmp_path, "grow_digits", [0])
     text = report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
@@ -108,6 +111,23 @@ def test_spearman():
     assert report_evidence.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
     assert report_evidence.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert report_evidence.spearman([1, 1, 1], [1, 2, 3]) != report_evidence.spearman([1, 1, 1], [1, 2, 3])  # NaN
+
+
+def test_site_rules_rank_by_the_number_they_name():
+    """``argmax`` ranks by the configured score (``scores``, probe.score), ``lambda_max`` / ``quadratic`` by
+    theirs, whichever ``scores`` holds; a file from before events kept ``lambda_max`` holds it in ``scores``."""
+    event = {"score_kind": "quadratic", "scores": {"a": 2.0, "b": 1.0}, "quadratics": {"a": 2.0, "b": 1.0},
+             "lambda_max": {"a": 1.0, "b": 3.0}}
+    runs = {"a": {"event": {**event, "realized": 0.5}}, "b": {"event": {**event, "realized": 0.4}}}
+    assert ev.topo_choice(runs, "argmax") == ev.topo_choice(runs, "quadratic") == "a"
+    assert ev.topo_choice(runs, "lambda_max") == "b" and ev.topo_choice(runs, "realized") == "b"
+    old = {"scores": {"a": 1.0, "b": 3.0}, "quadratics": {"a": 2.0, "b": 1.0}}  # no lambda_max, no score_kind
+    assert ev.lambda_max_of(old) == old["scores"]
+    runs_old = {t: {"event": {**old, "realized": 0.0}} for t in "ab"}
+    assert ev.topo_choice(runs_old, "lambda_max") == ev.topo_choice(runs_old, "argmax") == "b"
+    assert ev.topo_choice(runs_old, "quadratic") == "a"
+    with pytest.raises(ev.RawDataError, match="without its lambda_max"):
+        ev.lambda_max_of({**old, "score_kind": "quadratic"})
 
 
 def test_paired_counts_the_seeds_where_the_first_is_better():
