@@ -155,6 +155,50 @@ def test_sigkilled_adapt_run_resumes_to_the_uninterrupted_weights(base, tmp_path
     assert torch.equal(logits(load_adapter(base, out / "adapter"), _x()), logits(full.model, _x()))
 
 
+class _Killed(Exception):
+    """Stands for a kill between two epochs (the in-process runs below raise it instead of a signal)."""
+
+
+@pytest.mark.parametrize(("forced", "layout"), [(1, (0, False)), (3, (1, True))])
+def test_resumed_run_reports_the_best_validation_model_of_an_uninterrupted_one(base, tmp_path, monkeypatch,
+                                                                                forced, layout):
+    """A run stopped after its best-validation epoch rebuilds that epoch's model from ``output_dir/best``: the
+    same best_val (epoch, losses, test error) as the uninterrupted run, with the model's architecture at that
+    epoch (epoch 1: the head warm-up, no LoRA, no insertion; epoch 3: LoRA and the first of two insertions).
+    Epoch ``forced``'s validation loss is made the lowest; the stop comes before epoch 5 (the last checkpoint
+    is epoch 4's, after the second insertion)."""
+    from topotransfer.training.run import Run
+
+    real_epoch = Run.train_epoch
+    stop_before = {"epoch": None}
+
+    def train_epoch(self, *args, **kwargs):
+        if self.state.epoch == stop_before["epoch"]:
+            raise _Killed
+        val = real_epoch(self, *args, **kwargs)
+        if self.state.epoch == forced:
+            self.state.history[-1]["val_loss"] = -1.0  # lower than any cross-entropy
+        return val
+
+    monkeypatch.setattr(Run, "train_epoch", train_epoch)
+    full = run(base, tmp_path / "full", *SCHEDULE).results
+    stop_before["epoch"] = 4
+    with pytest.raises(_Killed):
+        run(base, tmp_path / "stopped", *SCHEDULE)
+    saved = json.loads((latest_checkpoint(tmp_path / "stopped") / "state.json").read_text())
+    assert saved["epoch"] == 4 and saved["best_val"]["epoch"] == forced
+    stop_before["epoch"] = None
+    resumed = _resume(base, tmp_path / "stopped").results
+    best = full["best_val"]
+    assert best["epoch"] == forced and best["test_error"] is not None
+    assert (best["insertions"], best["lora"]) == layout
+    assert resumed["best_val"] == best and resumed["test_error"] == full["test_error"]
+    # the copy holds the trained tensors only: no frozen backbone weight
+    kept = load_file(str(tmp_path / "stopped" / "best" / "model.safetensors"))
+    last = load_file(str(tmp_path / "stopped" / "last" / "model.safetensors"))
+    assert not any("attention" in k and "lora" not in k for k in kept) and len(kept) <= len(last)
+
+
 # ------------------------------------------------------------------------------------------ two processes
 TWO_PROC = [*SCHEDULE, "data.num_train=200", "train.batch_size=10", "probe.batch_size=15", "probe.batches=4"]
 

@@ -433,7 +433,10 @@ class AdaptState(RunState):
         phase: "head", the method's name, "insertion k", "final" or "done".
         method_started: the head warm-up is over and the method's trainable set (LoRA, backbone) is on.
         best_val: the epoch of lowest validation loss so far ``{"epoch", "phase", "val_loss", "val_error",
-            "trainable_params"}`` (``None`` before the first epoch); its test error is added at the end.
+            "trainable_params", "insertions", "lora"}`` (``None`` before the first epoch): ``insertions`` = how
+            many of this run's insertions its model had, ``lora`` = LoRA was on; its test error is added at the
+            end. Its weights are in ``output_dir/best`` (written with the next checkpoint), so a resumed run
+            reports the same best-validation test error as an uninterrupted one.
     """
 
     phase: str = "head"
@@ -453,8 +456,8 @@ class _Parts:
         fingerprint: sha256 of each backbone parameter before training.
         records: insertion records ``{"site", "layer"}``: ``adapt.adapter_path``'s, then this run's.
         base_records: those of ``adapt.adapter_path`` alone.
-        best_model: ``(epoch, copy of the model)`` at :attr:`AdaptState.best_val`'s epoch. In memory only:
-            a run resumed after its best epoch has none (its best-validation test error is then ``None``).
+        best_model: ``(epoch, copy of the model)`` at :attr:`AdaptState.best_val`'s epoch, sharing the frozen
+            backbone's parameters with the live model (rebuilt from ``output_dir/best`` on resume).
     """
 
     head: list[str]
@@ -514,9 +517,10 @@ def _load_model(cfg: RunConfig, task: Task, run: Run) -> tuple[nn.Module, _Parts
 
 
 def _checkpoint_bytes(model: nn.Module, frozen_ids: set[int]) -> int:
-    """Checkpoints: the trained tensors + 2 Adam moments, twice while one is replaced (+ margin)."""
+    """Checkpoints: the trained tensors + 2 Adam moments, and the best-validation copy's trained tensors, each
+    twice while it is replaced (+ margin)."""
     trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in frozen_ids)
-    return 6 * trained_bytes + (64 << 20)
+    return 8 * trained_bytes + (64 << 20)
 
 
 def _manifest(cfg: RunConfig, model: nn.Module, parts: _Parts, task: Task) -> dict:
@@ -552,8 +556,10 @@ def _start_or_resume(run: Run, model: nn.Module, parts: _Parts, task: Task) -> t
         return model, _optimizer(model, parts.head, cfg.adapt, cfg.train), AdaptState(), manifest
     saved = read_manifest(ckpt)  # every rank reads the same checkpoint
     _check_resumable(saved, manifest, ckpt)
+    plain_base = copy.deepcopy(model, _shared_backbone(parts))  # the best copy's architecture may be older
     model = _rebuild(model, saved)
     state = run.read_state(ckpt, AdaptState)
+    parts.best_model = _resume_best(run, plain_base, saved, state.best_val)
     parts.records += [{"site": r["site"], "layer": r["layer"]} for r in saved["insertions"]]
     started = state.method_started
     _set_trainable(model, parts.head, backbone=parts.full and started, lora=parts.use_lora and started,
@@ -588,9 +594,35 @@ def _keep_best(run: Run, parts: _Parts) -> None:
     if state.best_val is not None and not row["val_loss"] < state.best_val["val_loss"]:
         return
     state.best_val = {"epoch": row["epoch"], "phase": row.get("phase"), "val_loss": row["val_loss"],
-                      "val_error": row["val_error"], "trainable_params": row["trainable_params"]}
-    shared = {} if parts.full else {id(p): p for _, p in parts.backbone_params}  # deepcopy reuses memo entries
-    parts.best_model = (row["epoch"], copy.deepcopy(run.net, shared))
+                      "val_error": row["val_error"], "trainable_params": row["trainable_params"],
+                      "insertions": len(parts.records) - len(parts.base_records),
+                      "lora": unwrap_peft(run.net)[1] is not None}
+    parts.best_model = (row["epoch"], copy.deepcopy(run.net, _shared_backbone(parts)))
+    run.save_copy("best", parts.best_model[1], {"epoch": row["epoch"]})
+
+
+def _shared_backbone(parts: _Parts) -> dict:
+    """A deepcopy memo that keeps the frozen backbone's parameters shared (they never change), so a copy of
+    the model costs its trained tensors only; ``full_finetune`` copies everything."""
+    return {} if parts.full else {id(p): p for _, p in parts.backbone_params}
+
+
+def _resume_best(run: Run, plain_base: nn.Module, saved: dict, best_val: dict | None) -> tuple | None:
+    """The best-validation copy of a resumed run: ``plain_base`` (the loaded base, backbone shared) given the
+    architecture the model had at the best epoch (LoRA or not, this run's first ``insertions`` insertions) and
+    the weights of ``output_dir/best``. ``None`` when there is no best epoch yet, or ``best`` holds another
+    epoch's copy (the run stopped after writing the copy, before the checkpoint that records its epoch)."""
+    path = run.out / "best"
+    if best_val is None or "insertions" not in best_val or not (path / "state.json").is_file():
+        return None
+    if json.loads((path / "state.json").read_text()).get("epoch") != best_val["epoch"]:
+        return None
+    arch = {**saved, "insertions": saved["insertions"][: best_val["insertions"]],
+            "lora": saved.get("lora") if best_val["lora"] else None}
+    best = _rebuild(plain_base, arch)
+    run.load_weights(path, best)
+    best.eval()
+    return best_val["epoch"], best
 
 
 def _start_method(run: Run, parts: _Parts) -> None:

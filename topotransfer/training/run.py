@@ -469,7 +469,10 @@ class Run:
         with self.timed("saving"):
             if self.main:
                 for copy_name, (copy_net, copy_state) in self._copies.items():
-                    save_checkpoint(self.out, copy_name, copy_net, self.manifest, None, copy_state, update_latest=False)
+                    # a copy that shares the frozen backbone's parameters saves only the rest, like `last`
+                    kept = trained_tensors(copy_net, self.frozen_ids) if self.frozen_ids else None
+                    save_checkpoint(self.out, copy_name, copy_net, self.manifest, None, copy_state,
+                                    update_latest=False, tensors=kept)
             self._copies.clear()
             # FSDP: the full weights and optimizer state, gathered on every rank (a collective)
             net, optimizer = plain_model(self.acc, self.model, self.optimizer) if self.fsdp else (self.net, self.optimizer)
