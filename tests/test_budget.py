@@ -154,6 +154,9 @@ def test_adapt_recipe_spends_the_budget_on_rank_k_layers(tmp_path, lora):
     assert r["trainable_params"] == spent + lora_params + head
     kinds = {layer["layer"]["type"] for e in r["events"] for layer in e.get("layers", [])}
     assert kinds == {"lowrank"} and r["backbone_unchanged"]
+    # the budgeted events' eps line searches are timed like one layer's (results.json's phase times)
+    assert all(e["seconds"]["line_search"] > 0 and e["cpu_seconds"]["line_search"] > 0 for e in r["events"])
+    assert r["phase_times"]["line_search"] > 0
     (x, _), = batches(base)
     live = logits(result.model, x)
     assert torch.equal(logits(load_adapter(None, tmp_path / "run" / "adapter"), x), live)

@@ -303,12 +303,16 @@ def _budgeted_insertion(model, results, record, budget, heldout, loss_sum, grid,
     """Spend ``budget`` on rank-k layers over the probed sites (:func:`~topotransfer.budget.insert_budgeted`);
     the event record lists them under ``layers`` (``site`` / ``layer`` = the first, for the one-layer fields)."""
     a = cfg.adapt
+    t0, c0 = time.perf_counter(), time.process_time()
     layers = insert_budgeted(
         model, results, budget, heldout, loss_sum, epsilons=grid, accelerator=accelerator,
         # eps = 0 gives a layer that never trains (sigma'(0) = 0): the smallest eps of the grid then, as for one layer
         choose_epsilon=lambda ls: first_local_minimum_epsilon(ls.tried) or min(grid),
         min_rank=a.budget_min_rank, max_rank=a.budget_max_rank, train_up=not a.lowrank_freeze_up,
     )
+    # the eps line searches of every layer (and the insertions) count as the event's line search, like one layer's
+    record["seconds"]["line_search"] = time.perf_counter() - t0
+    record["cpu_seconds"]["line_search"] = time.process_time() - c0
     if not layers:
         record["stopped"] = "budget"  # no positive eigenvalue fits the budget
         return record
