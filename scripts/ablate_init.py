@@ -10,10 +10,12 @@ insertion there with every other initialisation (same eps line search, same budg
 Initialisations (labels of the raw file):
 
 - ``top1``, ``cluster``, ``rowwise``, ``rowwise_whiten``: the eigen direction of that rule at the site (the
-  configured rule's is the configured run itself);
+  configured rule's is the configured run itself; under a parameter budget spent on rank-k layers, only the
+  row-wise rules, which give the per-row eigenvalues the ranks are chosen from);
 - ``random``: a Gaussian direction scaled exactly like the configured rule's eigen direction at the site (same
   Frobenius norm; under the whitened rule the same mean-square pre-activation:
-  :func:`topotransfer.growth.scale_matched_random_direction`), same line search over eps and sign;
+  :func:`topotransfer.growth.scale_matched_random_direction`), same line search over eps and sign (rank-k: the
+  same rows and rank as the eigen layer, a random [V | c] of unit norm like the eigen one);
 - ``random_same_eps`` (growth only): the same random direction as ``random`` (same generator, same scale),
   inserted at exactly the eps the configured rule's line search chose (a one-value grid: no eps search of its
   own, only the sign is chosen, as for every direction), so that both layers start equally large;
@@ -64,13 +66,16 @@ def random_direction(seed: int):
     return direction
 
 
-def initialisations(grow: bool, own_rule: str, seed: int, eps: float) -> list[tuple[str, dict]]:
-    """(label, keyword arguments of the run) of every initialisation but the configured one, in run order."""
+def initialisations(grow: bool, own_rule: str, seed: int, eps: float, rank_k: bool = False) -> list[tuple[str, dict]]:
+    """(label, keyword arguments of the run) of every initialisation but the configured one, in run order.
+    ``rank_k``: a parameter budget spent on rank-k layers, which take their rows from the row-wise eigenvalues:
+    only the row-wise rules apply (``random`` keeps the rows and the rank, only the direction is drawn)."""
     todo = [("random", dict(method="random_init") if grow else dict(direction=random_direction(seed)))]
     if grow:
         todo.append(("random_same_eps", dict(method="random_init", epsilons=[eps])))
         todo.append(("net2deeper", dict(method="net2deeper")))
-    todo += [(rule, dict(probe=over)) for rule, over in RULES.items() if rule != own_rule]
+    todo += [(rule, dict(probe=over)) for rule, over in RULES.items()
+             if rule != own_rule and (not rank_k or "probe.rule=rowwise" in over)]
     return todo
 
 
@@ -81,6 +86,7 @@ def run_setting(name: str, setting: dict, seeds: list[int], work: Path, raw_dir:
     grow = setting["recipe"] == "grow"
     backbone = None if grow else ev.pretrained(setting, work)
     own_rule = configured_rule(setting)
+    rank_k = ev.rank_k(setting)
     for seed in seeds:
         t0 = time.perf_counter()
         base = work / name / "ablation" / f"seed{seed}"
@@ -107,7 +113,7 @@ def run_setting(name: str, setting: dict, seeds: list[int], work: Path, raw_dir:
         eps = runs[own_rule]["event"]["epsilon"]  # what the configured rule's line search chose
         # the most telling comparison first (eigen vs an equally large random direction); the file is rewritten
         # after every initialisation, so a seed cut short by time still reports what it ran (the table counts seeds)
-        todo = initialisations(grow, own_rule, seed, eps)
+        todo = initialisations(grow, own_rule, seed, eps, rank_k)
         if add:
             unknown = sorted(set(add) - {label for label, _ in todo})
             if unknown:
@@ -118,7 +124,7 @@ def run_setting(name: str, setting: dict, seeds: list[int], work: Path, raw_dir:
             runs[label] = one(label, site=site, **kw)
             path = ev.write_raw(raw_dir, name, setting, "ablation", seed, runs,
                                 {"site": site, "configured_rule": own_rule,
-                                 "complete": len(runs) == len(initialisations(grow, own_rule, seed, eps)) + 1,
+                                 "complete": len(runs) == len(initialisations(grow, own_rule, seed, eps, rank_k)) + 1,
                                  "ablation_wall_time": time.perf_counter() - t0, **extra})
         written.append(path)
         print(f"{name} seed {seed}: site {site}, {len(runs)} initialisations, {time.perf_counter() - t0:.0f} s "

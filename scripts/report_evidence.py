@@ -84,8 +84,17 @@ def _mean_finite(xs: list[float]) -> str:
 
 
 def _site_rule(name: str, spec: dict) -> str:
+    """The configured site rule: growth / adapt site_selection, or "budget" when a parameter budget is spent on
+    rank-k layers (the allocation picks the site: the largest row eigenvalues per parameter)."""
+    if ev.rank_k(spec["settings"][name]):
+        return "budget"
     cfg = ev.resolved_config(spec["settings"][name])
     return (cfg.get("growth") or cfg.get("adapt"))["site_selection"]
+
+
+def _choice(data: dict, rule: str) -> str:
+    """The configured method's site in a sweep seed's raw file (a budget's: the site its own run chose)."""
+    return data["configured_site"] if rule == "budget" else ev.topo_choice(data["runs"], rule)
 
 
 def _site_rule_label(name: str, spec: dict) -> str:
@@ -121,14 +130,18 @@ def sweep_tables(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> list
 
     lines = [f"### {name}: every site ({len(seeds)} seeds: {seeds})", "",
              f"Single insertion at event 0 at each site, then the rest of the budget. Site rule of the configured "
-             f"method: `{rule_label}`. Test error in {unit}; best = best-validation model, final = last model. "
+             f"method: `{rule_label}`"
+             + (" (one rank-k layer with the parameter budget, at the site whose largest row eigenvalues per "
+                "parameter are largest; imposed at another site: the same budget and rank rule there)"
+                if rule == "budget" else "")
+             + f". Test error in {unit}; best = best-validation model, final = last model. "
              "lambda_max = lambda_max(Q_t), quadratic = theta^T Q_t theta of the inserted direction (mean over "
              "seeds).",
              "",
              "| site | chosen by topo | lambda_max | quadratic | held-out loss after line search | eps fallbacks | "
              f"best-val test [{unit}] | final test [{unit}] | final val [{unit}] | final params | param-epochs |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    choice = {s: ev.topo_choice(d["runs"], rule) for s, d in data.items()}
+    choice = {s: _choice(d, rule) for s, d in data.items()}
     for site in sites:
         runs = [data[s]["runs"][site] for s in seeds]
         evs = [r["event"] for r in runs]
@@ -142,6 +155,11 @@ def sweep_tables(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> list
             f"{statistics.mean(r['final']['params'] for r in runs):.0f} | "
             f"{statistics.mean(r['param_epochs'] for r in runs):.3g} |")
     lines.append("")
+    if rule == "budget":  # the rank a site gets depends on its positive row eigenvalues
+        lines += ["Rank of the inserted rank-k layer per site (mean over seeds; 0 = no rank fits the budget, nothing "
+                  "inserted): " + ", ".join(
+                      f"{t} {statistics.mean(data[s]['runs'][t]['event'].get('rank') or 0 for s in seeds):.1f}"
+                      for t in sites) + ".", ""]
 
     # rules vs topo, paired per seed
     def rule_runs(pick) -> list[dict]:
@@ -275,6 +293,8 @@ def score_table(spec: dict, names: list[str], raw_dir: Path) -> list[str]:
             "first site": (lambda runs, sites: sites[0], None),
             "last site": (lambda runs, sites: sites[-1], None),
         }
+        if _site_rule(name, spec) == "budget":  # the configured allocation's own pick (no number on the sites)
+            rules["rank-k budget (configured)"] = (None, None)
         picked = {r: [] for r in rules}
         best = {r: [] for r in rules}
         corr = {r: [] for r in rules}
@@ -285,7 +305,7 @@ def score_table(spec: dict, names: list[str], raw_dir: Path) -> list[str]:
             improvement = [-finals[t] for t in sites]
             best_err = min(finals.values())
             for rule, (pick, number) in rules.items():
-                t = pick(runs, sites)
+                t = d["configured_site"] if pick is None else pick(runs, sites)
                 picked[rule].append(finals[t])
                 best[rule].append(best_err)
                 if number is not None:

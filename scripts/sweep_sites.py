@@ -6,9 +6,11 @@
 
 Per seed: the configured method's own run (topo: it picks its site), then one run with the insertion imposed at
 every other site (same rule, same eps line search, same budget), then the references (growth: the network
-built at the final depth from the start, ``fixed``; transfer: ``lora`` and ``full_finetune`` for the same
-epochs). Settings (config, overrides, seeds) are frozen in docs/results/evidence/spec.json; the protocol is in
-scripts/_evidence.py and docs/results/evidence.md. Raw files go to ``--raw-dir`` (default: under ``--work-dir``,
+built at the final depth from the start, ``fixed``; transfer: the setting's ``references``, by default ``lora``
+and ``full_finetune``, for the same epochs). A setting with a ``backbone`` (a packaged pretrained model, e.g. the
+MiniLM of the text setting) adapts it without a pretraining step; under a parameter budget the insertion at
+every site is the same rank-k rule (same budget, same line search). Settings (config, overrides, seeds) are
+frozen in docs/results/evidence/spec.json; the protocol is in scripts/_evidence.py and docs/results/evidence.md. Raw files go to ``--raw-dir`` (default: under ``--work-dir``,
 never into the repository unless asked); scripts/report_evidence.py makes the tables from them.
 """
 
@@ -32,10 +34,13 @@ QUICK = {
 
 
 def quick_setting(setting: dict) -> dict:
-    """The setting with tiny budgets (transfer: a tiny ViT pretrained on digits, adapted to 5 digits per class)."""
+    """The setting with tiny budgets (transfer: a tiny ViT pretrained on digits, adapted to 5 digits per class; a
+    packaged backbone: itself, adapted to 4 labels per class)."""
     s = copy.deepcopy(setting)
     s["overrides"] = [*s.get("overrides", []), *QUICK[s["recipe"]]]
-    if s["recipe"] == "adapt":
+    if s["recipe"] == "adapt" and s.get("backbone"):
+        s.update(shots=4, references=["lora"])
+    elif s["recipe"] == "adapt":
         s.update(source="digits", target="digits", shots=5, budget="quick", references=["lora"])
     return s
 
@@ -56,7 +61,10 @@ def run_setting(name: str, setting: dict, seeds: list[int], work: Path, raw_dir:
             return ev.adapt_run(setting, seed, out, backbone, **kw)
 
         own = one("configured")  # the configured method, its own site choice
-        chosen = own["event"]["site"]
+        chosen = own["event"].get("site")
+        if chosen is None:  # nothing inserted (no positive score / no rank fits the budget): no site to compare
+            raise SystemExit(f"{name} seed {seed}: the configured run inserted nothing "
+                             f"({own['event'].get('stopped', 'no event')}); see {base / 'configured'}")
         sites = list(own["event"]["scores"])
         runs = {chosen: own}
         for site in sites:
