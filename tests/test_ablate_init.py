@@ -63,3 +63,10 @@ def test_growth_ablation_puts_every_initialisation_at_the_configured_site(tmp_pa
     path.unlink()
     with pytest.raises(SystemExit, match=r"missing raw file .*ablation_seed0\.json.*ablate_init\.py"):
         report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "ablation"])
+
+
+def test_rank_k_layers_are_ablated_only_against_the_rules_that_give_row_eigenvalues():
+    labels = [label for label, _ in ablate_init.initialisations(False, "rowwise", 0, 0.1, rank_k=True)]
+    assert labels == ["random", "rowwise_whiten"]
+    labels = [label for label, _ in ablate_init.initialisations(False, "rowwise", 0, 0.1)]
+    assert labels == ["random", "top1", "cluster", "rowwise_whiten"]

