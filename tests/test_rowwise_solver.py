@@ -216,3 +216,68 @@ def test_probe_score_config_error_is_one_line():
         load_config(None, ["probe.score=td"])
     assert "\n" not in str(err.value) and "probe.score must be quadratic|lambda_max, got 'td'" in str(err.value)
     assert load_config(None, ["probe.score=lambda_max"]).probe.score == "lambda_max"
+
+
+def test_subspace_starts_are_the_blocks_top_ritz_vectors_and_exact_in_the_whole_space():
+    st = _random_statistic(9, 15, 120, seed=3)  # D = 16
+    Q = _dense_blocks(st)
+    _, V = torch.linalg.eigh(Q)
+    starts = st.subspace_starts(k=st.D)  # the subspace is the whole space: the exact top eigenvectors
+    assert starts.shape == (9, 16) and starts.dtype == torch.float64
+    assert torch.allclose(starts.norm(dim=1), torch.ones(9, dtype=torch.float64))
+    assert torch.allclose((starts * V[:, :, -1]).sum(1).abs(), torch.ones(9, dtype=torch.float64), atol=1e-5)
+    small = st.subspace_starts(k=4)  # a 4-dimensional subspace: Rayleigh quotients are lower bounds only
+    rq = torch.einsum("ri,rij,rj->r", small, Q, small)
+    assert bool((rq <= torch.linalg.eigvalsh(Q)[:, -1] + 1e-9).all())
+    assert torch.equal(small, st.subspace_starts(k=4))  # seeded: every process and rerun gets the same vectors
+
+
+@pytest.mark.parametrize("min_steps", [8, 4])
+def test_warm_started_block_tops_equal_dense_per_block(min_steps):
+    st = _random_statistic(12, 29, 200, seed=12)
+    Q = _dense_blocks(st)
+    ref = torch.linalg.eigvalsh(Q)[:, -1]
+    start = st.subspace_starts(k=8)
+    tops = block_top_eigenpairs_lanczos(st.matvec, st.R, st.D, tol=1e-8, max_steps=2 * st.D, start=start,
+                                        min_steps=min_steps)
+    scale = float(ref.abs().max())
+    assert tops.all_converged
+    assert torch.allclose(tops.values, ref, rtol=0, atol=1e-9 * scale)
+    quad = torch.einsum("ri,rij,rj->r", tops.vectors, Q, tops.vectors)
+    assert torch.allclose(quad, ref, rtol=0, atol=1e-9 * scale)
+    # from the exact top eigenvectors the Krylov spaces are invariant after one product (a breakdown ends every
+    # block at once, whatever min_steps): one product and the final check
+    exact = torch.linalg.eigh(Q)[1][:, :, -1]
+    fast = block_top_eigenpairs_lanczos(st.matvec, st.R, st.D, tol=1e-6, start=exact, min_steps=min_steps)
+    assert fast.all_converged and fast.iterations == 1 and fast.work == 2.0
+    assert torch.allclose(fast.values, ref, rtol=0, atol=1e-9 * scale)
+    with pytest.raises(ValueError, match="start must have shape"):
+        block_top_eigenpairs_lanczos(st.matvec, st.R, st.D, start=start[:, :-1])
+
+
+def test_tiny_vit_whitened_rule_lambda_max_equals_dense_reference():
+    """The whitened rule's lambda_max(Q_t) comes from the warm-started top-1 solve; it must equal the dense
+    float64 max over every block's top eigenvalue, and the per-row mu_r the generalised eigenvalues."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                                 image_size=8, patch_size=4, num_labels=3, attn_implementation="sdpa")
+    model = transformers.ViTForImageClassification(cfg).float()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g))]
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    sites, stats, _, _ = compute_site_statistics(model, data, loss_fn, solver="matrix_free")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        res = ir.rowwise_site_results(model, data, loss_fn, solver="matrix_free", whiten=True)
+    for s, r in zip(sites, res, strict=True):
+        st = stats[s.name]
+        assert r.solver == "matrix_free" and r.converged
+        Q = _dense_blocks(st)
+        lam = torch.linalg.eigvalsh(Q)[:, -1]
+        assert r.lambda_max == pytest.approx(float(lam.max()), rel=1e-6)
+        L = ir._cholesky(st.second_moment(), 1e-6)
+        A = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, Q, upper=False).transpose(1, 2),
+                                          upper=False)
+        mu = torch.linalg.eigvalsh(0.5 * (A + A.transpose(1, 2)))[:, -1]
+        assert torch.allclose(r.row_scores, mu, rtol=0, atol=1e-4 * float(mu.abs().max()))

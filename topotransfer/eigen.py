@@ -101,6 +101,22 @@ def _orthonormal_start(R: int, D: int, dtype: torch.dtype, device: torch.device,
     return v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
 
 
+def _start_vectors(
+    R: int, D: int, dtype: torch.dtype, device: torch.device, seed: int, start: torch.Tensor | None
+) -> torch.Tensor:
+    """Unit start vectors (R, D): ``start`` normalised per block (a zero row falls back to the seeded random
+    vector), or the seeded random vectors."""
+    if start is None:
+        return _orthonormal_start(R, D, dtype, device, seed)
+    if start.shape != (R, D):
+        raise ValueError(f"start must have shape ({R}, {D}), got {tuple(start.shape)}")
+    st = start.to(device=device, dtype=dtype)
+    nrm = torch.linalg.vector_norm(st, dim=1, keepdim=True)
+    if bool((nrm > 0).all()):
+        return st / nrm
+    return torch.where(nrm > 0, st / nrm.clamp_min(1e-300), _orthonormal_start(R, D, dtype, device, seed))
+
+
 def _tridiagonal(alpha: torch.Tensor, beta: torch.Tensor, j: int) -> torch.Tensor:
     """The (R, j, j) Lanczos tridiagonal matrices from alpha (R, k) and beta (R, k)."""
     a, b = alpha[:, :j], beta[:, : j - 1]
@@ -206,6 +222,7 @@ def lanczos_top_eigenpairs(
     prune_after: int = 6,
     prune_margin: float = 2.0,
     upper_bounds: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
 ) -> EigenResult:
     """Top eigenpairs of blockdiag(Q_1..Q_R) by batched Lanczos, given only ``matvec``.
 
@@ -255,6 +272,9 @@ def lanczos_top_eigenpairs(
         prune_after: first step at which blocks may be pruned.
         prune_margin: safety factor on |beta_j| in the pruning test.
         upper_bounds: (R,) proven upper bounds of each block's largest eigenvalue (see above), or ``None``.
+        start: (R, D) start vector of every block's recurrence (e.g. Ritz vectors from a shared subspace,
+            :meth:`~topotransfer.derivative.statistics.MatrixFreeStatistic.subspace_starts`; normalised here, a zero
+            row falls back to the seeded random vector), or ``None`` for the seeded random vectors.
 
     Returns:
         :class:`EigenResult` with ``converged`` telling whether the tolerance was met.
@@ -280,7 +300,7 @@ def lanczos_top_eigenpairs(
     fr_vecs = torch.zeros(0, D, dtype=dtype, device=dev)
     lower = -math.inf  # running lower bound of the num-th largest eigenvalue
     act = torch.arange(R, device=dev)
-    v0 = _orthonormal_start(R, D, dtype, dev, seed)
+    v0 = _start_vectors(R, D, dtype, dev, seed, start)
     total, work = 0, 0.0
     for cycle in range(max_restarts + 1):
         Ra = act.numel()
@@ -466,6 +486,7 @@ def block_top_eigenpairs_lanczos(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    start: torch.Tensor | None = None,
 ) -> BlockTops:
     """Top eigenpair of every block of blockdiag(Q_1..Q_R) by batched Lanczos, given only ``matvec``.
 
@@ -505,6 +526,8 @@ def block_top_eigenpairs_lanczos(
         floor: smallest block size considered, relative to max_r |lambda_r|.
         dtype: precision of the recurrence (products may be float32).
         seed: seed of the deterministic start vectors.
+        start: (R, D) start vectors (see :func:`lanczos_top_eigenpairs`), or ``None`` for seeded random ones. A
+            start close to the top eigenvector converges in a few steps; ``min_steps`` still applies.
 
     Returns:
         :class:`BlockTops`.
@@ -520,7 +543,7 @@ def block_top_eigenpairs_lanczos(
     radius = torch.zeros(R, dtype=dtype, device=dev)
     scale = 0.0  # running max |theta| over all blocks (only grows: Ritz values approach eigenvalues from below)
     act = torch.arange(R, device=dev)
-    v0 = _orthonormal_start(R, D, dtype, dev, seed)
+    v0 = _start_vectors(R, D, dtype, dev, seed, start)
     used = torch.zeros(R, dtype=torch.long, device=dev)  # steps taken per block
     work = 0.0
     while act.numel() > 0:

@@ -433,8 +433,14 @@ def solve_site(
     max_restarts: int = 20,
     site: str | None = None,
     prune: bool = True,
+    start: torch.Tensor | None = None,
+    first_checks: tuple[int, ...] = (4, 6),
 ) -> EigenResult:
     """Top eigenpairs of one site's Q: dense ``eigh`` or matrix-free Lanczos, by the statistic's kind.
+
+    ``start`` (R, D): start vectors of the blocks' Lanczos recurrences (default: seeded random vectors);
+    ``first_checks``: the early steps at which the matrix-free solve tests convergence (see
+    :func:`~topotransfer.eigen.lanczos_top_eigenpairs`).
 
     With ``prune``, the matrix-free solve also uses the statistic's proven per-block upper bounds
     (:meth:`~.statistics.MatrixFreeStatistic.upper_bounds`) to stop iterating blocks early.
@@ -447,7 +453,7 @@ def solve_site(
     bounds = stat.upper_bounds() if prune and hasattr(stat, "upper_bounds") else None
     eig = lanczos_top_eigenpairs(
         stat.matvec, stat.R, stat.D, num=num_eigenvalues, steps=steps, tol=tol, max_restarts=max_restarts,
-        prune=prune, upper_bounds=bounds,
+        prune=prune, upper_bounds=bounds, start=start, first_checks=first_checks,
     )
     if not eig.converged:
         scale = float(eig.values.abs().max().clamp_min(1e-300))
