@@ -102,14 +102,17 @@ def _dense_tops(Q: torch.Tensor) -> BlockTops:
     return BlockTops(vals, vecs, res, torch.ones(Q.shape[0], dtype=torch.bool, device=Q.device))
 
 
-#: Dimension of the shared subspace whose Ritz vectors start the batched Lanczos
-#: (:meth:`~.derivative.statistics.MatrixFreeStatistic.subspace_starts`); 0 starts from random vectors. Measured on
-#: the d = 768 ViT statistics (13 sites, 65 and 197 tokens per image), with ``WARM_MIN_STEPS``: about 11 -> 6
-#: products per site for the plain blocks and 18 -> 6 for the whitened ones, for about a third of one product.
+#: Dimension of the shared subspace whose Ritz vectors start the batched Lanczos of the plain blocks and the
+#: top-1 solve for lambda_max (:meth:`~.derivative.statistics.MatrixFreeStatistic.subspace_starts`); 0 starts from
+#: random vectors. Measured on the d = 768 ViT statistics (13 sites, 65 and 197 tokens per image), with
+#: ``WARM_MIN_STEPS``: about 11 -> 5 - 6 products per site for the plain blocks, 5 -> 2 for the top-1 solve, for
+#: about a third of one product. The whitened blocks keep random starts: started from their subspace Ritz vectors
+#: they converged on a lower eigenpair in 28 - 30 of 13 x 192 rows (d = 192, 197 tokens, 4 images; up to 1e-3 of
+#: the site's largest eigenvalue) where random starts gave none above 1e-4.
 START_SUBSPACE = 32
 #: ``min_steps`` of the warm-started batched Lanczos (8 from random starts: a residual test after very few steps can
-#: pass on a lower Ritz pair). From the subspace Ritz vector the top pair dominates the start; 4 steps gave the same
-#: per-row agreement with dense float64 as 8 on all 13 sites x 192 rows (both rules, d = 192).
+#: pass on a lower Ritz pair). From the subspace Ritz vector the top pair dominates the start of the plain blocks;
+#: 4 steps gave the same per-row agreement with dense float64 as 8 (d = 192, all 13 sites x 192 rows).
 WARM_MIN_STEPS = 4
 #: Convergence tests of the warm-started top-1 solve for lambda_max(Q_t) (the whitened rule): from step 2 on.
 WARM_FIRST_CHECKS = (2, 3, 4, 6)
@@ -263,11 +266,9 @@ def whitened_block_tops(
         tops = _dense_tops(A)
     else:
         # whitened samples cached once (MatrixFreeStatistic.whitened), else L^{-1}, L^{-T} around each product
-        ws = stat.whitened(L) if hasattr(stat, "whitened") else None
-        op = ws.matvec if ws is not None else _WhitenedBlocks(stat, L).matvec
-        start = None if ws is None else _starts(ws)  # Ritz vectors of the whitened blocks A_r in a shared subspace
-        tops = block_top_eigenpairs_lanczos(op, stat.R, stat.D, tol=tol, steps=steps, max_steps=max_steps,
-                                            start=start, min_steps=_min_steps(start))
+        op = stat.whitened(L).matvec if hasattr(stat, "whitened") else _WhitenedBlocks(stat, L).matvec
+        # random starts (see START_SUBSPACE: subspace starts lost per-row accuracy on the whitened blocks)
+        tops = block_top_eigenpairs_lanczos(op, stat.R, stat.D, tol=tol, steps=steps, max_steps=max_steps)
     v = torch.linalg.solve_triangular(L.T, tops.vectors.T, upper=True).T  # v_r = L^{-T} y_r: unit M-norm
     tops.vectors = fix_signs(v.contiguous())
     return tops
