@@ -197,6 +197,16 @@ def sweep_tables(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> list
                  f"{fmt(rand, scale)} | {paired(topo_final, rand, scale)} | – | – |")
     lines.append("")
 
+    def per_seed(xs: list[float]) -> str:
+        return " / ".join(f"{x:.3e}" if scale == 1.0 else f"{x * scale:.1f}" for x in xs)
+
+    # the paired columns above in numbers: every rule's final test error on each seed, in the seeds' order
+    lines += [f"Final test error per seed ({', '.join(map(str, seeds))}) [{unit}]: " + "; ".join(
+        [f"{label} {per_seed([err(r, 'final') for r in runs])}" for label, runs in rows.items()
+         if not label.startswith("topo (argmax")] + [f"random site (expectation) {per_seed(rand)}"])
+        + ". Every site, per seed: " + "; ".join(
+            f"{t} {per_seed([err(data[s]['runs'][t], 'final') for s in seeds])}" for t in sites) + ".", ""]
+
     # rank, regret, correlations
     rank, regret, within2 = [], [], 0
     corr = {"lambda_max": [], "quadratic": [], "realized (−line-search loss)": []}
@@ -261,6 +271,14 @@ def ablation_table(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> li
             f"{fmt_all([r['best']['test_error'] for r in runs], scale)} | {fmt(finals, scale)} | "
             f"{'–' if label == own else paired(ref, finals, scale)} |")
     lines.append("")
+
+    def per_seed(label: str) -> str:
+        return " / ".join("–" if label not in data[s]["runs"] else
+                          f"{data[s]['runs'][label]['final']['test_error']:.3e}" if scale == 1.0 else
+                          f"{100 * data[s]['runs'][label]['final']['test_error']:.1f}" for s in seeds)
+
+    lines += [f"Final test error per seed ({', '.join(map(str, seeds))}) [{unit}]: "
+              + "; ".join(f"{label} {per_seed(label)}" for label in labels) + ".", ""]
     return lines
 
 

@@ -60,6 +60,7 @@ def test_growth_ablation_puts_every_initialisation_at_the_configured_site(tmp_pa
     for label in data["runs"]:
         assert f"| {label} |" in text
     assert "`random_same_eps` = the direction of `random` inserted at exactly the eps" in text
+    assert f"Final test error per seed (0) [%]: {own} " in text
     path.unlink()
     with pytest.raises(SystemExit, match=r"missing raw file .*ablation_seed0\.json.*ablate_init\.py"):
         report_evidence.main(["--spec", str(spec), "--raw-dir", str(raw), "--kinds", "ablation"])

@@ -52,6 +52,7 @@ def test_growth_sweep_runs_every_site_from_one_shared_state_and_the_report_check
     assert "argmax lambda_max is the last site on" in text
     assert "| input_layer |" in text and "| layers.0 |" in text and "random site (exact expectation" in text
     assert "| reference: fixed |" in text and "topo's rank among the 2 sites" in text
+    assert "Final test error per seed (0) [%]: topo (realized) " in text and "Every site, per seed: input_layer" in text
 
     # a config field added since the file was written, at its default, is the same config; any other change is not
     data = json.loads(path.read_text())
@@ -222,7 +223,7 @@ def test_committed_evidence_report_is_what_its_command_prints(capsys):
     """docs/results/evidence.md is recomputable: its command, run on the committed raw files, prints it exactly."""
     doc = Path(__file__).parents[1] / "docs" / "results" / "evidence.md"
     args = ["--settings", "grow_digits", "grow_regression", "mnist_to_fashion_10", "fashion_to_mnist_10",
-            "mnist_to_fashion_50", "fashion_to_mnist_50",
+            "mnist_to_fashion_50", "fashion_to_mnist_50", "sentiment_minilm_32",
             "--header", "docs/results/evidence/header.md", "--notes", "docs/results/evidence/notes.md",
             "--out", "docs/results/evidence.md"]
     assert f"`python scripts/report_evidence.py {' '.join(args)}`" in doc.read_text()
