@@ -223,8 +223,8 @@ def test_committed_evidence_report_is_what_its_command_prints(capsys):
     """docs/results/evidence.md is recomputable: its command, run on the committed raw files, prints it exactly."""
     doc = Path(__file__).parents[1] / "docs" / "results" / "evidence.md"
     args = ["--settings", "grow_digits", "grow_regression", "mnist_to_fashion_10", "fashion_to_mnist_10",
-            "mnist_to_fashion_50", "fashion_to_mnist_50", "sentiment_minilm_32",
-            "--header", "docs/results/evidence/header.md", "--notes", "docs/results/evidence/notes.md",
+            "mnist_to_fashion_50", "fashion_to_mnist_50", "sentiment_minilm_32", "grow_mnist", "grow_digits_cnn",
+            "grow_digits_vit", "--header", "docs/results/evidence/header.md", "--notes", "docs/results/evidence/notes.md",
             "--out", "docs/results/evidence.md"]
     assert f"`python scripts/report_evidence.py {' '.join(args)}`" in doc.read_text()
     root = Path(__file__).parents[1]
