@@ -174,7 +174,7 @@ def first_local_minimum_epsilon(tried: list[tuple[float, float]]) -> float:
     belongs to a different basin the derivative says nothing about, and with a few held-out examples per
     class it is as likely an accident of those examples as a real improvement: on Fashion-MNIST with 10
     labels per class such an eps = 10 (an initial layer of norm 36) lowered the 100-example validation loss
-    and left the model at 90 % test error. The global-minimum rule of
+    and left the model at 90 % test error.
     The line search stops at that first rise (``stop_at_rise``: the eps above it cannot change this rule's
     choice and are not evaluated), so ``eps_tried`` ends there and the global-minimum rule of
     :func:`~topotransfer.insertion.line_search_epsilon` recorded next to it (``eps_global_min``) is the best of
