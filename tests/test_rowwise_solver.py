@@ -255,6 +255,53 @@ def test_warm_started_block_tops_equal_dense_per_block(min_steps):
         block_top_eigenpairs_lanczos(st.matvec, st.R, st.D, start=start[:, :-1])
 
 
+def _split_span_statistic() -> MatrixFreeStatistic:
+    """Row 0's top whitened eigenvector lies in a span that the subspace start cannot see.
+
+    300 samples live in coordinates 0 - 39 with adjoints ~ 1 (rows 1 - 5) and ~ 0.12 (row 0, random sign); 60
+    samples live in coordinates 40 - 47 with small positive adjoints on every row. After whitening both groups
+    have unit second moment, so row 0's top eigenpair (from the small group, 30.84) lies just above the largest
+    eigenvalue on the big group's span, while C = sum_n ||p_n||^2 zh_n zh_n^T is dominated by the big group:
+    the 32-dimensional subspace of ``subspace_starts`` lies in the big group's 40-dimensional span.
+    """
+    R, g = 6, torch.Generator().manual_seed(0)
+    z_big = torch.cat([torch.randn(300, 40, generator=g, dtype=torch.float64), torch.zeros(300, 8, dtype=torch.float64)], 1)
+    z_small = torch.cat([torch.zeros(60, 40, dtype=torch.float64), 0.1 * torch.randn(60, 8, generator=g, dtype=torch.float64)], 1)
+    p_big = torch.randn(300, R, generator=g, dtype=torch.float64)
+    p_big[:, 0] *= 0.12
+    p_small = 0.05 * (1 + torch.rand(60, R, generator=g, dtype=torch.float64))
+    z, p = torch.cat([z_big, z_small]), torch.cat([p_big, p_small])
+    perm = torch.randperm(360, generator=g)
+    st = MatrixFreeStatistic(R, 48, bias=False, cache_dtype=torch.float64)
+    st.update(z[perm], p[perm])
+    return st
+
+
+def test_whitened_warm_start_finds_the_top_pair_the_subspace_start_misses():
+    st = _split_span_statistic()
+    assert not ir._densify(st)  # D = 48 > DENSE_MAX_DIM: the warm-started batched Lanczos runs
+    M = st.second_moment()
+    ws = st.whitened(ir._cholesky(M, 0.0))
+    z, p = ws._rows()
+    A = torch.einsum("nr,ni,nj->rij", p, z, z)  # A_r = L^{-1} Q_r L^{-T} from the whitened samples, float64
+    mu_all, Y = torch.linalg.eigh(A)
+    mu = mu_all[:, -1]
+    sub = ws.subspace_starts(k=ir.START_SUBSPACE)
+    assert float((sub[0] * Y[0, :, -1]).abs().sum()) < 1e-3  # row 0's subspace start: nearly orthogonal to the top
+    # from the subspace start alone, row 0 stops on a lower eigenpair (the residual test cannot tell)
+    pure = block_top_eigenpairs_lanczos(ws.matvec, st.R, st.D, start=sub, min_steps=ir.WARM_MIN_STEPS)
+    assert pure.all_converged and float((pure.values[0] - mu[0]).abs()) > 1e-3 * float(mu[0])
+    # the shipped warm start (Ritz vector + random part, tighter tolerance): every block equals dense float64
+    tops = ir.whitened_block_tops(st, M, ridge=0.0)
+    assert tops.all_converged
+    assert torch.allclose(tops.values, mu, rtol=0, atol=1e-8 * float(mu.abs().max()))
+    Q = _dense_blocks(st)
+    assert torch.allclose(torch.einsum("ri,rij,rj->r", tops.vectors, Q, tops.vectors), mu, rtol=0,
+                          atol=1e-8 * float(mu.abs().max()))  # v_r^T Q_r v_r = mu_r with v_r^T M v_r = 1
+    assert torch.allclose(torch.einsum("ri,ij,rj->r", tops.vectors, M, tops.vectors),
+                          torch.ones(st.R, dtype=torch.float64), atol=1e-9)
+
+
 def test_tiny_vit_whitened_rule_lambda_max_equals_dense_reference():
     """The whitened rule's lambda_max(Q_t) comes from the warm-started top-1 solve; it must equal the dense
     float64 max over every block's top eigenvalue, and the per-row mu_r the generalised eigenvalues."""

@@ -57,7 +57,7 @@ from .derivative.topological import (
     split_batch,
     topological_derivative,
 )
-from .eigen import BlockTops, block_top_eigenpairs_lanczos, fix_signs
+from .eigen import BlockTops, _orthonormal_start, block_top_eigenpairs_lanczos, fix_signs
 from .errors import ConvergenceWarning
 from .surgery.base import Site
 
@@ -106,14 +106,22 @@ def _dense_tops(Q: torch.Tensor) -> BlockTops:
 #: top-1 solve for lambda_max (:meth:`~.derivative.statistics.MatrixFreeStatistic.subspace_starts`); 0 starts from
 #: random vectors. Measured on the d = 768 ViT statistics (13 sites, 65 and 197 tokens per image), with
 #: ``WARM_MIN_STEPS``: about 11 -> 5 - 6 products per site for the plain blocks, 5 -> 2 for the top-1 solve, for
-#: about a third of one product. The whitened blocks keep random starts: started from their subspace Ritz vectors
-#: they converged on a lower eigenpair in 28 - 30 of 13 x 192 rows (d = 192, 197 tokens, 4 images; up to 1e-3 of
-#: the site's largest eigenvalue) where random starts gave none above 1e-4.
+#: about a third of one product. The whitened blocks start from their own subspace Ritz vectors mixed with a random
+#: vector (:data:`WHITEN_START_MIX`, :data:`WHITEN_WARM_TOL`).
 START_SUBSPACE = 32
 #: ``min_steps`` of the warm-started batched Lanczos (8 from random starts: a residual test after very few steps can
 #: pass on a lower Ritz pair). From the subspace Ritz vector the top pair dominates the start of the plain blocks;
 #: 4 steps gave the same per-row agreement with dense float64 as 8 (d = 192, all 13 sites x 192 rows).
 WARM_MIN_STEPS = 4
+#: Weight of the seeded random unit vector added to each whitened block's unit subspace Ritz vector. From the Ritz
+#: vector alone 28 - 30 of 13 x 192 rows converged on a lower eigenpair (d = 192, 197 tokens, 4 images; up to 1e-3
+#: of the site's largest eigenvalue): the top eigenvector of a whitened block often lies outside the subspace, and
+#: the start's component on it is then far below a random vector's. The random part restores that component.
+WHITEN_START_MIX = 0.1
+#: Tolerance of the warm-started whitened blocks relative to the caller's ``tol``. At ``tol`` itself the mixed start
+#: left 1 - 3 rows between 1e-4 and 3e-4 (so did random starts of seeds 1 - 3: 0 - 2 rows); at 0.3 * ``tol`` no
+#: row of either start was above 1e-4 (d = 192, 65 and 197 tokens; scripts/whiten_start_variants.py).
+WHITEN_WARM_TOL = 0.3
 #: Convergence tests of the warm-started top-1 solve for lambda_max(Q_t) (the whitened rule): from step 2 on.
 WARM_FIRST_CHECKS = (2, 3, 4, 6)
 
@@ -266,9 +274,16 @@ def whitened_block_tops(
         tops = _dense_tops(A)
     else:
         # whitened samples cached once (MatrixFreeStatistic.whitened), else L^{-1}, L^{-T} around each product
-        op = stat.whitened(L).matvec if hasattr(stat, "whitened") else _WhitenedBlocks(stat, L).matvec
-        # random starts (see START_SUBSPACE: subspace starts lost per-row accuracy on the whitened blocks)
-        tops = block_top_eigenpairs_lanczos(op, stat.R, stat.D, tol=tol, steps=steps, max_steps=max_steps)
+        ws = stat.whitened(L) if hasattr(stat, "whitened") else None
+        op = ws.matvec if ws is not None else _WhitenedBlocks(stat, L).matvec
+        start = None if ws is None else _starts(ws)  # Ritz vectors of the whitened blocks A_r in a shared subspace
+        if start is not None:
+            # + WHITEN_START_MIX * (the solver's seeded random unit vector): every start keeps a component on the top
+            # eigenvector; a tighter tolerance because such a start's lower pairs converge first (WHITEN_WARM_TOL)
+            start = start + WHITEN_START_MIX * _orthonormal_start(stat.R, stat.D, start.dtype, start.device, 0)
+            tol = tol * WHITEN_WARM_TOL
+        tops = block_top_eigenpairs_lanczos(op, stat.R, stat.D, tol=tol, steps=steps, max_steps=max_steps,
+                                            start=start, min_steps=_min_steps(start))
     v = torch.linalg.solve_triangular(L.T, tops.vectors.T, upper=True).T  # v_r = L^{-T} y_r: unit M-norm
     tops.vectors = fix_signs(v.contiguous())
     return tops
