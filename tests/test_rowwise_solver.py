@@ -253,6 +253,11 @@ def test_warm_started_block_tops_equal_dense_per_block(min_steps):
     assert torch.allclose(fast.values, ref, rtol=0, atol=1e-9 * scale)
     with pytest.raises(ValueError, match="start must have shape"):
         block_top_eigenpairs_lanczos(st.matvec, st.R, st.D, start=start[:, :-1])
+    # report_tol: the same iteration (tol = 1e-12, 6 steps), only the final check is looser
+    tight = block_top_eigenpairs_lanczos(st.matvec, st.R, st.D, tol=1e-12, max_steps=6, start=start)
+    loose = block_top_eigenpairs_lanczos(st.matvec, st.R, st.D, tol=1e-12, max_steps=6, start=start, report_tol=0.5)
+    assert torch.equal(tight.values, loose.values) and torch.equal(tight.residuals, loose.residuals)
+    assert tight.tol == 1e-12 and loose.tol == 0.5 and not tight.all_converged and loose.all_converged
 
 
 def _split_span_statistic() -> MatrixFreeStatistic:
@@ -293,7 +298,7 @@ def test_whitened_warm_start_finds_the_top_pair_the_subspace_start_misses():
     assert pure.all_converged and float((pure.values[0] - mu[0]).abs()) > 1e-3 * float(mu[0])
     # the shipped warm start (Ritz vector + random part, tighter tolerance): every block equals dense float64
     tops = ir.whitened_block_tops(st, M, ridge=0.0)
-    assert tops.all_converged
+    assert tops.all_converged and tops.tol == 1e-4  # iterated to WHITEN_WARM_TOL * tol, reported against tol
     assert torch.allclose(tops.values, mu, rtol=0, atol=1e-8 * float(mu.abs().max()))
     Q = _dense_blocks(st)
     assert torch.allclose(torch.einsum("ri,rij,rj->r", tops.vectors, Q, tops.vectors), mu, rtol=0,

@@ -120,7 +120,8 @@ WARM_MIN_STEPS = 4
 WHITEN_START_MIX = 0.1
 #: Tolerance of the warm-started whitened blocks relative to the caller's ``tol``. At ``tol`` itself the mixed start
 #: left 1 - 3 rows between 1e-4 and 3e-4 (so did random starts of seeds 1 - 3: 0 - 2 rows); at 0.3 * ``tol`` no
-#: row of either start was above 1e-4 (d = 192, 65 and 197 tokens; scripts/whiten_start_variants.py).
+#: row of either start was above 1e-4 (d = 192, 65 and 197 tokens; scripts/whiten_start_variants.py). Convergence
+#: is still reported against ``tol`` (a block that meets it is not flagged when it misses the margin).
 WHITEN_WARM_TOL = 0.3
 #: Convergence tests of the warm-started top-1 solve for lambda_max(Q_t) (the whitened rule): from step 2 on.
 WARM_FIRST_CHECKS = (2, 3, 4, 6)
@@ -281,9 +282,9 @@ def whitened_block_tops(
             # + WHITEN_START_MIX * (the solver's seeded random unit vector): every start keeps a component on the top
             # eigenvector; a tighter tolerance because such a start's lower pairs converge first (WHITEN_WARM_TOL)
             start = start + WHITEN_START_MIX * _orthonormal_start(stat.R, stat.D, start.dtype, start.device, 0)
-            tol = tol * WHITEN_WARM_TOL
-        tops = block_top_eigenpairs_lanczos(op, stat.R, stat.D, tol=tol, steps=steps, max_steps=max_steps,
-                                            start=start, min_steps=_min_steps(start))
+        tops = block_top_eigenpairs_lanczos(op, stat.R, stat.D, tol=tol if start is None else tol * WHITEN_WARM_TOL,
+                                            steps=steps, max_steps=max_steps, start=start,
+                                            min_steps=_min_steps(start), report_tol=tol)
     v = torch.linalg.solve_triangular(L.T, tops.vectors.T, upper=True).T  # v_r = L^{-T} y_r: unit M-norm
     tops.vectors = fix_signs(v.contiguous())
     return tops
