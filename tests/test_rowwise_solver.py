@@ -269,9 +269,9 @@ def _split_span_statistic() -> MatrixFreeStatistic:
     eigenvalue on the big group's span, while C = sum_n ||p_n||^2 zh_n zh_n^T is dominated by the big group:
     the 32-dimensional subspace of ``subspace_starts`` lies in the big group's 40-dimensional span.
     """
-    R, g = 6, torch.Generator().manual_seed(0)
-    z_big = torch.cat([torch.randn(300, 40, generator=g, dtype=torch.float64), torch.zeros(300, 8, dtype=torch.float64)], 1)
-    z_small = torch.cat([torch.zeros(60, 40, dtype=torch.float64), 0.1 * torch.randn(60, 8, generator=g, dtype=torch.float64)], 1)
+    R, g, f64 = 6, torch.Generator().manual_seed(0), torch.float64
+    z_big = torch.cat([torch.randn(300, 40, generator=g, dtype=f64), torch.zeros(300, 8, dtype=f64)], 1)
+    z_small = torch.cat([torch.zeros(60, 40, dtype=f64), 0.1 * torch.randn(60, 8, generator=g, dtype=f64)], 1)
     p_big = torch.randn(300, R, generator=g, dtype=torch.float64)
     p_big[:, 0] *= 0.12
     p_small = 0.05 * (1 + torch.rand(60, R, generator=g, dtype=torch.float64))

@@ -119,7 +119,7 @@ WARM_MIN_STEPS = 4
 #: the start's component on it is then far below a random vector's. The random part restores that component.
 WHITEN_START_MIX = 0.1
 #: Tolerance of the warm-started whitened blocks relative to the caller's ``tol``. At ``tol`` itself the mixed start
-#: left 1 - 3 rows between 1e-4 and 3e-4 (so did random starts of seeds 1 - 3: 0 - 2 rows); at 0.3 * ``tol`` no
+#: left 1 - 3 rows between 1e-4 and 3e-4 at 197 tokens (random starts of seeds 1 - 3: 0 - 2 rows); at 0.3 * ``tol`` no
 #: row of either start was above 1e-4 (d = 192, 65 and 197 tokens; scripts/whiten_start_variants.py). Convergence
 #: is still reported against ``tol`` (a block that meets it is not flagged when it misses the margin).
 WHITEN_WARM_TOL = 0.3
