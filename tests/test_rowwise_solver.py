@@ -98,7 +98,8 @@ def test_running_out_of_steps_warns_naming_the_site_and_rows(float64, monkeypatc
         assert not res.converged
 
 
-def test_tiny_vit_rowwise_eigenpairs_equal_dense_reference():
+def _tiny_vit_probe() -> tuple[nn.Module, list, nn.Module]:
+    """A 2-block ViT (d = 48, 3 sites) with random weights, one probe batch of 12 images of 8 x 8 px, summed CE."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
@@ -106,7 +107,11 @@ def test_tiny_vit_rowwise_eigenpairs_equal_dense_reference():
     model = transformers.ViTForImageClassification(cfg).float()
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g))]
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    return model, data, nn.CrossEntropyLoss(reduction="sum")
+
+
+def test_tiny_vit_rowwise_eigenpairs_equal_dense_reference():
+    model, data, loss_fn = _tiny_vit_probe()
     sites, stats, _, _ = compute_site_statistics(model, data, loss_fn, solver="matrix_free")
     assert len(sites) == 3
     for s in sites:
@@ -310,14 +315,7 @@ def test_whitened_warm_start_finds_the_top_pair_the_subspace_start_misses():
 def test_tiny_vit_whitened_rule_lambda_max_equals_dense_reference():
     """The whitened rule's lambda_max(Q_t) comes from the warm-started top-1 solve; it must equal the dense
     float64 max over every block's top eigenvalue, and the per-row mu_r the generalised eigenvalues."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
-                                 image_size=8, patch_size=4, num_labels=3, attn_implementation="sdpa")
-    model = transformers.ViTForImageClassification(cfg).float()
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g))]
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    model, data, loss_fn = _tiny_vit_probe()
     sites, stats, _, _ = compute_site_statistics(model, data, loss_fn, solver="matrix_free")
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
