@@ -180,11 +180,13 @@ def sweep_tables(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> list
     }
     for ref in data[seeds[0]].get("references", {}):
         rows[f"reference: {ref}"] = [data[s]["references"][ref] for s in seeds]
-    lines += [f"| rule | best-val test [{unit}] | final test [{unit}] | final − topo, per seed (topo better on) | "
-              "final params | param-epochs |", "|---|---|---|---|---|---|"]
+    # best-val params: the best-validation model's own size (before the insertion when its epoch came first)
+    lines += [f"| rule | best-val test [{unit}] | best-val params | final test [{unit}] | final − topo, per seed "
+              "(topo better on) | final params | param-epochs |", "|---|---|---|---|---|---|---|"]
     topo_final = [err(r, "final") for r in topo]
     for label, runs in rows.items():
         lines.append(f"| {label} | {fmt_all([err(r, 'best') for r in runs], scale)} | "
+                     f"{statistics.mean(r['best']['params'] for r in runs):.0f} | "
                      f"{fmt([err(r, 'final') for r in runs], scale)} | "
                      f"{'–' if label == f'topo ({rule})' else paired(topo_final, [err(r, 'final') for r in runs], scale)} | "
                      f"{statistics.mean(r['final']['params'] for r in runs):.0f} | "
@@ -193,7 +195,7 @@ def sweep_tables(name: str, spec: dict, seeds: list[int], raw_dir: Path) -> list
     rand = [statistics.mean(err(data[s]["runs"][t], "final") for t in sites) for s in seeds]
     rand_best = [None if any(err(data[s]["runs"][t], "best") is None for t in sites)
                  else statistics.mean(err(data[s]["runs"][t], "best") for t in sites) for s in seeds]
-    lines.append(f"| random site (exact expectation: mean over sites) | {fmt_all(rand_best, scale)} | "
+    lines.append(f"| random site (exact expectation: mean over sites) | {fmt_all(rand_best, scale)} | – | "
                  f"{fmt(rand, scale)} | {paired(topo_final, rand, scale)} | – | – |")
     lines.append("")
 
