@@ -102,15 +102,18 @@ def _orthonormal_start(R: int, D: int, dtype: torch.dtype, device: torch.device,
 
 
 def _start_vectors(
-    R: int, D: int, dtype: torch.dtype, device: torch.device, seed: int, start: torch.Tensor | None
+    R: int, D: int, dtype: torch.dtype, device: torch.device, seed: int, start: torch.Tensor | None,
+    start_mix: float = 0.0,
 ) -> torch.Tensor:
-    """Unit start vectors (R, D): ``start`` normalised per block (a zero row falls back to the seeded random
-    vector), or the seeded random vectors."""
+    """Unit start vectors (R, D): ``start`` + ``start_mix`` x the seeded random vectors, normalised per block (a
+    zero row falls back to the seeded random vector), or the seeded random vectors."""
     if start is None:
         return _orthonormal_start(R, D, dtype, device, seed)
     if start.shape != (R, D):
         raise ValueError(f"start must have shape ({R}, {D}), got {tuple(start.shape)}")
     st = start.to(device=device, dtype=dtype)
+    if start_mix:
+        st = st + start_mix * _orthonormal_start(R, D, dtype, device, seed)
     nrm = torch.linalg.vector_norm(st, dim=1, keepdim=True)
     if bool((nrm > 0).all()):
         return st / nrm
@@ -487,6 +490,7 @@ def block_top_eigenpairs_lanczos(
     device: torch.device | str = "cpu",
     seed: int = 0,
     start: torch.Tensor | None = None,
+    start_mix: float = 0.0,
     report_tol: float | None = None,
 ) -> BlockTops:
     """Top eigenpair of every block of blockdiag(Q_1..Q_R) by batched Lanczos, given only ``matvec``.
@@ -529,6 +533,10 @@ def block_top_eigenpairs_lanczos(
         seed: seed of the deterministic start vectors.
         start: (R, D) start vectors (see :func:`lanczos_top_eigenpairs`), or ``None`` for seeded random ones. A
             start close to the top eigenvector converges in a few steps; ``min_steps`` still applies.
+        start_mix: weight of the seeded random unit vector added to every row of ``start`` before it is
+            normalised (0: ``start`` alone). A start built from a subspace can be nearly orthogonal to a block's
+            top eigenvector; the random part keeps a component on it, so the recurrence cannot settle on a
+            lower pair that the residual test would accept.
         report_tol: tolerance of the final true-residual check (``converged``, ``BlockTops.tol``); default ``tol``.
             A caller may iterate to a tighter ``tol`` than it needs (a safety margin against stopping on a lower
             Ritz pair) without reporting a block as unconverged that meets the tolerance it asked for.
@@ -547,7 +555,7 @@ def block_top_eigenpairs_lanczos(
     radius = torch.zeros(R, dtype=dtype, device=dev)
     scale = 0.0  # running max |theta| over all blocks (only grows: Ritz values approach eigenvalues from below)
     act = torch.arange(R, device=dev)
-    v0 = _start_vectors(R, D, dtype, dev, seed, start)
+    v0 = _start_vectors(R, D, dtype, dev, seed, start, start_mix)
     used = torch.zeros(R, dtype=torch.long, device=dev)  # steps taken per block
     work = 0.0
     while act.numel() > 0:

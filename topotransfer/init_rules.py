@@ -57,7 +57,7 @@ from .derivative.topological import (
     split_batch,
     topological_derivative,
 )
-from .eigen import BlockTops, _orthonormal_start, block_top_eigenpairs_lanczos, fix_signs
+from .eigen import BlockTops, block_top_eigenpairs_lanczos, fix_signs
 from .errors import ConvergenceWarning
 from .surgery.base import Site
 
@@ -278,12 +278,10 @@ def whitened_block_tops(
         ws = stat.whitened(L) if hasattr(stat, "whitened") else None
         op = ws.matvec if ws is not None else _WhitenedBlocks(stat, L).matvec
         start = None if ws is None else _starts(ws)  # Ritz vectors of the whitened blocks A_r in a shared subspace
-        if start is not None:
-            # + WHITEN_START_MIX * (the solver's seeded random unit vector): every start keeps a component on the top
-            # eigenvector; a tighter tolerance because such a start's lower pairs converge first (WHITEN_WARM_TOL)
-            start = start + WHITEN_START_MIX * _orthonormal_start(stat.R, stat.D, start.dtype, start.device, 0)
+        # + WHITEN_START_MIX * (the solver's seeded random unit vector): every start keeps a component on the top
+        # eigenvector; a tighter tolerance because such a start's lower pairs converge first (WHITEN_WARM_TOL)
         tops = block_top_eigenpairs_lanczos(op, stat.R, stat.D, tol=tol if start is None else tol * WHITEN_WARM_TOL,
-                                            steps=steps, max_steps=max_steps, start=start,
+                                            steps=steps, max_steps=max_steps, start=start, start_mix=WHITEN_START_MIX,
                                             min_steps=_min_steps(start), report_tol=tol)
     v = torch.linalg.solve_triangular(L.T, tops.vectors.T, upper=True).T  # v_r = L^{-T} y_r: unit M-norm
     tops.vectors = fix_signs(v.contiguous())
