@@ -560,10 +560,12 @@ def _start_or_resume(run: Run, model: nn.Module, parts: _Parts, task: Task) -> t
         return model, _optimizer(model, parts.head, cfg.adapt, cfg.train), AdaptState(), manifest
     saved = read_manifest(ckpt)  # every rank reads the same checkpoint
     _check_resumable(saved, manifest, ckpt)
-    plain_base = copy.deepcopy(model, _shared_backbone(parts))  # the best copy's architecture may be older
-    model = _rebuild(model, saved)
     state = run.read_state(ckpt, AdaptState)
-    parts.best_model = _resume_best(run, plain_base, saved, state.best_val)
+    # the best copy's architecture may be older than the checkpoint's: it is rebuilt on a copy of the plain base,
+    # taken before the rebuild below and only when output_dir/best holds that epoch's copy
+    plain_base = copy.deepcopy(model, _shared_backbone(parts)) if _best_copy_saved(run, state.best_val) else None
+    model = _rebuild(model, saved)
+    parts.best_model = None if plain_base is None else _resume_best(run, plain_base, saved, state.best_val)
     parts.records += [{"site": r["site"], "layer": r["layer"]} for r in saved["insertions"]]
     started = state.method_started
     _set_trainable(model, parts.head, backbone=parts.full and started, lora=parts.use_lora and started,
@@ -611,20 +613,23 @@ def _shared_backbone(parts: _Parts) -> dict:
     return {} if parts.full else {id(p): p for _, p in parts.backbone_params}
 
 
-def _resume_best(run: Run, plain_base: nn.Module, saved: dict, best_val: dict | None) -> tuple | None:
+def _best_copy_saved(run: Run, best_val: dict | None) -> bool:
+    """``output_dir/best`` holds the copy of ``best_val``'s epoch (not when there is no best epoch yet, or the run
+    stopped after writing a newer copy, before the checkpoint that records its epoch)."""
+    path = run.out / "best" / "state.json"
+    if best_val is None or "insertions" not in best_val or not path.is_file():
+        return False
+    return json.loads(path.read_text()).get("epoch") == best_val["epoch"]
+
+
+def _resume_best(run: Run, plain_base: nn.Module, saved: dict, best_val: dict) -> tuple:
     """The best-validation copy of a resumed run: ``plain_base`` (the loaded base, backbone shared) given the
     architecture the model had at the best epoch (LoRA or not, this run's first ``insertions`` insertions) and
-    the weights of ``output_dir/best``. ``None`` when there is no best epoch yet, or ``best`` holds another
-    epoch's copy (the run stopped after writing the copy, before the checkpoint that records its epoch)."""
-    path = run.out / "best"
-    if best_val is None or "insertions" not in best_val or not (path / "state.json").is_file():
-        return None
-    if json.loads((path / "state.json").read_text()).get("epoch") != best_val["epoch"]:
-        return None
+    the weights of ``output_dir/best`` (:func:`_best_copy_saved`)."""
     arch = {**saved, "insertions": saved["insertions"][: best_val["insertions"]],
             "lora": saved.get("lora") if best_val["lora"] else None}
     best = _rebuild(plain_base, arch)
-    run.load_weights(path, best)
+    run.load_weights(run.out / "best", best)
     best.eval()
     return best_val["epoch"], best
 
