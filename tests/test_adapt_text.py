@@ -21,7 +21,7 @@ from transformers import AlbertConfig, BertConfig, BertForSequenceClassification
 
 from topotransfer.adapter import load_adapter, load_merged, unwrap_peft  # noqa: E402
 from topotransfer.cli import BUILTIN_CONFIGS, main  # noqa: E402
-from topotransfer.config import load_config  # noqa: E402
+from topotransfer.config import ConfigError, load_config  # noqa: E402
 from topotransfer.data import load_task  # noqa: E402
 from topotransfer.derivative.topological import topological_derivative  # noqa: E402
 from topotransfer.errors import ModalityMismatchError, UnsupportedModelError  # noqa: E402
@@ -119,6 +119,33 @@ def test_lora_on_query_value_and_inserted_layer(base, tmp_path):
     assert torch.equal(logits(load_adapter(base, tmp_path / "adapter"), x), live)
     # LoRA folded into the base matrices: the same function up to float rounding
     torch.testing.assert_close(logits(load_merged(tmp_path / "merged"), x), live, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_lora_warmup_epochs_train_lora_before_the_derivative(base, tmp_path, monkeypatch, warmup):
+    """adapt.lora_warmup_epochs: LoRA + head train that many epochs after the head phase, then the derivative
+    probes the LoRA-adapted model (LoRA's B, zero when LoRA starts, has moved) and the layer is inserted."""
+    import topotransfer.recipes.adapt as adapt
+
+    lora_b_at_probe = []
+    real = adapt.probe_site_results
+
+    def spy(model, *args, **kwargs):
+        lora_b_at_probe.append(max(float(p.detach().abs().max()) for n, p in model.named_parameters() if "lora_B" in n))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(adapt, "probe_site_results", spy)
+    result = run(base, tmp_path, "adapt.lora=true", "adapt.lora_r=2", "adapt.head_epochs=1", "adapt.insertions=1",
+                 f"adapt.lora_warmup_epochs={warmup}", "adapt.epochs_per_insertion=1", "adapt.backbone_lr=0.01")
+    r = result.results
+    phases = [row.get("phase") for row in json.loads((tmp_path / "history.json").read_text())["epochs"]]
+    assert phases == ["head", *["lora"] * warmup, "insertion 1"]
+    assert r["epochs"] == 2 + warmup and r["events"][0]["epoch"] == 1 + warmup and r["insertions"] == 1
+    assert len(lora_b_at_probe) == 1 and (lora_b_at_probe[0] > 0) == (warmup > 0)
+    for bad in (["adapt.lora_warmup_epochs=1"], ["adapt.lora_warmup_epochs=1", "adapt.method=lora"],
+                ["adapt.lora=true", "adapt.lora_warmup_epochs=-1"]):
+        with pytest.raises(ConfigError, match="lora_warmup_epochs"):
+            load_config(CONFIG, [f"model.name_or_path={base}", *bad])
 
 
 @pytest.mark.parametrize("method", ["linear_probe", "lora", "random_site", "last_block"])

@@ -323,9 +323,9 @@ CAUSAL_LM_METHODS = ("topo", "expand", "interleave", "on_top", "lora")
 class AdaptConfig:
     """Transfer a pretrained backbone to a new dataset (``topotransfer adapt``; docs/method.md section 9).
 
-    The schedule is ``head_epochs`` of head-only training, then ``insertions`` x (insert a layer, train
-    ``epochs_per_insertion`` epochs) and ``final_epochs`` more. Baselines without insertions train for the
-    same total number of epochs. ``train.batch_size``, ``train.optimizer``, ``train.weight_decay`` and
+    The schedule is ``head_epochs`` of head-only training, then (with ``lora`` on an insertion method)
+    ``lora_warmup_epochs`` of LoRA + head, then ``insertions`` x (insert a layer, train ``epochs_per_insertion``
+    epochs) and ``final_epochs`` more. Baselines without insertions train for the same total number of epochs. ``train.batch_size``, ``train.optimizer``, ``train.weight_decay`` and
     ``train.max_steps`` apply; ``train.epochs`` and ``train.lr`` do not.
     """
 
@@ -343,6 +343,11 @@ class AdaptConfig:
     backbone_lr: float | None = field(default=None, metadata={"help": "lr of LoRA / fine-tuned backbone weights (None = lr)"})
     lora: bool = field(default=False, metadata={"help": "also train peft LoRA on the backbone (insertion methods)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_warmup_epochs: int = field(
+        default=0,
+        metadata={"help": "with adapt.lora (insertion methods): epochs of LoRA + head training after the head warm-up "
+                          "and before the first insertion, so the derivative probes the LoRA-adapted model"},
+    )
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     lora_target_modules: list[str] | None = field(
@@ -385,7 +390,7 @@ class AdaptConfig:
 
     def __post_init__(self) -> None:
         _check(self.method in ADAPT_METHODS, f"adapt.method must be one of {ADAPT_METHODS}, got {self.method!r}")
-        for key in ("head_epochs", "insertions", "epochs_per_insertion", "final_epochs"):
+        for key in ("head_epochs", "lora_warmup_epochs", "insertions", "epochs_per_insertion", "final_epochs"):
             _check(getattr(self, key) >= 0, f"adapt.{key} must be >= 0, got {getattr(self, key)}")
         _check(self.lr > 0, f"adapt.lr must be positive, got {self.lr}")
         _check(self.backbone_lr is None or self.backbone_lr > 0, f"adapt.backbone_lr must be positive, got {self.backbone_lr}")
@@ -398,6 +403,9 @@ class AdaptConfig:
             not (self.lora and self.method in ("linear_probe", "full_finetune")),
             f"adapt.lora=true does not apply to method {self.method!r} (use method=lora for the LoRA baseline)",
         )
+        _check(self.lora_warmup_epochs == 0 or (self.lora and self.method in ("topo", "random_site", "last_block")),
+               f"adapt.lora_warmup_epochs={self.lora_warmup_epochs} needs adapt.lora=true on an insertion method "
+               f"(topo | random_site | last_block), got method {self.method!r}, lora {self.lora}")
         _check(self.param_budget is None or self.param_budget >= 1, f"adapt.param_budget must be >= 1, got {self.param_budget}")
         _check(self.budget_lora_rank is None or self.budget_lora_rank >= 1,
                f"adapt.budget_lora_rank must be >= 1, got {self.budget_lora_rank}")
@@ -626,6 +634,8 @@ def check_runnable(cfg: RunConfig, command: str | None = None) -> None:
                f"adapt.method={cfg.adapt.method!r} inserts copied blocks of a decoder LM: it needs a text corpus "
                "(data.name=textfile:<path> or hf:text with data.data_files)")
         _check(cfg.data.source_corpus is None or corpus, "data.source_corpus applies to a text corpus (causal LM) only")
+        _check(not corpus or cfg.adapt.lora_warmup_epochs == 0,
+               "adapt.lora_warmup_epochs applies to classification adapt runs, not to a text corpus (causal LM)")
         _check(bool(cfg.model.name_or_path),
                "the adapt recipe needs model.name_or_path (a hub name or a local save_pretrained dir), "
                "e.g. model.name_or_path=path/to/vit")

@@ -2,6 +2,7 @@
 
     load the backbone with a new head for the target labels, freeze the backbone
     -> train the head (adjoints from a random head are noise)                          head_epochs
+    -> with adapt.lora: LoRA + head (the derivative then sees the adapted model)       lora_warmup_epochs
     -> topo | random_site | last_block, ``insertions`` times:
            TD on target data at every site (or the random / last one) -> TopoLayer with the
            eigenvector direction, eps by line search -> train new layers + head (+ LoRA)  epochs_per_insertion
@@ -407,7 +408,7 @@ def run_adapt(cfg: RunConfig, resume: bool = False, accelerator=None, overwrite:
     run.check_disk(_checkpoint_bytes(model, run.frozen_ids))
     model, optimizer, state, manifest = _start_or_resume(run, model, parts, task)
     # The LR schedule runs over the optimizer steps of the whole run, head phase included.
-    epochs = a.head_epochs + a.insertions * a.epochs_per_insertion + a.final_epochs
+    epochs = a.head_epochs + a.lora_warmup_epochs + a.insertions * a.epochs_per_insertion + a.final_epochs
     run.start(model, optimizer, manifest, state, train_set=task.train, val_batches=val_batches, epochs=epochs,
               kind="classification", loss=loss_mean, desc=f"adapt[{a.method}]")
 
@@ -648,16 +649,21 @@ def _start_method(run: Run, parts: _Parts) -> None:
 
 
 def _insertion_phases(run: Run, parts: _Parts, probe: list, heldout: list, loss_sum: nn.Module) -> None:
-    """``adapt.insertions`` times: an insertion event, then ``epochs_per_insertion`` epochs; then the final
-    epochs. When TD <= 0 everywhere insertion stops and its epochs go to the final phase."""
+    """``adapt.lora_warmup_epochs`` of LoRA + head (the derivative of the first event then probes the LoRA-adapted
+    model, not the one LoRA has not yet moved); ``adapt.insertions`` times: an insertion event, then
+    ``epochs_per_insertion`` epochs; then the final epochs. When TD <= 0 everywhere insertion stops and its epochs
+    go to the final phase."""
     a, state = run.cfg.adapt, run.state
+    start = a.head_epochs + a.lora_warmup_epochs  # the epoch of the first insertion event
+    if a.lora_warmup_epochs and not state.events:  # config validation: only with adapt.lora
+        _train_phase(run, parts, "lora", start)
     for event in range(a.insertions):
         if event == len(state.events):  # not done before a resume
             _insertion(run, parts, event, probe, heldout, loss_sum)
         if state.events[event]["site"] is None:
             break
-        _train_phase(run, parts, f"insertion {event + 1}", a.head_epochs + (event + 1) * a.epochs_per_insertion)
-    _train_phase(run, parts, "final", a.head_epochs + a.insertions * a.epochs_per_insertion + a.final_epochs)
+        _train_phase(run, parts, f"insertion {event + 1}", start + (event + 1) * a.epochs_per_insertion)
+    _train_phase(run, parts, "final", start + a.insertions * a.epochs_per_insertion + a.final_epochs)
 
 
 def _insertion(run: Run, parts: _Parts, event: int, probe: list, heldout: list, loss_sum: nn.Module) -> None:
