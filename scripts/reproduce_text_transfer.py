@@ -16,7 +16,8 @@ The tasks (``topotransfer.text_data``) hold out phrasing and vocabulary in their
 one inserted layer's; its rate ``LORA_LR`` chosen on validation, development seeds), random_site and last_block
 insertion (eigenvector init at that site), topo (one full layer at the argmax of the topological derivative over
 the block sites), topo_rank_k (one rank-k layer with LoRA's parameter count, its site and rows from the
-eigenvalues), topo_lora (a rank-k layer plus LoRA at LoRA's total parameter count; ``METHOD_OVERRIDES``);
+eigenvalues), random_site_rank_k / last_block_rank_k (the same rank-k layer and budget at a random / the last
+block site), topo_lora (a rank-k layer plus LoRA at LoRA's total parameter count; ``METHOD_OVERRIDES``);
 full_finetune on request. Every method gets the same head warm-up and the same epoch budget. The settings are the shipped
 ``adapt_sentiment_minilm`` config's (so ``topotransfer adapt --config adapt_sentiment_minilm`` is the topo row).
 The backbone is found with importlib, without importing the package (nor sentence-transformers).
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchrun import run_or_reuse, wall_text  # noqa: E402  (the scripts folder: shared benchmark helpers)
 
 METHODS = ["linear_probe", "lora", "random_site", "last_block", "topo"]
-CHOICES = [*METHODS, "topo_rank_k", "topo_lora", "full_finetune"]
+CHOICES = [*METHODS, "topo_rank_k", "topo_lora", "random_site_rank_k", "last_block_rank_k", "full_finetune"]
 TASKS = ["sentiment", "intent", "csv:sentiment", "csv:intent"]
 CONFIG = str(Path(__file__).parents[1] / "topotransfer" / "configs" / "adapt_sentiment_minilm.yaml")
 # The config's own settings (batches of 8, lr 5e-3 for the head and the layer, 20 + 20 epochs) are the table's;
@@ -60,12 +61,18 @@ QUICK = ["train.batch_size=8", "adapt.head_epochs=1", "adapt.insertions=1", "ada
 LORA_LR = 0.001
 #: Rows that are not a plain adapt.method: their overrides (frozen on development seeds 0-2, see the report).
 ONE_FULL_LAYER = ["adapt.budget_lora_rank=null", "adapt.budget_min_rank=1"]  # the config's budget off
+#: The rank-k rows' budget: one rank-k layer with LoRA-16's count at one of the block sites.
+RANK_K_BUDGET = ["probe.sites=blocks", "adapt.budget_lora_rank=16", "adapt.budget_min_rank=96"]
 METHOD_OVERRIDES: dict[str, list[str]] = {
     "lora": [f"adapt.backbone_lr={LORA_LR}"],
     "topo": ONE_FULL_LAYER, "random_site": ONE_FULL_LAYER, "last_block": ONE_FULL_LAYER,
     # one rank-k layer with LoRA-16's parameter count (191 ranks; min rank 96 keeps it at one block site: spread
     # over all six block sites the layers collapsed to chance at this rate, development seed 0)
-    "topo_rank_k": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16", "adapt.budget_min_rank=96"],
+    "topo_rank_k": ["adapt.method=topo", *RANK_K_BUDGET],
+    # the same budget and layer at a site not chosen by the derivative: a block site drawn per seed and setting
+    # (among the block sites topo_rank_k probes), or the last block site; the rows are that site's top eigenvalues
+    "random_site_rank_k": ["adapt.method=random_site", *RANK_K_BUDGET],
+    "last_block_rank_k": ["adapt.method=last_block", *RANK_K_BUDGET],
     # LoRA rank 8 (73,728 parameters) + one rank-k layer with the other half of LoRA-16's count (95 ranks)
     "topo_lora": ["adapt.method=topo", "adapt.lora=true", "adapt.lora_r=8", f"adapt.backbone_lr={LORA_LR}",
                   "probe.sites=blocks", "adapt.budget_lora_rank=16", "adapt.budget_min_rank=48"],

@@ -74,3 +74,47 @@ def test_intent_task_from_csv_files(tmp_path):
     records = {r["method"]: r for r in module.load_records(tmp_path / "docs" / "transfer_text" / "runs")}
     assert records["topo_lora"]["rank_k_layers"] and records["topo_lora"]["task"] == "csv:intent"
     assert (tmp_path / "work" / "csv" / "intent" / "4shot_seed0" / "train.csv").read_text().count("\n") == 1 + 4 * 4
+
+
+def test_rank_k_rows_at_a_random_and_the_last_site(tmp_path, capsys):
+    """random_site_rank_k / last_block_rank_k: topo_rank_k's budget (the same overrides but the method), one rank-k
+    layer at the site random_site draws for this seed and setting / at the last block site; --table-from lists them."""
+    spec = importlib.util.spec_from_file_location("reproduce_text_transfer", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    topo = module.METHOD_OVERRIDES["topo_rank_k"]
+    for row, method in (("random_site_rank_k", "random_site"), ("last_block_rank_k", "last_block")):
+        assert module.METHOD_OVERRIDES[row] == [f"adapt.method={method}", *topo[1:]] and topo[0] == "adapt.method=topo"
+    model = save_bert(tmp_path / "bert")
+    rows = ["topo_rank_k", "random_site_rank_k", "last_block_rank_k", "random_site", "last_block"]
+    work, raw = tmp_path / "work", tmp_path / "raw"
+    # the tiny BERT (d = 16): LoRA-1's count (2 targets x 2 blocks x 2 x 16 = 128) buys 3 ranks of 2 d + 1 = 33, and
+    # a min rank of 3 keeps them at one site, as min rank 96 keeps LoRA-16's 191 ranks at one site at d = 384
+    common = ["--seeds", "3", "--quick", "--model", model, "--work-dir", str(work), "--out-dir", str(tmp_path / "docs"),
+              "--raw-dir", str(raw), "train.max_steps=2"]
+    module.main(["--methods", *rows[:3], *common, "adapt.budget_lora_rank=1", "adapt.budget_min_rank=3"])
+    module.main(["--methods", *rows[3:], *common])  # the old rows as they are: one full layer, no budget
+    by = {r["method"]: r for r in module.load_records(raw)}
+    sites = list(by["topo_rank_k"]["scores"])  # the block sites topo_rank_k probes, in order
+    assert len(sites) == 3  # embeddings + 2 blocks
+    assert by["last_block_rank_k"]["chosen"] == sites[-1] == by["last_block"]["chosen"]
+    assert by["random_site_rank_k"]["chosen"] == by["random_site"]["chosen"] in sites  # the same draw
+    budgets = {}
+    for row in rows[:3]:
+        r = by[row]
+        (site, rank), = r["rank_k_layers"]  # one rank-k layer ...
+        assert site == r["chosen"] and rank == 3 and r["insertions"] == 1
+        if row != "topo_rank_k":
+            assert list(r["scores"]) == [site]  # ... at the one site the method probes
+        event = json.loads((work / "sentiment" / "4shot" / row / "seed3" / "results.json").read_text())
+        event = next(e for e in event["events"] if e.get("layers"))
+        budgets[row] = event["budget"]
+        assert event["parameters"] == 3 * 33
+    assert budgets["topo_rank_k"] == budgets["random_site_rank_k"] == budgets["last_block_rank_k"] == 2 * 2 * 2 * 16
+    for row in rows[3:]:  # the old rows keep one full d x (d + 1) layer
+        assert not by[row]["rank_k_layers"] and by[row]["insertions"] == 1 and list(by[row]["scores"]) == [by[row]["chosen"]]
+
+    module.main(["--table-from", str(raw)])
+    printed = capsys.readouterr().out
+    for row in rows:
+        assert any(line.startswith(f"| {row} |") for line in printed.splitlines())
