@@ -12,7 +12,8 @@ are docs/results/transfer_text/dev for sentiment and dev_intent for intent), and
 
     python scripts/dev_text_sites.py --table-from docs/results/transfer_text/dev_intent
 
-prints the paired table (each variant minus LoRA, per seed, one per task) from those records alone.
+prints the paired table (each variant minus LoRA, per seed, one per task) from those records alone; --trace-from
+prints, per record, the inserted layers (site, rank, eps, eps fallback) and the training loss around the insertion.
 """
 
 from __future__ import annotations
@@ -104,6 +105,47 @@ def run(variant: str, seed: int, shots: int, work: Path, task: str = "sentiment"
     return {**results, "cpu_time": time.process_time() - t0}
 
 
+def trace(result: dict) -> dict:
+    """What the development notes read from a run beyond its errors: the training loss and validation error of every
+    epoch (``phases``: the first epoch of each phase) and every inserted layer's site, rank, eps, whether eps fell
+    back to the grid's smallest (no eps lowered the held-out loss) and the held-out loss before / after it."""
+    history = result.get("history", [])
+    phases: dict[str, int] = {}
+    for row in history:
+        phases.setdefault(row.get("phase", ""), row["epoch"])
+    layers = [{"site": x["site"], "rank": x.get("rank"), "epsilon": x["epsilon"], "eps_fallback": x.get("eps_fallback"),
+               "loss_before": x.get("loss_before"), "loss_after": dict(x["eps_tried"]).get(x["epsilon"])}
+              for e in result.get("events", []) for x in e.get("layers") or ([e] if e.get("site") else [])]
+    for layer, e in zip(layers, [e for e in result.get("events", []) if not e.get("layers") and e.get("site")]):
+        layer.update(eps_fallback=e.get("eps_fallback"), loss_after=e.get("loss_after"))  # one full layer's record
+    return {"train_loss": [round(row["train_loss"], 4) for row in history],
+            "val_error": [round(row["val_error"], 4) for row in history], "phases": phases, "layers": layers}
+
+
+def trace_lines(records: list[dict]) -> list[str]:
+    """One line per run record with a ``trace``: the layers (site, rank, eps, fallback), the training loss at the end
+    of the phase before the insertion, in the first epoch after it, its minimum and at the end, and the largest rise
+    between two epochs after the insertion (epoch); the final validation and test error."""
+    lines = []
+    for r in sorted(records, key=lambda r: (r["task"], r["method"], r["seed"])):
+        t = r.get("trace")
+        if not t or not t["train_loss"]:
+            continue
+        loss = t["train_loss"]
+        # 0-based index of the first epoch after the insertion (no insertion: of the first epoch after the head's)
+        starts = [ep for ph, ep in t["phases"].items() if ph.startswith("insertion")]
+        first = (starts or [ep for ph, ep in t["phases"].items() if ph != "head"] or [1])[0] - 1
+        rises = [(loss[i] - loss[i - 1], i + 1) for i in range(first + 1, len(loss))]
+        rise, at = max(rises) if rises else (0.0, None)
+        layers = ", ".join(f"{x['site'].removeprefix('bert.encoder.')} r{x['rank'] or 'full'} eps {x['epsilon']:.3g}"
+                           f"{' (fallback)' if x['eps_fallback'] else ''}" for x in t["layers"]) or "-"
+        lines.append(f"{r['task']} {r['method']} seed {r['seed']}: {layers} | train loss {loss[first - 1]:.3f} -> "
+                     f"{loss[first]:.3f} (epoch {first + 1}), min {min(loss[first:]):.3f}, end {loss[-1]:.3f}, "
+                     f"largest rise {rise:+.3f} (epoch {at}) | val {100 * r['val_error']:.1f} test "
+                     f"{100 * r['test_error']:.1f}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", default="sentiment", choices=sorted(TEXT_CLASSES), help="generated text task")
@@ -113,9 +155,14 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, default=Path("/work/runs/text/dev"))
     ap.add_argument("--raw-dir", type=Path, default=None, help="write a small record per run here")
     ap.add_argument("--table-from", type=Path, default=None, help="run nothing: print the table from these records")
+    ap.add_argument("--trace-from", type=Path, default=None,
+                    help="run nothing: print each record's layers and training-loss trace (trace_lines)")
     args = ap.parse_args()
     if args.table_from is not None:
         print("\n".join(paired_table(load_records(args.table_from))))
+        return
+    if args.trace_from is not None:
+        print("\n".join(trace_lines(load_records(args.trace_from))))
         return
     if any(s >= 100 for s in args.seeds):
         raise SystemExit("development seeds only (< 100)")
@@ -127,7 +174,7 @@ def main() -> None:
             if args.raw_dir is not None:
                 args.raw_dir.mkdir(parents=True, exist_ok=True)
                 (args.raw_dir / f"{args.task}_{args.shots}shot_{variant}_seed{seed}.json").write_text(
-                    json.dumps(summary(r, args.task, args.shots, variant), indent=1) + "\n")
+                    json.dumps({**summary(r, args.task, args.shots, variant), "trace": trace(r)}, indent=1) + "\n")
             sites = [e.get("site") for e in r.get("events", [])]
             layers = [rec.get("site") for e in r.get("events", []) for rec in e.get("layers", [])] or sites
             rows.append((variant, seed, 100 * r["test_error"], 100 * r["val_error"], r["trainable_params"], layers,
