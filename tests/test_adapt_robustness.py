@@ -199,6 +199,38 @@ def test_resumed_run_reports_the_best_validation_model_of_an_uninterrupted_one(b
     assert not any("attention" in k and "lora" not in k for k in kept) and len(kept) <= len(last)
 
 
+def test_a_stop_between_the_best_copy_and_last_resumes_with_the_copy_last_knows(base, tmp_path, monkeypatch):
+    """Run.checkpoint writes the best-validation copy, then `last`: a run stopped between the two (the new copy on
+    disk, its `last` not) rebuilds the copy of the best epoch the previous `last` recorded, from `best.previous`
+    with that epoch's architecture, and reports the uninterrupted run's best_val. (Before `best.previous` was
+    kept, adapt dropped the copy here and got the same result only because the replayed epochs find the newer
+    best again; grow crashed, tests/test_robustness.py.)"""
+    import topotransfer.training.run as run_skeleton
+
+    real_save, calls = run_skeleton.save_checkpoint, []
+
+    def save_then_die(out, name, net, manifest, optimizer=None, state=None, **kw):
+        if name == "last" and calls[-1:] == ["best"] and "last" in calls:
+            raise _Killed  # a second best copy is on disk, the `last` that records its epoch is not
+        calls.append(name)
+        return real_save(out, name, net, manifest, optimizer, state, **kw)
+
+    full = run(base, tmp_path / "full", *SCHEDULE).results
+    monkeypatch.setattr(run_skeleton, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        run(base, tmp_path / "stopped", *SCHEDULE)
+    monkeypatch.setattr(run_skeleton, "save_checkpoint", real_save)
+    saved = json.loads((latest_checkpoint(tmp_path / "stopped") / "state.json").read_text())
+    newest = json.loads((tmp_path / "stopped" / "best" / "state.json").read_text())
+    assert newest["epoch"] > saved["best_val"]["epoch"]  # the case this test is about
+    real_resume_best, rebuilt = adapt_recipe._resume_best, []
+    monkeypatch.setattr(adapt_recipe, "_resume_best", lambda *a: rebuilt.append(a[-1].name) or real_resume_best(*a))
+    resumed = _resume(base, tmp_path / "stopped").results
+    assert rebuilt == ["best.previous"]
+    assert full["best_val"]["test_error"] is not None
+    assert resumed["best_val"] == full["best_val"] and resumed["test_error"] == full["test_error"]
+
+
 # ------------------------------------------------------------------------------------------ two processes
 TWO_PROC = [*SCHEDULE, "data.num_train=200", "train.batch_size=10", "probe.batch_size=15", "probe.batches=4"]
 

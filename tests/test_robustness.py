@@ -233,6 +233,34 @@ def test_mid_epoch_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, mon
     assert strip == [{k: v for k, v in h.items() if k != "time"} for h in h_full]
 
 
+def test_a_stop_between_the_best_copy_and_last_resumes_with_the_copy_last_knows(tmp_path, monkeypatch):
+    """Run.checkpoint writes the best-validation copy, then `last`. A run stopped between the two, when the new
+    best model already has the first growth event's layer and the previous `last` recorded a best epoch before
+    it, resumes with that epoch's copy (kept as `best.previous`) and ends as the uninterrupted run: same best
+    epoch, best-validation test error and weights."""
+    real_save = run_skeleton.save_checkpoint
+    calls = []
+
+    def save_then_die(out, name, net, manifest, optimizer=None, state=None, **kw):
+        if name == "last" and calls and calls[-1] == "best" and (state or {}).get("best_insertions", 0) >= 1:
+            raise _Killed  # the new copy (with the inserted layer) is on disk, its `last` is not
+        calls.append(name)
+        return real_save(out, name, net, manifest, optimizer, state, **kw)
+
+    monkeypatch.setattr(run_skeleton, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        run_grow(_cfg(tmp_path / "run"))
+    monkeypatch.setattr(run_skeleton, "save_checkpoint", real_save)
+    saved = json.loads((latest_checkpoint(tmp_path / "run") / "state.json").read_text())
+    newest = json.loads((tmp_path / "run" / "best" / "state.json").read_text())
+    assert saved["best_insertions"] == 0 and newest["epoch"] > saved["best_epoch"]  # the case this test is about
+    resumed = run_grow(_cfg(tmp_path / "run"), resume=True)
+    full = run_grow(_cfg(tmp_path / "full"))
+    assert (resumed["best_epoch"], resumed["test_error"]) == (full["best_epoch"], full["test_error"])
+    assert _same_weights(tmp_path / "run" / "last", tmp_path / "full" / "last")
+    assert _same_weights(tmp_path / "run" / "best", tmp_path / "full" / "best")
+
+
 def test_rng_states_round_trip():
     from topotransfer.training.checkpoint import gather_rng_states, restore_rng_state
 

@@ -43,7 +43,13 @@ from ..preprocess import load_for_backbone
 from ..requirements import check_requirements
 from ..surgery import get_family
 from ..surgery.labels import label_insertions
-from ..training.checkpoint import latest_checkpoint, load_checkpoint, replay_insertions
+from ..training.checkpoint import (
+    checkpoint_disk_bytes,
+    latest_checkpoint,
+    load_checkpoint,
+    replay_insertions,
+    side_copy,
+)
 from ..training.distributed import is_fsdp
 from ..training.run import Run, RunState, read_manifest, trained_tensors
 from ..training.run import loss_functions as _losses
@@ -522,10 +528,10 @@ def _load_model(cfg: RunConfig, task: Task, run: Run) -> tuple[nn.Module, _Parts
 
 
 def _checkpoint_bytes(model: nn.Module, frozen_ids: set[int]) -> int:
-    """Checkpoints: the trained tensors + 2 Adam moments, and the best-validation copy's trained tensors, each
-    twice while it is replaced (+ margin)."""
+    """Checkpoints (:func:`~topotransfer.training.checkpoint.checkpoint_disk_bytes` of the trained tensors; the
+    best-validation copy saves only those too) + margin."""
     trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in frozen_ids)
-    return 8 * trained_bytes + (64 << 20)
+    return checkpoint_disk_bytes(trained_bytes) + (64 << 20)
 
 
 def _manifest(cfg: RunConfig, model: nn.Module, parts: _Parts, task: Task) -> dict:
@@ -564,9 +570,10 @@ def _start_or_resume(run: Run, model: nn.Module, parts: _Parts, task: Task) -> t
     state = run.read_state(ckpt, AdaptState)
     # the best copy's architecture may be older than the checkpoint's: it is rebuilt on a copy of the plain base,
     # taken before the rebuild below and only when output_dir/best holds that epoch's copy
-    plain_base = copy.deepcopy(model, _shared_backbone(parts)) if _best_copy_saved(run, state.best_val) else None
+    best_path = _best_copy(run, state.best_val)
+    plain_base = None if best_path is None else copy.deepcopy(model, _shared_backbone(parts))
     model = _rebuild(model, saved)
-    parts.best_model = None if plain_base is None else _resume_best(run, plain_base, saved, state.best_val)
+    parts.best_model = None if best_path is None else _resume_best(run, plain_base, saved, state.best_val, best_path)
     parts.records += [{"site": r["site"], "layer": r["layer"]} for r in saved["insertions"]]
     started = state.method_started
     _set_trainable(model, parts.head, backbone=parts.full and started, lora=parts.use_lora and started,
@@ -614,23 +621,23 @@ def _shared_backbone(parts: _Parts) -> dict:
     return {} if parts.full else {id(p): p for _, p in parts.backbone_params}
 
 
-def _best_copy_saved(run: Run, best_val: dict | None) -> bool:
-    """``output_dir/best`` holds the copy of ``best_val``'s epoch (not when there is no best epoch yet, or the run
-    stopped after writing a newer copy, before the checkpoint that records its epoch)."""
-    path = run.out / "best" / "state.json"
-    if best_val is None or "insertions" not in best_val or not path.is_file():
-        return False
-    return json.loads(path.read_text()).get("epoch") == best_val["epoch"]
+def _best_copy(run: Run, best_val: dict | None) -> Path | None:
+    """The side copy holding ``best_val``'s epoch (``output_dir/best``, or ``best.previous`` when the run stopped
+    after writing a newer copy, before the checkpoint that records its epoch); ``None`` when there is no best
+    epoch yet or no copy of it."""
+    if best_val is None or "insertions" not in best_val:
+        return None
+    return side_copy(run.out, "best", best_val["epoch"])
 
 
-def _resume_best(run: Run, plain_base: nn.Module, saved: dict, best_val: dict) -> tuple:
+def _resume_best(run: Run, plain_base: nn.Module, saved: dict, best_val: dict, path: Path) -> tuple:
     """The best-validation copy of a resumed run: ``plain_base`` (the loaded base, backbone shared) given the
     architecture the model had at the best epoch (LoRA or not, this run's first ``insertions`` insertions) and
-    the weights of ``output_dir/best`` (:func:`_best_copy_saved`)."""
+    the weights of the side copy ``path`` (:func:`_best_copy`)."""
     arch = {**saved, "insertions": saved["insertions"][: best_val["insertions"]],
             "lora": saved.get("lora") if best_val["lora"] else None}
     best = _rebuild(plain_base, arch)
-    run.load_weights(run.out / "best", best)
+    run.load_weights(path, best)
     best.eval()
     return best_val["epoch"], best
 

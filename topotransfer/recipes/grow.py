@@ -25,7 +25,7 @@ from ..config import RunConfig, to_dict
 from ..data import Task, load_task, source_options
 from ..growth import PlateauDetector, count_parameters, grow_once
 from ..models.build import build_model
-from ..training.checkpoint import replay_insertions
+from ..training.checkpoint import checkpoint_disk_bytes, replay_insertions, side_copy
 from ..training.distributed import is_sharded
 from ..training.optim import build_optimizer, rebuild_after_growth
 from ..training.run import Run, RunState, check_output_dir, read_manifest
@@ -164,17 +164,31 @@ def _start_or_resume(run: Run, task: Task, base_depth: int, net: nn.Module) -> t
         p.requires_grad_(name not in set(state.frozen))
     optimizer = build_optimizer(net, cfg.train)
     run.load_weights(ckpt, net, optimizer)
-    best_model = replay_insertions(_build(cfg, task, base_depth, run), manifest["insertions"][: state.best_insertions])
-    if (run.out / "best" / "model.safetensors").is_file():
-        run.load_weights(run.out / "best", best_model)
-    return net, optimizer, state, manifest, best_model
+    return net, optimizer, state, manifest, _resume_best(run, task, base_depth, net, state, manifest)
+
+
+def _resume_best(run: Run, task: Task, base_depth: int, net: nn.Module, state: GrowState, manifest: dict) -> nn.Module:
+    """The best-validation model of a resumed run: the copy written at ``state.best_epoch`` (``best``, or
+    ``best.previous`` when the run stopped between a newer copy and the checkpoint that records its epoch),
+    rebuilt with the insertions it had; the loaded ``net`` itself when it is that epoch's model."""
+    path = side_copy(run.out, "best", state.best_epoch)
+    if path is None and state.best_epoch == state.epoch and state.best_insertions == len(manifest["insertions"]):
+        return copy.deepcopy(net)
+    if path is None:  # e.g. deleted by hand: lose the copy, not the run
+        run.say(f"warning: {run.out} holds no best-validation copy of epoch {state.best_epoch}; the best model is "
+                f"tracked again from epoch {state.epoch + 1}")
+        state.best_val, state.best_epoch, state.best_insertions = None, None, len(manifest["insertions"])
+        return copy.deepcopy(net)
+    best_model = replay_insertions(_build(run.cfg, task, base_depth, run), manifest["insertions"][: state.best_insertions])
+    run.load_weights(path, best_model)
+    return best_model
 
 
 def _checkpoint_bytes(net: nn.Module, base_depth: int, max_insertions: int) -> int:
-    """A generous estimate of the disk the run's checkpoints take at the final depth: ``last`` (weights +
-    two Adam moments) and ``best`` (weights), each briefly twice while it is atomically replaced."""
+    """A generous estimate of the disk the run's checkpoints take at the final depth
+    (:func:`~topotransfer.training.checkpoint.checkpoint_disk_bytes` of the grown network's weights)."""
     grown = count_parameters(net) * (base_depth + max_insertions) / max(base_depth, 1)
-    return int(2 * 4 * grown * next(net.parameters()).element_size()) + (1 << 20)
+    return checkpoint_disk_bytes(int(grown * next(net.parameters()).element_size())) + (1 << 20)
 
 
 # ---------------------------------------------------------------------------------------------- the epoch

@@ -211,11 +211,13 @@ def save_checkpoint(
             shutil.rmtree(previous)
         os.replace(final, previous)
         os.replace(tmp, final)
-    elif final.exists():  # replace an older side copy: move aside, then delete
-        trash = output_dir / f".old-{name}-{os.getpid()}"
-        os.replace(final, trash)
+    elif final.exists():  # a side copy keeps its previous generation too: a run killed after writing the
+        # new copy but before the `last` that records its epoch resumes with the copy `last` knows (side_copy)
+        previous = output_dir / f"{name}{PREVIOUS}"
+        if previous.exists():
+            shutil.rmtree(previous)
+        os.replace(final, previous)
         os.replace(tmp, final)
-        shutil.rmtree(trash)
     else:
         os.replace(tmp, final)
     if not update_latest:
@@ -241,6 +243,29 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
         return path
     previous = path.with_name(path.name + PREVIOUS)
     return previous if not path.exists() and (previous / "model.safetensors").is_file() else None
+
+
+def side_copy(output_dir: str | Path, name: str, epoch: int | None) -> Path | None:
+    """The side copy ``output_dir/name`` (e.g. ``best``) written at ``epoch``, or the generation it replaced
+    (``<name>.previous``) when that one is; ``None`` when neither is.
+
+    A side copy is written just before ``last``: a run stopped between the two resumes from a ``last`` whose
+    state names the epoch of the copy before (``<name>.previous``), not of the newest one.
+    """
+    if epoch is None:
+        return None
+    for path in (Path(output_dir) / name, Path(output_dir) / f"{name}{PREVIOUS}"):
+        state = path / "state.json"
+        if (path / "model.safetensors").is_file() and state.is_file() and json.loads(state.read_text()).get("epoch") == epoch:
+            return path
+    return None
+
+
+def checkpoint_disk_bytes(trained_bytes: int) -> int:
+    """Disk a run's checkpoints may take, from the bytes of its trained weights: ``last``, ``last.previous`` and
+    the one being written (weights + two Adam moments each: 9x) and the side copy ``best``, ``best.previous`` and
+    the one being written (weights: 3x)."""
+    return 12 * trained_bytes
 
 
 def load_checkpoint(
