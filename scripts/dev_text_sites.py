@@ -82,6 +82,18 @@ VARIANTS: dict[str, list[str]] = {
     # LoRA-16's count over the block sites without LoRA, at 1e-3; min rank 48 lets the 191 ranks open up to 3 sites
     "budget_blocks_min48_llr1e-3": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16",
                                     "adapt.budget_min_rank=48", "adapt.layer_lr=0.001"],
+    # the layer at 5e-3 from here on (topo_lora_min48's rate: the lower mean validation error of the two, seeds 0-2)
+    # topo_lora_min48 with the sub-block sites allowed (probe.sites=all: block boundaries and inner points)
+    "topo_lora_all_min48": ["adapt.method=topo", "probe.sites=all", "adapt.lora=true", "adapt.lora_r=8",
+                            "adapt.budget_lora_rank=16", "adapt.budget_min_rank=48"],
+    # another split: LoRA rank 12 (110,592) + the last quarter (47 ranks; min rank 24 keeps it at one site)
+    "topo_lora12_min24": ["adapt.method=topo", "probe.sites=blocks", "adapt.lora=true", "adapt.lora_r=12",
+                          "adapt.budget_lora_rank=16", "adapt.budget_min_rank=24"],
+    # topo_lora_min48 with the layer inserted after LoRA has trained: head 20, LoRA + head 10, derivative on the
+    # LoRA-adapted model and insertion, 10 more epochs (40 in all, as every row)
+    "topo_lora_warm10_min48": ["adapt.method=topo", "probe.sites=blocks", "adapt.lora=true", "adapt.lora_r=8",
+                               "adapt.budget_lora_rank=16", "adapt.budget_min_rank=48", "adapt.lora_warmup_epochs=10",
+                               "adapt.epochs_per_insertion=10"],
 }
 
 
