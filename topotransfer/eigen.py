@@ -492,6 +492,7 @@ def block_top_eigenpairs_lanczos(
     start: torch.Tensor | None = None,
     start_mix: float = 0.0,
     report_tol: float | None = None,
+    scale: float = 0.0,
 ) -> BlockTops:
     """Top eigenpair of every block of blockdiag(Q_1..Q_R) by batched Lanczos, given only ``matvec``.
 
@@ -540,6 +541,10 @@ def block_top_eigenpairs_lanczos(
         report_tol: tolerance of the final true-residual check (``converged``, ``BlockTops.tol``); default ``tol``.
             A caller may iterate to a tighter ``tol`` than it needs (a safety margin against stopping on a lower
             Ritz pair) without reporting a block as unconverged that meets the tolerance it asked for.
+        scale: a known lower bound of max_r |lambda_r| over the whole site (default 0: only the blocks solved here).
+            It caps and floors every block's size like the running max of the blocks' own Ritz values; a caller
+            that solves a subset of a site's blocks (e.g. rows restarted from another start) passes the site's
+            scale, so that blocks whose eigenvalues all lie near 0 are not held to a tolerance relative to ~0.
 
     Returns:
         :class:`BlockTops`.
@@ -553,7 +558,8 @@ def block_top_eigenpairs_lanczos(
 
     vecs = torch.zeros(R, D, dtype=dtype, device=dev)
     radius = torch.zeros(R, dtype=dtype, device=dev)
-    scale = 0.0  # running max |theta| over all blocks (only grows: Ritz values approach eigenvalues from below)
+    scale = max(0.0, float(scale))  # running max |theta| over all blocks (only grows: Ritz values approach eigenvalues
+    # from below)
     act = torch.arange(R, device=dev)
     v0 = _start_vectors(R, D, dtype, dev, seed, start, start_mix)
     used = torch.zeros(R, dtype=torch.long, device=dev)  # steps taken per block
@@ -619,7 +625,7 @@ def block_top_eigenpairs_lanczos(
     work += 1.0
     values = (qv * vecs).sum(1)
     residuals = torch.linalg.vector_norm(qv - values[:, None] * vecs, dim=1)
-    top_scale = float(values.abs().max())
+    top_scale = max(float(values.abs().max()), scale)
     radius = torch.maximum(radius, values.abs()).clamp(floor * top_scale, top_scale)
     check = tol if report_tol is None else report_tol
     converged = residuals <= check * radius

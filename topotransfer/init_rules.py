@@ -117,7 +117,7 @@ WARM_MIN_STEPS = 4
 #: vector alone 28 - 30 of 13 x 192 rows converged on a lower eigenpair (d = 192, 197 tokens, 4 images; up to 1e-3
 #: of the site's largest eigenvalue): the top eigenvector of a whitened block often lies outside the subspace, and
 #: the start's component on it is then far below a random vector's. The random part restores that component.
-WHITEN_START_MIX = 0.1
+WHITEN_START_MIX = 0.0
 #: Tolerance of the warm-started whitened blocks relative to the caller's ``tol``. At ``tol`` itself the mixed start
 #: left 1 - 3 rows between 1e-4 and 3e-4 at 197 tokens (random starts of seeds 1 - 3: 0 - 2 rows); at 0.3 * ``tol`` no
 #: row of either start was above 1e-4 (d = 192, 65 and 197 tokens; scripts/whiten_start_variants.py). Convergence
@@ -127,11 +127,11 @@ WHITEN_WARM_TOL = 0.3
 WARM_FIRST_CHECKS = (2, 3, 4, 6)
 
 
-def _starts(stat: SiteStatistic) -> torch.Tensor | None:
+def _starts(stat: SiteStatistic, seed: int = 0) -> torch.Tensor | None:
     """Start vectors of a matrix-free solve: the statistic's shared-subspace Ritz vectors where it can give them
     (``None``: the solver's seeded random vectors)."""
     if START_SUBSPACE and hasattr(stat, "subspace_starts"):
-        return stat.subspace_starts(k=START_SUBSPACE)
+        return stat.subspace_starts(k=START_SUBSPACE, seed=seed)
     return None
 
 
@@ -244,9 +244,71 @@ def _cholesky(M: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.cholesky(M)
 
 
+def _null_direction(M: torch.Tensor, L: torch.Tensor, ridge: float, iters: int = 4, block: int = 4) -> torch.Tensor:
+    """A unit column (D, 1): the whitened image y = L^T w of the direction w of least w^T M w / w^T (L L^T) w, when
+    w^T M w lies below the ridge ``ridge * trace(M) / D`` that :func:`_cholesky` adds; else (D, 0).
+
+    Such a w puts (almost) no pre-activation on any sample (Zh w ~ 0: e.g. the all-ones direction of a
+    LayerNorm-centred input, or the ~650 directions outside the span of a ViT's patch + position embeddings), so
+    Q_r w ~ 0 in every block: in whitened coordinates every block A_r has the eigenvalue ~ 0 on y -- the top one of a
+    block whose eigenvalues on the span of the samples are all negative. The products A_r v lie in that span, and
+    so do the subspace starts: a Krylov space grown from them never reaches y. One such direction is enough (on the
+    null space every block's form is ~ 0, whatever its dimension). Found by block inverse iteration with the
+    Cholesky factor, (L L^T)^{-1} X (the ridge directions have the smallest eigenvalues of M + ridge), then a
+    Rayleigh-Ritz step on M: about ``iters`` x 2 D^2 x ``block`` flops, negligible.
+    """
+    D = M.shape[0]
+    M = M.to(torch.float64)
+    eps = ridge * float(torch.trace(M)) / D
+    g = torch.Generator(device="cpu").manual_seed(0)
+    X = torch.randn(D, min(block, D), generator=g, dtype=torch.float64).to(M.device)
+    for _ in range(iters):
+        X = torch.linalg.qr(torch.cholesky_solve(X, L))[0]  # (L L^T)^{-1} X, orthonormalised
+    m, S = torch.linalg.eigh(X.T @ M @ X)  # Rayleigh-Ritz on M, ascending
+    if not float(m[0]) < eps:
+        return X[:, :0]
+    y = L.T @ (X @ S[:, :1])  # y = L^T w
+    return y / torch.linalg.vector_norm(y)
+
+
+def _null_space_check(ws: SiteStatistic, tops: BlockTops, Y: torch.Tensor, tol: float, steps: int,
+                      max_steps: int) -> BlockTops:
+    """Rows whose top eigenpair lies in the span of Y (D, m) (:func:`_null_direction`), which the warm-started
+    Krylov spaces cannot reach: solved again from there.
+
+    Each block's top Ritz pair on span(Y), B_r = Y^T A_r Y (:meth:`~.statistics.MatrixFreeStatistic.projected_blocks`,
+    about m^2 / (8 D) of a product), is compared with the returned value; the rows where it is larger restart the
+    batched Lanczos from their Ritz vector there (products for those rows only), with the whole site's scale, and
+    take the new pair when it is higher. ``tops`` is updated in place and returned.
+    """
+    if Y.shape[1] == 0 or not hasattr(ws, "projected_blocks"):
+        return tops
+    rho, C = torch.linalg.eigh(ws.projected_blocks(Y).to(torch.float64))
+    idx = (rho[:, -1] > tops.values).nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return tops
+    start = C[idx, :, -1] @ Y.T  # (len(idx), D)
+
+    def matvec(v: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return ws.matvec(v, rows=idx if rows is None else idx[rows])
+
+    again = block_top_eigenpairs_lanczos(matvec, idx.numel(), ws.D, tol=tol * WHITEN_WARM_TOL, steps=steps,
+                                         max_steps=max_steps, start=start, min_steps=WARM_MIN_STEPS, report_tol=tol,
+                                         scale=float(tops.values.abs().max()))
+    better = again.values > tops.values[idx]
+    rows = idx[better]
+    tops.values[rows] = again.values[better]
+    tops.vectors[rows] = again.vectors[better]
+    tops.residuals[rows] = again.residuals[better]
+    tops.converged[rows] = again.converged[better]
+    tops.work += again.work * idx.numel() / tops.values.numel()
+    tops.iterations = max(tops.iterations, again.iterations)
+    return tops
+
+
 def whitened_block_tops(
     stat: SiteStatistic, M: torch.Tensor, ridge: float = 1e-6, tol: float = 1e-4, steps: int = 24,
-    max_steps: int = 400,
+    max_steps: int = 400, seed: int = 0,
 ) -> BlockTops:
     """Top generalised eigenpair (mu_r, v_r) of (Q_r, M) for every block, v_r^T M v_r = 1.
 
@@ -277,12 +339,14 @@ def whitened_block_tops(
         # whitened samples cached once (MatrixFreeStatistic.whitened), else L^{-1}, L^{-T} around each product
         ws = stat.whitened(L) if hasattr(stat, "whitened") else None
         op = ws.matvec if ws is not None else _WhitenedBlocks(stat, L).matvec
-        start = None if ws is None else _starts(ws)  # Ritz vectors of the whitened blocks A_r in a shared subspace
+        start = None if ws is None else _starts(ws, seed)  # Ritz vectors of the whitened blocks A_r in a shared subspace
         # + WHITEN_START_MIX * (the solver's seeded random unit vector): every start keeps a component on the top
         # eigenvector; a tighter tolerance because such a start's lower pairs converge first (WHITEN_WARM_TOL)
         tops = block_top_eigenpairs_lanczos(op, stat.R, stat.D, tol=tol if start is None else tol * WHITEN_WARM_TOL,
                                             steps=steps, max_steps=max_steps, start=start, start_mix=WHITEN_START_MIX,
-                                            min_steps=_min_steps(start), report_tol=tol)
+                                            min_steps=_min_steps(start), report_tol=tol, seed=seed)
+        if start is not None:
+            tops = _null_space_check(ws, tops, _null_direction(M, L, ridge), tol, steps, max_steps)
     v = torch.linalg.solve_triangular(L.T, tops.vectors.T, upper=True).T  # v_r = L^{-T} y_r: unit M-norm
     tops.vectors = fix_signs(v.contiguous())
     return tops

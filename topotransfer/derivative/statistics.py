@@ -259,8 +259,8 @@ class MatrixFreeStatistic(SiteStatistic):
         Q_r = sum_n p_nr zh_n zh_n^T have their large eigenvalues. U comes from a randomized range finder,
         U = orth(C^(power+1) G) with a seeded Gaussian G (D, k): (power + 1) passes of 4 N D k flops. The
         projected blocks B_r = U^T Q_r U = sum_n p_nr y_n y_n^T, y_n = U^T zh_n (k,), come from one GEMM over
-        the packed products of y (their upper triangle, k (k+1) / 2 x N) with P (N x R): about k^2 / (8 D) of
-        one product with all blocks (a third at k = 32, D = 769, less for larger D); then a batched ``eigh`` of
+        the packed products of y (their upper triangle, k (k+1) / 2 x N) with P (N x R) (:meth:`projected_blocks`):
+        about k^2 / (8 D) of one product with all blocks (a third at k = 32, D = 769); then a batched ``eigh`` of
         the R (k, k) blocks. Summed over processes like the products, so every rank gets the same vectors.
 
         Only a start: the solver iterates until its residual test passes, whatever the start.
@@ -280,22 +280,36 @@ class MatrixFreeStatistic(SiteStatistic):
                         CX.addmm_(zc.T, w * (zc @ X))  # C X = Zh^T diag(||p_n||^2) Zh X
                 CX = _reduce_sum(CX, self._accelerator)
                 X = torch.linalg.qr(CX.to(torch.float64))[0].to(cd)  # orthonormal columns: the next U
-            iu, ju = torch.triu_indices(k, k, device=dev)
-            packed = torch.zeros(iu.numel(), self.R, dtype=cd, device=dev)
-            for zh, p in zip(self._z, self._p, strict=True):
-                for i in range(0, zh.shape[0], self.convert_rows):
-                    y = zh[i : i + self.convert_rows].to(cd) @ X  # (n, k): y_n = U^T zh_n
-                    # B_r[a, b] += sum_n y_na y_nb p_nr over the upper triangle a <= b
-                    packed.addmm_((y[:, iu] * y[:, ju]).T, p[i : i + self.convert_rows].to(cd))
-        packed = _reduce_sum(packed, self._accelerator).to(torch.float32)
-        B = torch.zeros(self.R, k, k, dtype=torch.float32, device=dev)
-        B[:, iu, ju] = packed.T
-        B[:, ju, iu] = packed.T
         # ascending: the last column is each block's top Ritz vector in U. float32 is plenty for a start vector
         # and the batched eigh of many small blocks is a loop over LAPACK calls, 1.4x faster than in float64.
-        _, S = torch.linalg.eigh(B)
+        _, S = torch.linalg.eigh(self.projected_blocks(X).to(torch.float32))
         starts = S[:, :, -1].to(torch.float64) @ X.to(torch.float64).T  # (R, D) = s_r^T U^T
         return starts / torch.linalg.vector_norm(starts, dim=1, keepdim=True).clamp_min(1e-300)
+
+    def projected_blocks(self, X: torch.Tensor) -> torch.Tensor:
+        """The blocks projected on the columns of X (D, k): B_r = X^T Q_r X = sum_n p_nr y_n y_n^T with
+        y_n = X^T zh_n (k,), shape (R, k, k) in the compute dtype.
+
+        One GEMM over the packed products of y (their upper triangle, k (k+1) / 2 x N) with P (N x R): about
+        k^2 / (8 D) of one product with all blocks. Summed over processes like the products.
+        """
+        dev = self._z[0].device if self._z else getattr(self._accelerator, "device", "cpu")
+        cd = self.compute_dtype
+        k = X.shape[1]
+        X = X.to(device=dev, dtype=cd)
+        iu, ju = torch.triu_indices(k, k, device=dev)
+        packed = torch.zeros(iu.numel(), self.R, dtype=cd, device=dev)
+        with torch.autocast(device_type=dev.type if isinstance(dev, torch.device) else str(dev), enabled=False):
+            for zh, p in zip(self._z, self._p, strict=True):
+                for i in range(0, zh.shape[0], self.convert_rows):
+                    y = zh[i : i + self.convert_rows].to(cd) @ X  # (n, k): y_n = X^T zh_n
+                    # B_r[a, b] += sum_n y_na y_nb p_nr over the upper triangle a <= b
+                    packed.addmm_((y[:, iu] * y[:, ju]).T, p[i : i + self.convert_rows].to(cd))
+        packed = _reduce_sum(packed, self._accelerator)
+        B = torch.zeros(self.R, k, k, dtype=cd, device=dev)
+        B[:, iu, ju] = packed.T
+        B[:, ju, iu] = packed.T
+        return B
 
     def second_moment(self) -> torch.Tensor | None:
         lossless = self.cache_dtype in (torch.float32, torch.float64)
