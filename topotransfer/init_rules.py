@@ -106,22 +106,27 @@ def _dense_tops(Q: torch.Tensor) -> BlockTops:
 #: top-1 solve for lambda_max (:meth:`~.derivative.statistics.MatrixFreeStatistic.subspace_starts`); 0 starts from
 #: random vectors. Measured on the d = 768 ViT statistics (13 sites, 65 and 197 tokens per image), with
 #: ``WARM_MIN_STEPS``: about 11 -> 5 - 6 products per site for the plain blocks, 5 -> 2 for the top-1 solve, for
-#: about a third of one product. The whitened blocks start from their own subspace Ritz vectors mixed with a random
-#: vector (:data:`WHITEN_START_MIX`, :data:`WHITEN_WARM_TOL`).
+#: about a third of one product. The whitened blocks start from their own subspace Ritz vectors, with a check for
+#: the inputs' null direction (:func:`_null_direction`, :data:`WHITEN_START_MIX`, :data:`WHITEN_WARM_TOL`).
 START_SUBSPACE = 32
 #: ``min_steps`` of the warm-started batched Lanczos (8 from random starts: a residual test after very few steps can
 #: pass on a lower Ritz pair). From the subspace Ritz vector the top pair dominates the start of the plain blocks;
 #: 4 steps gave the same per-row agreement with dense float64 as 8 (d = 192, all 13 sites x 192 rows).
 WARM_MIN_STEPS = 4
-#: Weight of the seeded random unit vector added to each whitened block's unit subspace Ritz vector. From the Ritz
-#: vector alone 28 - 30 of 13 x 192 rows converged on a lower eigenpair (d = 192, 197 tokens, 4 images; up to 1e-3
-#: of the site's largest eigenvalue): the top eigenvector of a whitened block often lies outside the subspace, and
-#: the start's component on it is then far below a random vector's. The random part restores that component.
+#: Weight of the seeded random unit vector added to each whitened block's unit subspace Ritz vector (0: none). From
+#: the Ritz vector alone 28 - 30 of 13 x 192 rows converged on a lower eigenpair (d = 192, 197 tokens, 4 images; up to
+#: 1e-3 of the site's largest eigenvalue). Every one of them was a row whose top eigenvalue is the ~0 of the inputs'
+#: null direction (Zh w = 0, e.g. LayerNorm-centred inputs) above an all-negative spectrum on the span of the samples,
+#: which no Krylov space grown from that span reaches; :func:`_null_space_check` finds those rows for ~ nothing. A
+#: random part (0.1 until then) also finds a top eigenvector that lies in the samples' span but outside the subspace
+#: (tests/test_rowwise_solver.py builds one; none on the bench ViT at d = 192, 4 subspace seeds), at a price: 6.0 ->
+#: 9.7 (0.01) / 13.1 (0.1) products per site at d = 768, 65 tokens.
 WHITEN_START_MIX = 0.0
 #: Tolerance of the warm-started whitened blocks relative to the caller's ``tol``. At ``tol`` itself the mixed start
-#: left 1 - 3 rows between 1e-4 and 3e-4 at 197 tokens (random starts of seeds 1 - 3: 0 - 2 rows); at 0.3 * ``tol`` no
-#: row of either start was above 1e-4 (d = 192, 65 and 197 tokens; scripts/whiten_start_variants.py). Convergence
-#: is still reported against ``tol`` (a block that meets it is not flagged when it misses the margin).
+#: left 1 - 3 rows between 1e-4 and 3e-4 at 197 tokens (random starts of seeds 1 - 3: 0 - 2 rows; the subspace start
+#: with the null-space check, subspace seeds 1 - 2: 1 - 3 rows); at 0.3 * ``tol`` no row of any of them was above
+#: 1e-4 (d = 192, 65 and 197 tokens; scripts/whiten_start_variants.py). Convergence is still reported against
+#: ``tol`` (a block that meets it is not flagged when it misses the margin).
 WHITEN_WARM_TOL = 0.3
 #: Convergence tests of the warm-started top-1 solve for lambda_max(Q_t) (the whitened rule): from step 2 on.
 WARM_FIRST_CHECKS = (2, 3, 4, 6)
@@ -321,6 +326,7 @@ def whitened_block_tops(
         M: (D, D) input second moment; ``ridge * trace(M) / D`` is added to its diagonal (conditioning:
             a constant input coordinate, e.g. a dead ReLU unit, makes M singular).
         tol, steps, max_steps: as in :func:`block_tops` (residuals and convergence refer to A_r and y_r).
+        seed: seed of the start vectors (the subspace's range finder and any random part).
 
     Returns:
         :class:`~topotransfer.eigen.BlockTops` with values mu (R,) and vectors v (R, D) of unit M-norm (sign-fixed).
@@ -340,8 +346,9 @@ def whitened_block_tops(
         ws = stat.whitened(L) if hasattr(stat, "whitened") else None
         op = ws.matvec if ws is not None else _WhitenedBlocks(stat, L).matvec
         start = None if ws is None else _starts(ws, seed)  # Ritz vectors of the whitened blocks A_r in a shared subspace
-        # + WHITEN_START_MIX * (the solver's seeded random unit vector): every start keeps a component on the top
-        # eigenvector; a tighter tolerance because such a start's lower pairs converge first (WHITEN_WARM_TOL)
+        # (+ WHITEN_START_MIX * the solver's seeded random unit vector); a tighter tolerance because a start's lower
+        # pairs can converge first (WHITEN_WARM_TOL); then the rows whose top pair is the inputs' null direction, which
+        # a Krylov space grown from the span of the samples never reaches, are solved again from there
         tops = block_top_eigenpairs_lanczos(op, stat.R, stat.D, tol=tol if start is None else tol * WHITEN_WARM_TOL,
                                             steps=steps, max_steps=max_steps, start=start, start_mix=WHITEN_START_MIX,
                                             min_steps=_min_steps(start), report_tol=tol, seed=seed)
