@@ -10,8 +10,8 @@ Variants ``KIND:ALPHA:MIN_STEPS[:TOL]`` (TOL: the solver's relative residual tol
     sub:a:M     the whitened blocks' own subspace Ritz vectors (``subspace_starts``, k = 32) + a * a random unit vector
     map:a:M     the plain blocks' subspace Ritz vectors mapped through the whitening, y_r = L^T v_r (normalised),
                 + a * a random unit vector
-    ship:S:-    the shipped solve, ``init_rules.whitened_block_tops(stat, M, seed=S)`` (its own start, tolerance and
-                null-space check; MIN_STEPS and TOL are ignored)
+    ship:S:X    the shipped solve, ``init_rules.whitened_block_tops(stat, M, seed=S)`` (its own start, tolerance and
+                null-space check; TOL is ignored) with ``WHITEN_START_MIX`` = X (``-``: the shipped value)
 
     python scripts/whiten_start_variants.py D TOKENS IMAGES BATCH_SIZE VARIANT[,VARIANT...]
 
@@ -59,7 +59,12 @@ def main(argv: list[str]) -> None:
             tol = float(rest[0]) if rest else 1e-4
             t0 = time.process_time()
             if kind == "ship":
-                tops = ir.whitened_block_tops(st, st.second_moment(), seed=int(a))
+                shipped = ir.WHITEN_START_MIX
+                ir.WHITEN_START_MIX = shipped if ms == "-" else float(ms)
+                try:
+                    tops = ir.whitened_block_tops(st, st.second_moment(), seed=int(a))
+                finally:
+                    ir.WHITEN_START_MIX = shipped
             elif kind in ("rand", "rs"):
                 seed = 0 if kind == "rand" else int(a)
                 tops = block_top_eigenpairs_lanczos(ws.matvec, R, D, min_steps=int(ms), seed=seed, tol=tol)
