@@ -118,9 +118,10 @@ WARM_MIN_STEPS = 4
 #: 1e-3 of the site's largest eigenvalue). Every one of them was a row whose top eigenvalue is the ~0 of the inputs'
 #: null direction (Zh w = 0, e.g. LayerNorm-centred inputs) above an all-negative spectrum on the span of the samples,
 #: which no Krylov space grown from that span reaches; :func:`_null_space_check` finds those rows for ~ nothing. A
-#: random part (0.1 until then) also finds a top eigenvector that lies in the samples' span but outside the subspace
-#: (tests/test_rowwise_solver.py builds one; none on the bench ViT at d = 192, 4 subspace seeds), at a price: 6.0 ->
-#: 9.7 (0.01) / 13.1 (0.1) products per site at d = 768, 65 tokens.
+#: random part (0.1 until then) can also find a top eigenvector that lies in the samples' span but outside the
+#: subspace (tests/test_rowwise_solver.py builds one; on the bench ViT at d = 192 none at 65 tokens x 16 images or
+#: 197 x 4, 4 subspace seeds; 1 - 4 rows at 65 x 8, where 0.1 leaves 0 - 1), at a price: 6.0 -> 13.1 products per
+#: site at d = 768, 65 tokens (docs/results/performance.md).
 WHITEN_START_MIX = 0.0
 #: Tolerance of the warm-started whitened blocks relative to the caller's ``tol``. At ``tol`` itself the mixed start
 #: left 1 - 3 rows between 1e-4 and 3e-4 at 197 tokens (random starts of seeds 1 - 3: 0 - 2 rows; the subspace start
