@@ -44,6 +44,8 @@ BASE = ["train.batch_size=8", "adapt.lr=0.005", "adapt.backbone_lr=0.001", "adap
         "probe.batches=1", "data.max_length=64", "adapt.save_merged=false", "adapt.save_adapter=false",
         "train.checkpoint_every=1000", "probe.rule=rowwise", "adapt.lora_alpha=16",
         "adapt.budget_lora_rank=null", "adapt.budget_min_rank=1"]  # the shipped config's budget off
+#: topo + LoRA at LoRA-16's total: LoRA rank 8 on the block sites' model, the rest of the count as rank-k layers
+TOPO_LORA8 = ["adapt.method=topo", "probe.sites=blocks", "adapt.lora=true", "adapt.lora_r=8", "adapt.budget_lora_rank=16"]
 VARIANTS: dict[str, list[str]] = {
     "lora": ["adapt.method=lora", "adapt.lora_r=16"],  # LoRA at adapt.backbone_lr = 1e-3 (BASE)
     "lora_blr3e-3": ["adapt.method=lora", "adapt.lora_r=16", "adapt.backbone_lr=0.003"],
@@ -65,20 +67,16 @@ VARIANTS: dict[str, list[str]] = {
     "budget_all": ["adapt.method=topo", "probe.sites=all", "adapt.budget_lora_rank=16"],
     "budget_all_max64": ["adapt.method=topo", "probe.sites=all", "adapt.budget_lora_rank=16", "adapt.budget_max_rank=64"],
     # topo + LoRA at LoRA-16's total: LoRA rank 8 (73,728) + frozen-U rank-k layers on the block sites (73,728)
-    "topo_lora_frozenU": ["adapt.method=topo", "probe.sites=blocks", "adapt.lora=true", "adapt.lora_r=8",
-                          "adapt.budget_lora_rank=16", "adapt.lowrank_freeze_up=true"],
+    "topo_lora_frozenU": [*TOPO_LORA8, "adapt.lowrank_freeze_up=true"],
     # the same with U trained at the inserted layers' lower rate (the other fix of the collapse)
-    "topo_lora_llr1e-3": ["adapt.method=topo", "probe.sites=blocks", "adapt.lora=true", "adapt.lora_r=8",
-                          "adapt.budget_lora_rank=16", "adapt.layer_lr=0.001"],
+    "topo_lora_llr1e-3": [*TOPO_LORA8, "adapt.layer_lr=0.001"],
     # LoRA rank 8 + one rank-k layer (min rank 48: the 95 ranks the other half buys go to one site)
-    "topo_lora_min48": ["adapt.method=topo", "probe.sites=blocks", "adapt.lora=true", "adapt.lora_r=8",
-                        "adapt.budget_lora_rank=16", "adapt.budget_min_rank=48"],
+    "topo_lora_min48": [*TOPO_LORA8, "adapt.budget_min_rank=48"],
     "topo_lora_all": ["adapt.method=topo", "probe.sites=all", "adapt.lora=true", "adapt.lora_r=8",
                       "adapt.budget_lora_rank=16"],
     # the 2026-12-02 evening study (both tasks): topo_lora_min48 with its layer at LoRA's rate (1e-3, not the
     # head's 5e-3: the report's seed-100 topo_lora run diverged in its last epoch at 5e-3)
-    "topo_lora_min48_llr1e-3": ["adapt.method=topo", "probe.sites=blocks", "adapt.lora=true", "adapt.lora_r=8",
-                                "adapt.budget_lora_rank=16", "adapt.budget_min_rank=48", "adapt.layer_lr=0.001"],
+    "topo_lora_min48_llr1e-3": [*TOPO_LORA8, "adapt.budget_min_rank=48", "adapt.layer_lr=0.001"],
     # LoRA-16's count over the block sites without LoRA, at 1e-3; min rank 48 lets the 191 ranks open up to 3 sites
     "budget_blocks_min48_llr1e-3": ["adapt.method=topo", "probe.sites=blocks", "adapt.budget_lora_rank=16",
                                     "adapt.budget_min_rank=48", "adapt.layer_lr=0.001"],
@@ -91,8 +89,7 @@ VARIANTS: dict[str, list[str]] = {
                           "adapt.budget_lora_rank=16", "adapt.budget_min_rank=24"],
     # topo_lora_min48 with the layer inserted after LoRA has trained: head 20, LoRA + head 10, derivative on the
     # LoRA-adapted model and insertion, 10 more epochs (40 in all, as every row)
-    "topo_lora_warm10_min48": ["adapt.method=topo", "probe.sites=blocks", "adapt.lora=true", "adapt.lora_r=8",
-                               "adapt.budget_lora_rank=16", "adapt.budget_min_rank=48", "adapt.lora_warmup_epochs=10",
+    "topo_lora_warm10_min48": [*TOPO_LORA8, "adapt.budget_min_rank=48", "adapt.lora_warmup_epochs=10",
                                "adapt.epochs_per_insertion=10"],
 }
 
