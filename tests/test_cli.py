@@ -244,8 +244,11 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "train.epochs=30", "data.num_train=1000", f"output_dir={out}"]
+    # a terminal's Ctrl-C: SIGINT at its default in the child even when this test runs as a background job (which
+    # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt)
     proc = subprocess.Popen([sys.executable, "-m", "topotransfer.cli", "grow", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "latest").is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
