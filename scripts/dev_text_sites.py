@@ -122,11 +122,16 @@ def trace(result: dict) -> dict:
     phases: dict[str, int] = {}
     for row in history:
         phases.setdefault(row.get("phase", ""), row["epoch"])
-    layers = [{"site": x["site"], "rank": x.get("rank"), "epsilon": x["epsilon"], "eps_fallback": x.get("eps_fallback"),
-               "loss_before": x.get("loss_before"), "loss_after": dict(x["eps_tried"]).get(x["epsilon"])}
-              for e in result.get("events", []) for x in e.get("layers") or ([e] if e.get("site") else [])]
-    for layer, e in zip(layers, [e for e in result.get("events", []) if not e.get("layers") and e.get("site")]):
-        layer.update(eps_fallback=e.get("eps_fallback"), loss_after=e.get("loss_after"))  # one full layer's record
+    layers = []
+    for e in result.get("events", []):
+        if e.get("layers"):  # a budget spent on rank-k layers: one record per layer, its loss read from its eps grid
+            layers += [{"site": x["site"], "rank": x.get("rank"), "epsilon": x["epsilon"],
+                        "eps_fallback": x.get("eps_fallback"), "loss_before": x.get("loss_before"),
+                        "loss_after": dict(x["eps_tried"]).get(x["epsilon"])} for x in e["layers"]]
+        elif e.get("site"):  # one full layer: the event is its record
+            layers.append({"site": e["site"], "rank": e.get("rank"), "epsilon": e["epsilon"],
+                           "eps_fallback": e.get("eps_fallback"), "loss_before": e.get("loss_before"),
+                           "loss_after": e.get("loss_after")})
     return {"train_loss": [round(row["train_loss"], 4) for row in history],
             "val_error": [round(row["val_error"], 4) for row in history], "phases": phases, "layers": layers}
 

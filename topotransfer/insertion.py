@@ -493,4 +493,4 @@ def _line_search_downstream(model, family, site, data, loss_fn, weight, bias, ep
     values, n = _sum_over_processes([total, *losses], len(cached), accelerator)
     if n == 0:
         raise ValueError("The line-search data is empty")
-    return [(0.0, values[0])] + [(float(e), v) for e, v in zip(epsilons, values[1:])]
+    return [(0.0, values[0])] + [(float(e), v) for e, v in zip(epsilons, values[1:], strict=True)]

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-
 from torch.utils.data import Dataset
 
 from .errors import EmptyDatasetError

@@ -105,7 +105,7 @@ def probe_batch(
         states = [store[s.name] for s in sites]
         grads = torch.autograd.grad(loss, states, allow_unused=True)
     out = {}
-    for site, h, g in zip(sites, states, grads):
+    for site, h, g in zip(sites, states, grads, strict=True):
         p = torch.zeros_like(h) if g is None else -g  # unused state: J does not depend on it
         out[site.name] = (h.detach(), p.detach())
     store.clear()

@@ -218,7 +218,7 @@ class MatrixFreeStatistic(SiteStatistic):
             vf = v.to(cd).permute(1, 0, 2).reshape(D, Rv * m)  # column (r, i) = v[r, :, i]
             # Under a caller's bf16/fp16 autocast the float32 GEMMs would silently run in half precision.
             with torch.autocast(device_type=v.device.type, enabled=False):
-                for zh, p in zip(self._z, self._p_for(rows)):
+                for zh, p in zip(self._z, self._p_for(rows), strict=True):
                     step = zh.shape[0] if zh.dtype == cd else self.convert_rows
                     for i in range(0, zh.shape[0], step):
                         zc, pc = zh[i : i + step].to(cd), p[i : i + step].to(cd)
@@ -241,7 +241,7 @@ class MatrixFreeStatistic(SiteStatistic):
         """
         dev = self._z[0].device if self._z else getattr(self._accelerator, "device", "cpu")
         out = torch.zeros(self.R, dtype=torch.float64, device=dev)
-        for zh, p in zip(self._z, self._p):
+        for zh, p in zip(self._z, self._p, strict=True):
             for i in range(0, zh.shape[0], self.convert_rows):
                 sq = zh[i : i + self.convert_rows].to(torch.float64).square().sum(1)  # ||zh_n||^2, (n,)
                 out += p[i : i + self.convert_rows].to(torch.float64).clamp_min(0).T @ sq  # sum_n p+_nr ||zh_n||^2

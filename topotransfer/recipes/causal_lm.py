@@ -104,7 +104,7 @@ def _corpus(cfg: RunConfig, tokenizer: Any, model: nn.Module) -> dict[str, torch
     if "validation" in blocks and "test" in blocks:
         out = {"train": blocks["train"], "val": blocks["validation"], "test": blocks["test"]}
     else:
-        out = dict(zip(("train", "val", "test"), split_blocks(blocks["train"], [0.8, 0.1, 0.1], seed=0)))
+        out = dict(zip(("train", "val", "test"), split_blocks(blocks["train"], [0.8, 0.1, 0.1], seed=0), strict=True))
     for split, n in (("train", d.num_train), ("val", d.num_val), ("test", d.num_test)):
         out[split] = out[split][:n] if n is not None else out[split]
     src = d.source_corpus
@@ -144,7 +144,7 @@ def _place(model: nn.Module, cfg: RunConfig, probe: list, heldout: list) -> tupl
             ls = line_search_epsilon(model, r.site, heldout, loss, r.weight, r.bias, epsilons=_grid(cfg))
             record["epsilons"].append(first_local_minimum_epsilon(ls.tried) or min(_grid(cfg)))
         record["sites"] = [r.site for r in best]
-        for r, e in reversed(list(zip(best, record["epsilons"]))):  # deepest first: names keep their place
+        for r, e in reversed(list(zip(best, record["epsilons"], strict=True))):  # deepest first: names stay
             insert_layer(model, r.site, r.weight, r.bias, epsilon=e)
     elif a.method == "lora":
         model = _apply_lora(model, cfg)
@@ -254,7 +254,7 @@ def run_causal_lm(cfg: RunConfig, resume: bool = False, accelerator=None, overwr
         if run.checkpoint_due():
             run.checkpoint()
     model = run.net.eval()
-    changed = sorted(n for (n, _), h in zip(backbone, _fingerprint(backbone).values()) if before[n] != h)
+    changed = sorted(n for (n, _), h in zip(backbone, _fingerprint(backbone).values(), strict=True) if before[n] != h)
     if changed:
         raise RuntimeError(f"backbone weights changed during {a.method} adaptation (a bug): {changed[:5]}")
     results = _results(run, model, cfg, blocks, base_ppl, val, test, source, tokenizer)
