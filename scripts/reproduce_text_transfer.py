@@ -175,6 +175,37 @@ def paired_table(records: list[dict], reference: str = "lora") -> list[str]:
     return lines
 
 
+#: The derivative's site against another site at the same layer and budget (only the site differs between them).
+SITE_PAIRS = [("topo_rank_k", "random_site_rank_k"), ("topo_rank_k", "last_block_rank_k"),
+              ("topo", "random_site"), ("topo", "last_block")]
+
+
+def count_table(records: list[dict], reference: str = "lora") -> list[str]:
+    """Markdown table of paired wins, one column per (task, labels per class) and one for all of them: on how many
+    seeds a row's test error is below ``reference``'s on the same seed and setting (``k of n``, n = the seeds both
+    ran), for every other method; then the same for each of ``SITE_PAIRS`` (the derivative's site against a random /
+    the last block site). A pair with no common seed in a setting prints ``–``."""
+    groups = sorted({(r["task"], r["shots"]) for r in records})
+    error = {(r["task"], r["shots"], r["method"], r["seed"]): r["test_error"] for r in records}
+    present = {r["method"] for r in records}
+    order = {m: i for i, m in enumerate(CHOICES)}
+    pairs = [(m, reference) for m in sorted(present - {reference}, key=lambda m: (order.get(m, len(order)), m))]
+    pairs += [(a, b) for a, b in SITE_PAIRS if a in present and b in present]
+    lines = [f"### Paired seeds on which the row's test error is lower (every setting; against {reference}, then the "
+             "derivative's site against the others)", "",
+             "| row | against | " + " | ".join(f"{t} {n}" for t, n in groups) + " | all |",
+             "|---|---|" + "---|" * (len(groups) + 1)]
+    for a, b in pairs:
+        cells, wins, total = [], 0, 0
+        for t, n in groups:
+            seeds = sorted(s for (t2, n2, m, s) in error if (t2, n2, m) == (t, n, a) and (t, n, b, s) in error)
+            k = sum(error[(t, n, a, s)] < error[(t, n, b, s)] for s in seeds)
+            cells.append(f"{k} of {len(seeds)}" if seeds else "–")
+            wins, total = wins + k, total + len(seeds)
+        lines.append(f"| {a} | {b} | " + " | ".join(cells) + f" | {wins} of {total} |")
+    return [*lines, ""]
+
+
 def _fmt(xs: list[float]) -> str:
     m = statistics.mean(xs)
     s = statistics.stdev(xs) if len(xs) > 1 else 0.0
@@ -212,7 +243,7 @@ def main(argv: list[str] | None = None) -> Path:
         records = load_records(args.table_from)
         if not records:
             raise SystemExit(f"--table-from: no per-run records under {args.table_from}")
-        print("\n".join(paired_table(records)))
+        print("\n".join(paired_table(records) + count_table(records)))
         return args.table_from
     args.out_dir = args.out_dir or args.work_dir / "report"
     args.raw_dir = args.raw_dir or args.out_dir / "transfer_text" / "runs"

@@ -118,3 +118,23 @@ def test_rank_k_rows_at_a_random_and_the_last_site(tmp_path, capsys):
     printed = capsys.readouterr().out
     for row in rows:
         assert any(line.startswith(f"| {row} |") for line in printed.splitlines())
+
+
+def test_count_table_counts_paired_wins_per_setting():
+    """count_table: per setting, on how many common seeds the row's test error is below the other's (a tie is not a
+    win; a seed only one of the two ran is left out), and the total; the derivative's site against the other sites."""
+    spec = importlib.util.spec_from_file_location("reproduce_text_transfer", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    errors = {("sentiment", 32): {"lora": [0.30, 0.30, 0.30], "topo_rank_k": [0.20, 0.30, 0.40],
+                                  "random_site_rank_k": [0.10, 0.50, None]},
+              ("intent", 8): {"lora": [0.5, None, 0.5], "topo_rank_k": [0.4, 0.1, 0.4]}}
+    records = [{"task": t, "shots": n, "method": m, "seed": 100 + i, "test_error": e}
+               for (t, n), rows in errors.items() for m, es in rows.items() for i, e in enumerate(es) if e is not None]
+    lines = module.count_table(records)
+    assert lines[2] == "| row | against | intent 8 | sentiment 32 | all |"
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in lines[4:] if line}
+    assert rows[("topo_rank_k", "lora")].endswith("| 2 of 2 | 1 of 3 | 3 of 5 |")  # 0.30 vs 0.30: no win
+    assert rows[("random_site_rank_k", "lora")].endswith("| – | 1 of 2 | 1 of 2 |")
+    assert rows[("topo_rank_k", "random_site_rank_k")].endswith("| – | 1 of 2 | 1 of 2 |")
+    assert ("topo_rank_k", "last_block_rank_k") not in rows  # a pair whose second row never ran
