@@ -92,7 +92,7 @@ VARIANTS: dict[str, list[str]] = {
     "topo_lora_warm10_min48": [*TOPO_LORA8, "adapt.budget_min_rank=48", "adapt.lora_warmup_epochs=10",
                                "adapt.epochs_per_insertion=10"],
     # (e) at LoRA's rate for the layer (1e-3): at 5e-3 the training after the insertion undid LoRA's fit. Declared
-    # before its runs (2026-12-02, 20:00 UTC): sentiment seeds 0-2 first; intent seeds 0-2 only if the sentiment
+    # before its runs (2026-12-02, 19:56 UTC): sentiment seeds 0-2 first; intent seeds 0-2 only if the sentiment
     # paired mean against LoRA is negative on >= 2 of 3 seeds (the evening study's criterion)
     "topo_lora_warm10_min48_llr1e-3": [*TOPO_LORA8, "adapt.budget_min_rank=48", "adapt.lora_warmup_epochs=10",
                                        "adapt.epochs_per_insertion=10", "adapt.layer_lr=0.001"],
